@@ -1,0 +1,238 @@
+"""Configuration: the seed system's fields (DESIGN.md section 1) plus a few of our own.
+
+Sources, lowest priority first: the `NETLOADER_CONFIG` environment variable (JSON), the
+dict or JSON string the caller passes (e.g. vLLM's `--model-loader-extra-config`), then
+`CONFIG_FILE`: explicit values win over the file, except `SOURCE`, where the file wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from netloader.endpoint import Endpoint, parse_endpoint
+from netloader.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "NETLOADER_CONFIG"
+MIN_PORT, MAX_PORT = 1024, 65535
+CACHE_MODES = ("no", "dram", "hbm")
+TRANSPORTS = ("auto", "tcp", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class RankSources:
+    device_id: int
+    sources: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True)
+class NetloaderConfig:
+    # Seed fields.
+    source: tuple[RankSources, ...] = ()
+    model: str | None = None
+    listen_port: int | None = None
+    int8_cache: str = "no"
+    int8_cache_name: tuple[str, ...] | None = None
+    output_prefix: str | None = None
+    config_file: str | None = None
+    # Ours.
+    listen_host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    transport: str = "auto"
+    connect_timeout: float = 5.0
+    stall_timeout: float = 10.0
+    _given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        value: Mapping[str, Any] | str | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> NetloaderConfig:
+        """Build the effective configuration from the environment, `value` and CONFIG_FILE."""
+        environ = os.environ if environ is None else environ
+        merged: dict[str, Any] = {}
+        if environ.get(ENV_VAR):
+            merged.update(_json_object(environ[ENV_VAR], f"environment variable {ENV_VAR}"))
+        if isinstance(value, str):
+            merged.update(_json_object(value, "config string") if value.strip() else {})
+        elif value is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError("<config>", f"expected a JSON object, got {type(value).__name__}")
+            merged.update(value)
+        config = cls.from_dict(merged)
+        if config.config_file is None:
+            return config
+        return config._with_file(config.config_file)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> NetloaderConfig:
+        """Validate one JSON object of fields (no file, no environment)."""
+        unknown = sorted(set(raw) - set(_PARSERS))
+        if unknown:
+            known = ", ".join(sorted(_PARSERS))
+            raise ConfigError(unknown[0], f"unknown field; known fields are {known}")
+        kwargs = {_PARSERS[key][0]: _PARSERS[key][1](key, val) for key, val in raw.items()}
+        return cls(**kwargs, _given=frozenset(kwargs))
+
+    def _with_file(self, path: str) -> NetloaderConfig:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError("CONFIG_FILE", f"cannot read {path!r}: {exc.strerror}") from exc
+        raw = _json_object(text, f"CONFIG_FILE {path!r}")
+        if "CONFIG_FILE" in raw:
+            raise ConfigError("CONFIG_FILE", f"{path!r} may not name another CONFIG_FILE")
+        from_file = NetloaderConfig.from_dict(raw)
+        # Fields given explicitly win over the file; SOURCE from the file wins over all.
+        keep = {
+            name for name in self._given if name != "source" or "source" not in from_file._given
+        }
+        updates = {name: getattr(self, name) for name in keep}
+        return replace(from_file, **updates, _given=from_file._given | self._given)
+
+    # ---- per-rank lookups ---------------------------------------------------------------
+    def sources_for(self, rank: int) -> tuple[Endpoint, ...]:
+        """The sources configured for `rank`; empty means: use the default loader."""
+        for entry in self.source:
+            if entry.device_id == rank:
+                return entry.sources
+        return ()
+
+    def listen_port_for(self, rank: int) -> int | None:
+        """Port for rank's listener: LISTEN_PORT + rank, 0 (pick a free one) when unset,
+        None when the sum is outside 1024-65535 (that rank opens no listener)."""
+        if self.listen_port is None:
+            return 0
+        port = self.listen_port + rank
+        if MIN_PORT <= port <= MAX_PORT:
+            return port
+        log.warning(
+            "netloader: LISTEN_PORT %d + rank %d = %d is outside %d-%d; rank %d opens no listener",
+            self.listen_port,
+            rank,
+            port,
+            MIN_PORT,
+            MAX_PORT,
+            rank,
+        )
+        return None
+
+    def output_file_for(self, rank: int) -> Path | None:
+        return None if self.output_prefix is None else Path(f"{self.output_prefix}{rank}.txt")
+
+
+# ---- field parsers ---------------------------------------------------------------------
+
+
+def _json_object(text: str, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("<config>", f"{where} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError("<config>", f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a non-empty string, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"expected an integer, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
+        raise ConfigError(key, f"expected a number of seconds in (0, 86400], got {value!r}")
+    return float(value)
+
+
+def _choice(choices: tuple[str, ...]) -> Any:
+    def parse(key: str, value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+    return parse
+
+
+def _names(key: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(key, f"expected a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def _source(key: str, value: Any) -> tuple[RankSources, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(
+            key,
+            f'expected a list of {{"device_id": int, "sources": ["ip:port", ...]}}, got {value!r}',
+        )
+    entries: list[RankSources] = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(where, f"expected an object, got {_type_name(item)}")
+        extra = set(item) - {"device_id", "sources"}
+        if extra:
+            raise ConfigError(
+                where, f"unknown key {sorted(extra)[0]!r}; expected device_id, sources"
+            )
+        if "device_id" not in item:
+            raise ConfigError(where, "missing device_id")
+        device_id = _int(f"{where}.device_id", item["device_id"])
+        if device_id < 0:
+            raise ConfigError(f"{where}.device_id", f"must be >= 0, got {device_id}")
+        if any(e.device_id == device_id for e in entries):
+            raise ConfigError(where, f"device_id {device_id} appears twice")
+        sources = item.get("sources", [])
+        if not isinstance(sources, list):
+            raise ConfigError(f"{where}.sources", f"expected a list of 'ip:port', got {sources!r}")
+        parsed = []
+        for j, text in enumerate(sources):
+            try:
+                parsed.append(parse_endpoint(text))
+            except ValueError as exc:
+                raise ConfigError(f"{where}.sources[{j}]", str(exc)) from exc
+        entries.append(RankSources(device_id, tuple(parsed)))
+    return tuple(entries)
+
+
+# JSON field -> (dataclass attribute, parser)
+_PARSERS: dict[str, tuple[str, Any]] = {
+    "SOURCE": ("source", _source),
+    "MODEL": ("model", _str),
+    "LISTEN_PORT": ("listen_port", _int),
+    "INT8_CACHE": ("int8_cache", _choice(CACHE_MODES)),
+    "INT8_CACHE_NAME": ("int8_cache_name", _names),
+    "OUTPUT_PREFIX": ("output_prefix", _str),
+    "CONFIG_FILE": ("config_file", _str),
+    "LISTEN_HOST": ("listen_host", _str),
+    "ADVERTISE_HOST": ("advertise_host", _str),
+    "TRANSPORT": ("transport", _choice(TRANSPORTS)),
+    "CONNECT_TIMEOUT": ("connect_timeout", _seconds),
+    "STALL_TIMEOUT": ("stall_timeout", _seconds),
+}

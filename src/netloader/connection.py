@@ -1,0 +1,105 @@
+"""A framed netloader connection over a socket: exact reads, timeouts, error mapping."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Any
+
+from netloader import protocol as p
+from netloader.errors import (
+    AuthenticationError,
+    PeerClosed,
+    ProtocolError,
+    TransferError,
+    TransferTimeout,
+    VersionMismatch,
+)
+
+_REMOTE_ERRORS: dict[str, type[TransferError]] = {
+    "version": VersionMismatch,
+    "auth": AuthenticationError,
+}
+
+
+class RemoteError(TransferError):
+    """The peer answered with an ERROR frame."""
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self.sock = sock
+        self.peer = peer
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.sock.settimeout(seconds)
+
+    # ---- sending ------------------------------------------------------------------------
+    def send(self, data: bytes | memoryview) -> None:
+        try:
+            self.sock.sendall(data)
+        except TimeoutError as exc:
+            raise TransferTimeout(f"{self.peer} stopped reading", source=self.peer) from exc
+        except OSError as exc:
+            raise PeerClosed(f"connection to {self.peer} lost: {exc}", source=self.peer) from exc
+
+    # ---- receiving ----------------------------------------------------------------------
+    def recv_into(self, view: memoryview) -> None:
+        """Fill `view` exactly, straight from the socket."""
+        got, size = 0, len(view)
+        try:
+            while got < size:
+                n = self.sock.recv_into(view[got:])
+                if n == 0:
+                    raise PeerClosed(
+                        f"{self.peer} closed the connection ({got} of {size} bytes of a frame read)",
+                        source=self.peer,
+                    )
+                got += n
+        except TimeoutError as exc:
+            raise TransferTimeout(
+                f"{self.peer} sent nothing for {self.sock.gettimeout()} s", source=self.peer
+            ) from exc
+        except (ConnectionError, OSError) as exc:
+            if isinstance(exc, TransferError):
+                raise
+            raise PeerClosed(f"connection to {self.peer} lost: {exc}", source=self.peer) from exc
+
+    def recv_exact(self, size: int) -> bytes:
+        buf = bytearray(size)
+        self.recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def recv_header(self) -> p.FrameHeader:
+        return p.decode_header(self.recv_exact(p.HEADER.size))
+
+    def recv_message(self, *expected: p.MsgType) -> tuple[p.MsgType, dict[str, Any]]:
+        """Read one control frame; an ERROR frame becomes an exception."""
+        return self.message_from(self.recv_header(), *expected)
+
+    def message_from(
+        self, header: p.FrameHeader, *expected: p.MsgType
+    ) -> tuple[p.MsgType, dict[str, Any]]:
+        """Read the body of a control frame whose header was read already."""
+        if header.type is p.MsgType.DATA:
+            raise ProtocolError(f"{self.peer} sent tensor data where a control message belongs")
+        body = p.decode_body(self.recv_exact(header.length))
+        if header.type is p.MsgType.ERROR and p.MsgType.ERROR not in expected:
+            code, message = p.describe_error(body)
+            raise _REMOTE_ERRORS.get(code, RemoteError)(
+                f"{self.peer} refused: {message}", source=self.peer
+            )
+        if header.type not in expected:
+            names = "/".join(t.name for t in expected)
+            raise ProtocolError(f"{self.peer} sent {header.type.name}, expected {names}")
+        return header.type, body
+
+
+def connect(host: str, port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock

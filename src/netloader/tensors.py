@@ -1,0 +1,84 @@
+"""Tensors as bytes: dtype names on the wire, and zero-copy byte views of tensor memory."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+# Wire name -> (torch dtype, safetensors dtype code). Only these may appear in a manifest.
+_DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "float64": (torch.float64, "F64"),
+    "float32": (torch.float32, "F32"),
+    "float16": (torch.float16, "F16"),
+    "bfloat16": (torch.bfloat16, "BF16"),
+    "int64": (torch.int64, "I64"),
+    "int32": (torch.int32, "I32"),
+    "int16": (torch.int16, "I16"),
+    "int8": (torch.int8, "I8"),
+    "uint8": (torch.uint8, "U8"),
+    "bool": (torch.bool, "BOOL"),
+}
+for _name, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+):
+    if hasattr(torch, _name):
+        _DTYPES[_name] = (getattr(torch, _name), _code)
+
+_NAME_OF = {dtype: name for name, (dtype, _) in _DTYPES.items()}
+_BY_SAFETENSORS = {code: name for name, (_, code) in _DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _NAME_OF[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} is not supported by netloader") from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name][0]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}") from None
+
+
+def is_known_dtype(name: str) -> bool:
+    return name in _DTYPES
+
+
+def itemsize(name: str) -> int:
+    return dtype_from_name(name).itemsize
+
+
+def safetensors_code(name: str) -> str:
+    return _DTYPES[name][1]
+
+
+def name_from_safetensors(code: str) -> str:
+    try:
+        return _BY_SAFETENSORS[code]
+    except KeyError:
+        raise ValueError(f"safetensors dtype {code!r} is not supported") from None
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A writable view of a contiguous CPU tensor's bytes (no copy). The caller keeps
+    `tensor` alive for as long as the view is used."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's memory as a 1-D uint8 tensor (a view when contiguous)."""
+    flat = tensor.contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
