@@ -92,11 +92,11 @@ class _VerifyingSink:
 
     def received(self, chunk: Chunk) -> None:
         entry = self.manifest.tensors[chunk.tensor]
-        if digest(byte_view(self.destination(chunk))) != entry.digests[chunk.index]:
+        if digest(byte_view(self.destination(chunk))) != entry.digests[chunk.number]:
             raise IntegrityError(
-                f"tensor {entry.name!r} chunk {chunk.index}: digest mismatch, bytes rejected"
+                f"tensor {entry.name!r} chunk {chunk.number}: digest mismatch, bytes rejected"
             )
-        self.done_chunks.add((chunk.tensor, chunk.index))
+        self.done_chunks.add((chunk.tensor, chunk.number))
         self.bytes += chunk.length
         self.missing[chunk.tensor] -= 1
         if self.missing[chunk.tensor] == 0 and self.staged[chunk.tensor]:
@@ -106,7 +106,7 @@ class _VerifyingSink:
             self.progress(chunk.length)
 
     def remaining(self) -> list[Chunk]:
-        return [c for c in self.manifest.chunks() if (c.tensor, c.index) not in self.done_chunks]
+        return [c for c in self.manifest.chunks() if (c.tensor, c.number) not in self.done_chunks]
 
     def completed(self) -> list[str]:
         return [t.name for i, t in enumerate(self.manifest.tensors) if self.missing[i] == 0]
@@ -267,7 +267,7 @@ class Client:
         return manifest
 
     def _receive(self, conn: Connection, chunks: list[Chunk], sink: _VerifyingSink) -> None:
-        conn.send(p.Fetch(self.transport, tuple((c.tensor, c.index) for c in chunks)).encode())
+        conn.send(p.Fetch(self.transport, tuple((c.tensor, c.number) for c in chunks)).encode())
         if self.transport == tcp.NAME:
             tcp.receive_chunks(conn, chunks, sink)
         else:

@@ -56,7 +56,7 @@ class Connection:
                 n = self.sock.recv_into(view[got:])
                 if n == 0:
                     raise PeerClosed(
-                        f"{self.peer} closed the connection ({got} of {size} bytes of a frame read)",
+                        f"{self.peer} closed the connection ({got} of {size} bytes read)",
                         source=self.peer,
                     )
                 got += n

@@ -58,7 +58,7 @@ class Identity:
 
 class Chunk(NamedTuple):
     tensor: int  # index into Manifest.tensors
-    index: int  # chunk number within the tensor
+    number: int  # chunk number within the tensor
     offset: int  # byte offset within the tensor
     length: int
 
@@ -115,7 +115,8 @@ class Manifest:
                 tensor_diffs.append(f"tensor {entry.name!r} missing on server")
             elif (entry.dtype, entry.shape) != (other.dtype, other.shape):
                 tensor_diffs.append(
-                    f"tensor {entry.name!r}: expected {entry.describe()}, server has {other.describe()}"
+                    f"tensor {entry.name!r}: expected {entry.describe()}, "
+                    f"server has {other.describe()}"
                 )
         tensor_diffs += [
             f"tensor {t.name!r} on server only ({t.describe()})"

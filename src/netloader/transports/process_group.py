@@ -23,13 +23,11 @@ WINDOW = 4  # chunks in flight: keeps the pipe full without pinning much memory
 SERVER_RANK, CLIENT_RANK = 0, 1
 
 
-def _group(
-    backend: str, store: dist.Store, rank: int, local_host: str, timeout: float
-) -> dist.ProcessGroup:
-    prefixed = dist.PrefixStore("netloader/", store)
+def _group(backend: str, store: Any, rank: int, local_host: str, timeout: float) -> Any:
+    prefixed = dist.PrefixStore("netloader/", store)  # type: ignore[attr-defined]
     delta = datetime.timedelta(seconds=timeout)
     if backend == "gloo":
-        opts = dist.ProcessGroupGloo._Options()
+        opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
         opts._timeout = delta
         return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
@@ -56,7 +54,7 @@ def send_chunks(
     conn: Connection, source: ChunkSource, chunks: ChunkList, *, backend: str, timeout: float
 ) -> None:
     local_host = conn.sock.getsockname()[0]
-    store = dist.TCPStore(
+    store = dist.TCPStore(  # type: ignore[attr-defined]
         local_host, 0, 2, True, timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False
     )
     conn.send(p.encode(p.MsgType.GLOO, {"port": store.port, "backend": backend}))
@@ -83,7 +81,9 @@ def receive_chunks(
     if not isinstance(port, int) or not 0 < port < 65536 or body.get("backend") != backend:
         raise ProtocolError(f"{conn.peer} sent an invalid GLOO setup: {body!r}")
     host, local_host = conn.sock.getpeername()[0], conn.sock.getsockname()[0]
-    store = dist.TCPStore(host, port, 2, False, timeout=datetime.timedelta(seconds=timeout))
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        host, port, 2, False, timeout=datetime.timedelta(seconds=timeout)
+    )
     group = _group(backend, store, CLIENT_RANK, local_host, timeout)
     try:
         pending: deque[tuple[Any, Any]] = deque()
@@ -108,7 +108,7 @@ def _finish(item: tuple[Any, Any], sink: ChunkSink, peer: str) -> None:
     sink.received(chunk)
 
 
-def _shutdown(group: dist.ProcessGroup) -> None:
+def _shutdown(group: Any) -> None:
     try:
         if hasattr(group, "shutdown"):
             group.shutdown()

@@ -15,7 +15,7 @@ NAME = "tcp"
 def send_chunks(conn: Connection, source: ChunkSource, chunks: ChunkList) -> None:
     for chunk in chunks:
         data = source.chunk_bytes(chunk)
-        conn.send(p.encode_data_header(chunk.tensor, chunk.index, chunk.length))
+        conn.send(p.encode_data_header(chunk.tensor, chunk.number, chunk.length))
         conn.send(byte_view(data))
     conn.send(p.encode(p.MsgType.END, {}))
 
@@ -27,12 +27,12 @@ def receive_chunks(conn: Connection, chunks: ChunkList, sink: ChunkSink) -> None
             conn.message_from(header)  # raises: the peer's ERROR, or a protocol violation
             raise ProtocolError(f"{conn.peer} sent {header.type.name} where tensor data belongs")
         tensor, index = p.decode_data_prefix(conn.recv_exact(p.DATA_PREFIX.size))
-        if (tensor, index) != (chunk.tensor, chunk.index) or header.length != (
+        if (tensor, index) != (chunk.tensor, chunk.number) or header.length != (
             p.DATA_PREFIX.size + chunk.length
         ):
             raise ProtocolError(
                 f"{conn.peer} sent chunk {tensor}/{index} of {header.length - p.DATA_PREFIX.size} "
-                f"bytes, expected {chunk.tensor}/{chunk.index} of {chunk.length}"
+                f"bytes, expected {chunk.tensor}/{chunk.number} of {chunk.length}"
             )
         conn.recv_into(byte_view(sink.destination(chunk)))
         sink.received(chunk)

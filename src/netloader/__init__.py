@@ -1,0 +1,47 @@
+"""netloader: model weights from peers that already hold them, verified, at network speed."""
+
+from netloader.api import load, resolve_secret, serve, tensors_of
+from netloader.client import Client, LoadReport
+from netloader.config import NetloaderConfig
+from netloader.endpoint import Endpoint, parse_endpoint
+from netloader.errors import (
+    AuthenticationError,
+    ConfigError,
+    IntegrityError,
+    ManifestMismatch,
+    NetloaderError,
+    PeerClosed,
+    ProtocolError,
+    SourceUnavailable,
+    TransferError,
+    TransferTimeout,
+    VersionMismatch,
+)
+from netloader.manifest import Identity, Manifest
+from netloader.server import Server
+
+__all__ = [
+    "AuthenticationError",
+    "Client",
+    "ConfigError",
+    "Endpoint",
+    "Identity",
+    "IntegrityError",
+    "LoadReport",
+    "Manifest",
+    "ManifestMismatch",
+    "NetloaderConfig",
+    "NetloaderError",
+    "PeerClosed",
+    "ProtocolError",
+    "Server",
+    "SourceUnavailable",
+    "TransferError",
+    "TransferTimeout",
+    "VersionMismatch",
+    "load",
+    "parse_endpoint",
+    "resolve_secret",
+    "serve",
+    "tensors_of",
+]

@@ -1,0 +1,107 @@
+"""The Python API for any PyTorch model: serve a module or a dict of tensors, and load
+into one from peers.
+
+    >>> server = netloader.serve(model, model_name="my-model")          # background threads
+    >>> report = netloader.load(empty_model, [server.address], model_name="my-model")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from netloader.client import Client, LoadReport
+from netloader.endpoint import Endpoint, parse_endpoint
+from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity
+from netloader.server import Server
+
+SECRET_ENV = "NETLOADER_SECRET"
+Tensors = Mapping[str, torch.Tensor] | torch.nn.Module
+
+
+def tensors_of(model: Tensors) -> dict[str, torch.Tensor]:
+    """Name -> tensor for a module (parameters and persistent buffers, sharing memory
+    with the module) or a mapping."""
+    if isinstance(model, torch.nn.Module):
+        return {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
+    return dict(model)
+
+
+def resolve_secret(
+    secret: bytes | str | None = None, secret_file: str | Path | None = None
+) -> bytes | None:
+    """The shared secret: given directly, read from a file, or from $NETLOADER_SECRET."""
+    if secret is not None:
+        value = secret.encode() if isinstance(secret, str) else secret
+    elif secret_file is not None:
+        value = Path(secret_file).read_bytes().strip()
+    elif os.environ.get(SECRET_ENV):
+        value = os.environ[SECRET_ENV].encode()
+    else:
+        return None
+    if not value:
+        raise ValueError("the netloader secret is empty")
+    return value
+
+
+def serve(
+    model: Tensors,
+    *,
+    model_name: str,
+    listen: str | Endpoint = "127.0.0.1:0",
+    secret: bytes | str | None = None,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+    pp_size: int = 1,
+    pp_rank: int = 0,
+    attributes: Mapping[str, str] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    advertise_host: str | None = None,
+    output_file: str | Path | None = None,
+) -> Server:
+    """Serve `model`'s tensors from background threads; returns the running Server
+    (`.address`, `.close()`). The tensors are served by reference, not copied."""
+    identity = Identity(model_name, tp_size, tp_rank, pp_size, pp_rank, dict(attributes or {}))
+    return Server(
+        tensors_of(model),
+        identity,
+        listen=listen if isinstance(listen, Endpoint) else parse_endpoint(listen, allow_zero=True),
+        advertise_host=advertise_host,
+        secret=resolve_secret(secret),
+        chunk_bytes=chunk_bytes,
+        output_file=None if output_file is None else Path(output_file),
+    )
+
+
+def load(
+    model: Tensors,
+    sources: Sequence[str | Endpoint],
+    *,
+    model_name: str,
+    secret: bytes | str | None = None,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+    pp_size: int = 1,
+    pp_rank: int = 0,
+    attributes: Mapping[str, str] | None = None,
+    transport: str = "auto",
+    connect_timeout: float = 5.0,
+    stall_timeout: float = 10.0,
+) -> LoadReport:
+    """Fill `model`'s tensors in place from the first source that has them, verified.
+
+    Raises a netloader.TransferError on failure; its `.completed` names the tensors that
+    arrived, so a fallback loader needs to load only the others.
+    """
+    identity = Identity(model_name, tp_size, tp_rank, pp_size, pp_rank, dict(attributes or {}))
+    client = Client(
+        sources,
+        secret=resolve_secret(secret),
+        transport=transport,
+        connect_timeout=connect_timeout,
+        stall_timeout=stall_timeout,
+    )
+    return client.load_into(tensors_of(model), identity)

@@ -1,0 +1,132 @@
+"""safetensors checkpoints on disk: reading one (single file or sharded with an index) to
+serve it, and writing one whose tensor bytes are received straight into the file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors.torch import load_file
+
+from netloader import tensors as tb
+from netloader.errors import NetloaderError
+from netloader.manifest import Manifest
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (or a single file)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise NetloaderError(f"{path} is neither a safetensors file nor a directory")
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise NetloaderError(f"{index} is not a valid safetensors index: {exc}") from exc
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise NetloaderError(f"no *.safetensors files in {path}")
+    return files
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, in memory, in file order then name order."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(path):
+        for name, tensor in load_file(file).items():
+            if name in tensors:
+                raise NetloaderError(f"tensor {name!r} appears in more than one file of {path}")
+            tensors[name] = tensor
+    return tensors
+
+
+class CheckpointWriter:
+    """Lays out `manifest` as a safetensors file `<dir>/model.safetensors`, maps it, and
+    hands out tensors over the mapping so a pull receives straight into the file.
+
+    The file is written as a hidden `.partial` and renamed only by `commit()`, so an
+    interrupted pull never leaves a file that looks complete.
+    """
+
+    def __init__(self, out_dir: Path, manifest: Manifest) -> None:
+        self.final = out_dir / SINGLE_NAME
+        self.partial = out_dir / f".{SINGLE_NAME}.partial"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        header, data_offsets = _header(manifest)
+        total = len(header) + manifest.total_bytes
+        with open(self.partial, "wb") as f:
+            f.write(header)
+            f.truncate(total)
+        self._file = open(self.partial, "r+b")  # noqa: SIM115 - lives until commit/abort
+        self._map = mmap.mmap(self._file.fileno(), total) if total else None
+        self.tensors: dict[str, torch.Tensor] = {}
+        for entry, start in zip(manifest.tensors, data_offsets, strict=True):
+            dtype = tb.dtype_from_name(entry.dtype)
+            if entry.nbytes == 0:
+                self.tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
+                continue
+            raw = torch.frombuffer(
+                self._map, dtype=torch.uint8, count=entry.nbytes, offset=len(header) + start
+            )
+            self.tensors[entry.name] = raw.view(dtype).reshape(entry.shape)
+
+    def commit(self) -> Path:
+        self._close(flush=True)
+        os.replace(self.partial, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        self._close(flush=False)
+        self.partial.unlink(missing_ok=True)
+
+    def _close(self, *, flush: bool) -> None:
+        self.tensors.clear()  # release views into the mapping before closing it
+        if self._map is not None:
+            if flush:
+                self._map.flush()
+            # A view still alive elsewhere keeps the mapping; the OS unmaps it at exit.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if flush:
+            os.fsync(self._file.fileno())
+        self._file.close()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb_: TracebackType | None
+    ) -> None:
+        if kind is not None and not self._file.closed:
+            self.abort()
+
+
+def _header(manifest: Manifest) -> tuple[bytes, list[int]]:
+    """safetensors header: u64 length, then JSON padded with spaces to 8-byte alignment."""
+    entries: dict[str, object] = {
+        "__metadata__": {"format": "pt", "model": manifest.identity.model}
+    }
+    offsets, position = [], 0
+    for entry in manifest.tensors:
+        entries[entry.name] = {
+            "dtype": tb.safetensors_code(entry.dtype),
+            "shape": list(entry.shape),
+            "data_offsets": [position, position + entry.nbytes],
+        }
+        offsets.append(position)
+        position += entry.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % 8)
+    return len(text).to_bytes(8, "little") + text, offsets

@@ -1,0 +1,211 @@
+"""The `netloader` command line: serve a checkpoint, pull one, inspect a server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from netloader.api import resolve_secret
+from netloader.checkpoint import CheckpointWriter, load_checkpoint
+from netloader.client import Client
+from netloader.endpoint import Endpoint, parse_endpoint
+from netloader.errors import NetloaderError
+from netloader.manifest import Identity, Manifest
+from netloader.server import Server
+
+
+class EndpointParam(click.ParamType):  # type: ignore[type-arg]
+    name = "HOST:PORT"
+
+    def __init__(self, allow_zero: bool = False) -> None:
+        self.allow_zero = allow_zero
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Endpoint:
+        if isinstance(value, Endpoint):
+            return value
+        try:
+            return parse_endpoint(value, allow_zero=self.allow_zero)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+secret_option = click.option(
+    "--secret-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File holding the shared secret (default: $NETLOADER_SECRET if set).",
+)
+
+
+def _fail_cleanly(fn: Callable[..., None]) -> Callable[..., None]:
+    """Our own errors become one line on stderr and exit status 1, not a traceback."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except (NetloaderError, OSError, ValueError) as exc:
+            click.echo(f"netloader: error: {exc}", err=True)
+            sys.exit(1)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log every connection and transfer.")
+def main(verbose: bool) -> None:
+    """Serve model weights to peers, or pull them from one."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--listen",
+    type=EndpointParam(allow_zero=True),
+    default="127.0.0.1:0",
+    show_default=True,
+    help="Address to bind; port 0 picks a free port.",
+)
+@click.option(
+    "--model", "model_name", help="Model name clients must ask for [default: directory name]."
+)
+@click.option("--advertise", help="Host to advertise when binding a wildcard address.")
+@click.option("--output-prefix", help="Write the address to {prefix}0.txt once listening.")
+@secret_option
+@_fail_cleanly
+def serve(
+    model_dir: Path,
+    listen: Endpoint,
+    model_name: str | None,
+    advertise: str | None,
+    output_prefix: str | None,
+    secret_file: Path | None,
+) -> None:
+    """Load a safetensors checkpoint into memory and serve it until interrupted."""
+    tensors = load_checkpoint(model_dir)
+    identity = Identity(model_name or model_dir.resolve().name)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with Server(
+        tensors,
+        identity,
+        listen=listen,
+        advertise_host=advertise,
+        secret=resolve_secret(secret_file=secret_file),
+        output_file=None if output_prefix is None else Path(f"{output_prefix}0.txt"),
+    ) as server:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        click.echo(
+            f"netloader: serving {identity.model} ({len(tensors)} tensors, {size} bytes) "
+            f"on {server.address}",
+            nl=True,
+        )
+        sys.stdout.flush()
+        stop.wait()
+    click.echo("netloader: stopped")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=EndpointParam())
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write model.safetensors into.",
+)
+@click.option("--model", "model_name", help="Refuse unless the server serves this model name.")
+@click.option(
+    "--transport", type=click.Choice(["auto", "tcp", "gloo"]), default="auto", show_default=True
+)
+@click.option("--connect-timeout", type=float, default=5.0, show_default=True)
+@click.option("--stall-timeout", type=float, default=10.0, show_default=True)
+@secret_option
+@_fail_cleanly
+def pull(
+    sources: tuple[Endpoint, ...],
+    out_dir: Path,
+    model_name: str | None,
+    transport: str,
+    connect_timeout: float,
+    stall_timeout: float,
+    secret_file: Path | None,
+) -> None:
+    """Fetch every tensor from SOURCES (tried in order) into a safetensors checkpoint."""
+    client = Client(
+        sources,
+        secret=resolve_secret(secret_file=secret_file),
+        transport=transport,
+        connect_timeout=connect_timeout,
+        stall_timeout=stall_timeout,
+    )
+    manifest = client.manifest()
+    if model_name is not None and manifest.identity.model != model_name:
+        raise NetloaderError(f"server serves {manifest.identity.model!r}, not {model_name!r}")
+    with (
+        CheckpointWriter(out_dir, manifest) as writer,
+        tqdm(
+            total=manifest.total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="pull",
+            disable=not sys.stderr.isatty(),
+        ) as bar,
+    ):
+        report = client.load_into(writer.tensors, manifest.identity, progress=bar.update)
+        path = writer.commit()
+    click.echo(f"netloader: pulled {report.summary()} into {path}")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=EndpointParam())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--connect-timeout", type=float, default=5.0, show_default=True)
+@secret_option
+@_fail_cleanly
+def inspect(
+    sources: tuple[Endpoint, ...], as_json: bool, connect_timeout: float, secret_file: Path | None
+) -> None:
+    """Print a server's manifest: model, layout, and every tensor."""
+    client = Client(
+        sources, secret=resolve_secret(secret_file=secret_file), connect_timeout=connect_timeout
+    )
+    manifest = client.manifest()
+    if as_json:
+        click.echo(json.dumps(manifest.to_json(), indent=1))
+        return
+    click.echo(_describe(manifest))
+
+
+def _describe(manifest: Manifest) -> str:
+    ident = manifest.identity
+    lines = [
+        f"model {ident.model}  tp {ident.tp_rank}/{ident.tp_size}  "
+        f"pp {ident.pp_rank}/{ident.pp_size}"
+        + "".join(f"  {k}={v}" for k, v in sorted(ident.attributes.items())),
+        f"{len(manifest.tensors)} tensors, {manifest.total_bytes} bytes, "
+        f"chunks of {manifest.chunk_bytes} bytes",
+    ]
+    width = max((len(t.name) for t in manifest.tensors), default=0)
+    for t in manifest.tensors:
+        lines.append(
+            f"{t.name:<{width}}  {t.dtype:<14} {list(t.shape)!s:<20} {t.nbytes:>14}  "
+            f"{t.digests[0] if t.digests else ''}"
+        )
+    return "\n".join(lines)
