@@ -1,0 +1,55 @@
+"""A real netloader server process for tests: serves one of tensorsets.SETS and prints
+`ADDR host:port` on stdout once listening. Killed by the test when done."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from tensorsets import SETS  # noqa: E402
+
+import netloader  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("set", choices=sorted(SETS))
+    parser.add_argument("--model", default="test-model")
+    parser.add_argument("--tp-size", type=int, default=1)
+    parser.add_argument("--tp-rank", type=int, default=0)
+    parser.add_argument("--pp-size", type=int, default=1)
+    parser.add_argument("--pp-rank", type=int, default=0)
+    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--secret")
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--mutate", help="serve this tensor with one byte changed")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    tensors = SETS[args.set]()
+    if args.mutate:
+        victim = tensors[args.mutate].clone()
+        victim.reshape(-1).view(torch.uint8)[0] ^= 0xFF
+        tensors[args.mutate] = victim
+    server = netloader.serve(
+        tensors, model_name=args.model, listen=args.listen, secret=args.secret,
+        tp_size=args.tp_size, tp_rank=args.tp_rank, pp_size=args.pp_size, pp_rank=args.pp_rank,
+        chunk_bytes=args.chunk_bytes,
+    )
+    server.manifest()  # digests ready before we announce ourselves
+    print(f"ADDR {server.address}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.close()
+
+
+if __name__ == "__main__":
+    main()

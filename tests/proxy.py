@@ -1,0 +1,79 @@
+"""A TCP proxy for fault injection between a client and a real server: it can throttle,
+flip one byte, freeze, or report how many bytes went by (server -> client direction)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+
+class FaultyProxy:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        *,
+        flip_at: int | None = None,
+        freeze_after: int | None = None,
+        rate: float | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.flip_at = flip_at  # offset in the server->client stream whose byte is inverted
+        self.freeze_after = freeze_after  # stop forwarding (but keep sockets open) after this
+        self.rate = rate  # bytes per second, server->client
+        self.forwarded = 0
+        self.frozen = False
+        self.closed = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        try:
+            while not self.closed.is_set():
+                data = bytearray(src.recv(1 << 16))
+                if not data:
+                    break
+                if downstream:
+                    data = self._tamper(data)
+                dst.sendall(data)
+                if downstream and self.frozen:
+                    self.closed.wait()  # hold both sockets open, silent, like a frozen peer
+                    return
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _tamper(self, data: bytearray) -> bytearray:
+        start = self.forwarded
+        if self.freeze_after is not None and start + len(data) >= self.freeze_after:
+            data = data[: self.freeze_after - start]
+            self.frozen = True
+        if self.flip_at is not None and start <= self.flip_at < start + len(data):
+            data[self.flip_at - start] ^= 0xFF
+        self.forwarded += len(data)
+        if self.rate:
+            time.sleep(len(data) / self.rate)
+        return data
+
+    def close(self) -> None:
+        self.closed.set()
+        self._listener.close()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()
