@@ -1,0 +1,108 @@
+"""Anything that differs is refused, clearly, before a single tensor byte moves."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from tensorsets import empty_like_set, model_like
+
+from netloader import Client, Identity, ManifestMismatch, VersionMismatch
+from netloader import protocol as p
+from netloader.manifest import PROTOCOL_VERSION
+
+SENTINEL = 0xA5
+
+
+def untouched(dest: dict[str, torch.Tensor]) -> bool:
+    return all(bool((t.reshape(-1).view(torch.uint8) == SENTINEL).all()) for t in dest.values())
+
+
+def refuse(server, dest, identity) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(ManifestMismatch) as info:
+        Client([server.address]).load_into(dest, identity)
+    assert untouched(dest), "tensor bytes moved despite the mismatch"
+    assert info.value.completed == frozenset()
+    assert "sent " not in server.log_text()
+    return str(info.value)
+
+
+@pytest.fixture
+def server(start_server):  # type: ignore[no-untyped-def]
+    return start_server("model_like", "--model", "llama", "--tp-size", "2", "--tp-rank", "1")
+
+
+IDENT = Identity("llama", tp_size=2, tp_rank=1)
+
+
+def test_model_name(server) -> None:  # type: ignore[no-untyped-def]
+    message = refuse(server, empty_like_set(model_like()), Identity("mistral", 2, 1))
+    assert "model: expected 'mistral', server has 'llama'" in message
+
+
+@pytest.mark.parametrize(
+    ("identity", "text"),
+    [
+        (Identity("llama", 1, 0), "tp_size: expected 1, server has 2"),
+        (Identity("llama", 2, 0), "tp_rank: expected 0, server has 1"),
+        (Identity("llama", 2, 1, pp_size=2), "pp_size: expected 2, server has 1"),
+        (Identity("llama", 2, 1, attributes={"dtype": "bf16"}), "attribute dtype"),
+    ],
+)
+def test_parallel_layout_and_attributes(server, identity, text) -> None:  # type: ignore[no-untyped-def]
+    assert text in refuse(server, empty_like_set(model_like()), identity)
+
+
+def test_missing_and_extra_tensor_names(server) -> None:  # type: ignore[no-untyped-def]
+    dest = empty_like_set(model_like())
+    dest["lm_head.weight"] = dest.pop("embed.weight")
+    message = refuse(server, dest, IDENT)
+    assert "tensor 'lm_head.weight' missing on server" in message
+    assert "tensor 'embed.weight' on server only" in message
+
+
+def test_shape(server) -> None:  # type: ignore[no-untyped-def]
+    dest = empty_like_set(model_like())
+    dest["layers.0.norm"] = torch.full((255,), 0, dtype=torch.float32).view(torch.uint8).fill_(
+        SENTINEL).view(torch.float32)
+    assert "tensor 'layers.0.norm': expected float32[255], server has float32[256]" in refuse(
+        server, dest, IDENT)
+
+
+def test_dtype(server) -> None:  # type: ignore[no-untyped-def]
+    dest = empty_like_set(model_like())
+    dest["layers.1.norm"] = empty_like_set({"x": torch.zeros(256, dtype=torch.float16)})["x"]
+    assert "expected float16[256], server has float32[256]" in refuse(server, dest, IDENT)
+
+
+def test_server_refuses_other_protocol_version(server) -> None:  # type: ignore[no-untyped-def]
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(p.Hello(PROTOCOL_VERSION + 1, p.new_nonce()).encode())
+        header = p.decode_header(sock.recv(p.HEADER.size, socket.MSG_WAITALL))
+        body = p.decode_body(sock.recv(header.length, socket.MSG_WAITALL))
+    assert header.type is p.MsgType.ERROR
+    assert body["code"] == "version" and f"client {PROTOCOL_VERSION + 1}" in body["message"]
+
+
+def test_client_refuses_server_of_other_protocol_version() -> None:
+    """A fake server that answers WELCOME with another version: VersionMismatch."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+    import threading
+
+    def fake() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1 << 16)
+            conn.sendall(p.Welcome(PROTOCOL_VERSION + 1, False, p.new_nonce(), None).encode())
+            conn.recv(1 << 16)
+
+    threading.Thread(target=fake, daemon=True).start()
+    dest = empty_like_set(model_like())
+    with pytest.raises(VersionMismatch, match=f"speaks protocol {PROTOCOL_VERSION + 1}"):
+        Client([address]).load_into(dest, IDENT)
+    assert untouched(dest)
+    listener.close()
