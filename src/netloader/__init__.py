@@ -1,6 +1,6 @@
 """netloader: model weights from peers that already hold them, verified, at network speed."""
 
-from netloader.api import load, resolve_secret, serve, tensors_of
+from netloader.api import load, load_rank, resolve_secret, serve, serve_rank, tensors_of
 from netloader.client import Client, LoadReport
 from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
@@ -40,8 +40,10 @@ __all__ = [
     "TransferTimeout",
     "VersionMismatch",
     "load",
+    "load_rank",
     "parse_endpoint",
     "resolve_secret",
     "serve",
+    "serve_rank",
     "tensors_of",
 ]

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from netloader.client import Client, LoadReport
+from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
+from netloader.errors import SourceUnavailable
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity
 from netloader.server import Server
 
@@ -103,5 +105,55 @@ def load(
         transport=transport,
         connect_timeout=connect_timeout,
         stall_timeout=stall_timeout,
+    )
+    return client.load_into(tensors_of(model), identity)
+
+
+# ---- the same, driven by the seed configuration, per parallel rank -----------------------
+
+
+def serve_rank(
+    model: Tensors,
+    identity: Identity,
+    config: NetloaderConfig,
+    rank: int,
+    *,
+    secret: bytes | None = None,
+) -> Server | None:
+    """Serve on LISTEN_PORT + rank (a free port when unset) and write OUTPUT_PREFIX's file.
+    Returns None when that port is outside 1024-65535 (logged): this rank does not serve."""
+    port = config.listen_port_for(rank)
+    if port is None:
+        return None
+    return Server(
+        tensors_of(model),
+        identity,
+        listen=Endpoint(config.listen_host, port),
+        advertise_host=config.advertise_host,
+        secret=secret,
+        stall_timeout=config.stall_timeout,
+        output_file=config.output_file_for(rank),
+    )
+
+
+def load_rank(
+    model: Tensors,
+    identity: Identity,
+    config: NetloaderConfig,
+    rank: int,
+    *,
+    secret: bytes | None = None,
+) -> LoadReport:
+    """Load from the sources SOURCE lists for `rank`. Raises SourceUnavailable when there
+    are none (the caller's cue to use its default loader) and TransferError on failure."""
+    sources = config.sources_for(rank)
+    if not sources:
+        raise SourceUnavailable(f"SOURCE lists no sources for rank {rank}")
+    client = Client(
+        sources,
+        secret=secret,
+        transport=config.transport,
+        connect_timeout=config.connect_timeout,
+        stall_timeout=config.stall_timeout,
     )
     return client.load_into(tensors_of(model), identity)

@@ -1,0 +1,105 @@
+"""The Python API driven by the seed configuration, per rank; authentication."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensorsets import empty_like_set, model_like, same_bytes
+
+import netloader
+from netloader import AuthenticationError, Identity, NetloaderConfig, SourceUnavailable
+
+
+def test_serve_and_load_per_rank_with_output_prefix(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    expected = model_like()
+    prefix = str(tmp_path / "addr_")
+    server_cfg = NetloaderConfig.load({"OUTPUT_PREFIX": prefix}, environ={})
+    servers = [
+        netloader.serve_rank(expected, Identity("m", tp_size=2, tp_rank=r), server_cfg, r)
+        for r in (0, 1)
+    ]
+    try:
+        addresses = [(tmp_path / f"addr_{r}.txt").read_text().strip() for r in (0, 1)]
+        assert addresses == [str(s.address) for s in servers if s is not None]
+        client_cfg = NetloaderConfig.load(
+            {"SOURCE": [{"device_id": r, "sources": [addresses[r]]} for r in (0, 1)]}, environ={}
+        )
+        for rank in (0, 1):
+            dest = empty_like_set(expected)
+            netloader.load_rank(dest, Identity("m", tp_size=2, tp_rank=rank), client_cfg, rank)
+            assert all(same_bytes(dest[n], t) for n, t in expected.items())
+        with pytest.raises(SourceUnavailable, match="no sources for rank 2"):
+            netloader.load_rank({}, Identity("m"), client_cfg, 2)
+    finally:
+        for s in servers:
+            if s is not None:
+                s.close()
+
+
+def test_listen_port_plus_rank_and_out_of_range(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    probe = socket.create_server(("127.0.0.1", 0))
+    base = probe.getsockname()[1]
+    probe.close()
+    cfg = NetloaderConfig.load({"LISTEN_PORT": base - 1}, environ={})
+    server = netloader.serve_rank(model_like(), Identity("m"), cfg, 1)
+    assert server is not None and server.address.port == base
+    server.close()
+    high = NetloaderConfig.load({"LISTEN_PORT": 65535}, environ={})
+    assert netloader.serve_rank(model_like(), Identity("m"), high, 1) is None
+
+
+def test_output_file_is_written_only_once_listening(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "sub" / "seed0.txt"
+    with netloader.serve({"x": torch.ones(3)}, model_name="m", output_file=out) as server:
+        assert out.read_text() == f"{server.address}\n"
+        assert not list(out.parent.glob(".seed0.txt.*"))  # no temp file left behind
+        dest = {"x": torch.zeros(3)}
+        netloader.load(dest, [out.read_text().strip()], model_name="m")
+        assert torch.equal(dest["x"], torch.ones(3))
+
+
+def test_secret_right_wrong_and_missing(start_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    server = start_server("model_like", "--model", "m", "--secret", "s3cret")
+    expected = model_like()
+    dest = empty_like_set(expected)
+    netloader.load(dest, [server.address], model_name="m", secret="s3cret")
+    assert all(same_bytes(dest[n], t) for n, t in expected.items())
+    with pytest.raises(AuthenticationError, match="could not prove"):
+        netloader.load(empty_like_set(expected), [server.address], model_name="m", secret="wrong")
+    with pytest.raises(AuthenticationError, match="requires a secret"):
+        netloader.load(empty_like_set(expected), [server.address], model_name="m")
+    monkeypatch.setenv("NETLOADER_SECRET", "s3cret")
+    netloader.load(empty_like_set(expected), [server.address], model_name="m")
+    log = server.log_text()
+    assert "s3cret" not in log and "without a secret" not in log
+
+
+def test_client_with_secret_refuses_open_server(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server("model_like", "--model", "m")
+    with pytest.raises(AuthenticationError):
+        netloader.load(empty_like_set(model_like()), [server.address], model_name="m", secret="x")
+    assert "without a secret" in server.log_text()
+
+
+def test_unauthenticated_peer_learns_nothing(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Raw peer: after HELLO, asking for the manifest without AUTH gets no manifest."""
+    import socket
+
+    from netloader import protocol as p
+    from netloader.manifest import PROTOCOL_VERSION
+
+    server = start_server("model_like", "--model", "secret-model-name", "--secret", "k")
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(p.Hello(PROTOCOL_VERSION, p.new_nonce()).encode())
+        sock.sendall(p.encode(p.MsgType.GET_MANIFEST, {}))
+        received = b""
+        try:
+            while chunk := sock.recv(1 << 16):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    assert b"secret-model-name" not in received and b"embed" not in received
+    assert b'"auth":true' in received  # WELCOME said a secret is needed; nothing more
