@@ -32,7 +32,7 @@ from netloader.manifest import (
     digest,
     expected_manifest,
 )
-from netloader.tensors import byte_view, flat_bytes
+from netloader.tensors import advise_huge_pages, byte_view, flat_bytes
 from netloader.transports import process_group, tcp
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ class _VerifyingSink:
             else flat_bytes(t)
             for t, staged in zip(self.dest, self.staged, strict=True)
         ]
+        for view in self.views:
+            advise_huge_pages(view)
         self.missing = {t: manifest.chunk_count(t) for t in range(len(manifest.tensors))}
         self.done_chunks: set[tuple[int, int]] = set()
         self.bytes = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import torch
 
@@ -82,3 +83,33 @@ def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's memory as a 1-D uint8 tensor (a view when contiguous)."""
     flat = tensor.contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to back the (not yet touched) memory of a large CPU tensor with 2 MiB pages.
+
+    Receiving into freshly allocated memory is bound by page faults, not by the network:
+    one fault per 4 KiB page. With transparent huge pages in `madvise` mode (a common
+    default) this cuts the faults 512-fold. Best effort: a no-op where unsupported."""
+    size = tensor.numel() * tensor.element_size()
+    if tensor.device.type != "cpu" or size < 2 * _HUGE_PAGE or _libc is None:
+        return
+    start = tensor.data_ptr()
+    aligned = (start + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    length = (start + size - aligned) & ~(_HUGE_PAGE - 1)
+    if length > 0:
+        _libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(length), _MADV_HUGEPAGE)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+    except OSError:
+        return None
+
+
+_libc = _load_libc()
