@@ -34,9 +34,13 @@ def build_checkpoint(directory: Path, size_mib: int) -> Path:
     tensors = {"embed_tokens.weight": torch.randn(8000, width, generator=g).bfloat16()}
     for i in range(layers):
         p = f"layers.{i}."
-        tensors[p + "self_attn.qkv_proj.weight"] = torch.randn(3 * width, width, generator=g).bfloat16()
+        tensors[p + "self_attn.qkv_proj.weight"] = torch.randn(
+            3 * width, width, generator=g
+        ).bfloat16()
         tensors[p + "self_attn.o_proj.weight"] = torch.randn(width, width, generator=g).bfloat16()
-        tensors[p + "mlp.gate_up_proj.weight"] = torch.randn(8 * width, width // 2, generator=g).bfloat16()
+        tensors[p + "mlp.gate_up_proj.weight"] = torch.randn(
+            8 * width, width // 2, generator=g
+        ).bfloat16()
         tensors[p + "mlp.down_proj.weight"] = torch.randn(width, 4 * width, generator=g).bfloat16()
         tensors[p + "input_layernorm.weight"] = torch.ones(width, dtype=torch.bfloat16)
     tensors["norm.weight"] = torch.ones(width, dtype=torch.bfloat16)
@@ -48,8 +52,10 @@ def build_checkpoint(directory: Path, size_mib: int) -> Path:
 def empty_model(path: Path) -> dict[str, torch.Tensor]:
     """What a loader has before loading: tensors of the right dtype and shape, no data."""
     with safe_open(path, "pt") as f:
-        return {name: torch.empty(f.get_slice(name).get_shape(), dtype=_dtype(f, name))
-                for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        return {
+            name: torch.empty(f.get_slice(name).get_shape(), dtype=_dtype(f, name))
+            for name in f.keys()  # noqa: SIM118 - safe_open is not a dict
+        }
 
 
 def _dtype(f: object, name: str) -> torch.dtype:
@@ -65,11 +71,17 @@ def main() -> None:
 
     started = time.perf_counter()
     ckpt = build_checkpoint(args.workdir / "ckpt", args.size_mib)
-    print(f"checkpoint: {ckpt} ({ckpt.stat().st_size / 1e9:.2f} GB), "
-          f"built in {time.perf_counter() - started:.1f} s")
+    print(
+        f"checkpoint: {ckpt} ({ckpt.stat().st_size / 1e9:.2f} GB), "
+        f"built in {time.perf_counter() - started:.1f} s"
+    )
 
-    server = subprocess.Popen([NETLOADER, "-v", "serve", str(ckpt.parent), "--model", "demo"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(
+        [NETLOADER, "-v", "serve", str(ckpt.parent), "--model", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         line = server.stdout.readline().strip()
@@ -94,19 +106,24 @@ def main() -> None:
         results["safetensors from disk into fresh memory (warm page cache)"] = (
             time.perf_counter() - t0
         )
-        identical = all(torch.equal(model[n].view(torch.int16), t.view(torch.int16))
-                        for n, t in dest.items())
+        identical = all(
+            torch.equal(model[n].view(torch.int16), t.view(torch.int16)) for n, t in dest.items()
+        )
         print(f"bit-identical to the checkpoint on disk: {identical}")
 
         t0 = time.perf_counter()
         out = args.workdir / "pulled"
-        pull = subprocess.run([NETLOADER, "pull", address, "--out", str(out), "--model", "demo"],
-                              capture_output=True, text=True, check=True)
+        pull = subprocess.run(
+            [NETLOADER, "pull", address, "--out", str(out), "--model", "demo"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results["netloader pull to disk (CLI process, incl. start-up)"] = time.perf_counter() - t0
         print(pull.stdout.strip())
 
         size = ckpt.stat().st_size
-        print(f"\n| path | seconds | GB/s |\n| --- | ---: | ---: |")
+        print("\n| path | seconds | GB/s |\n| --- | ---: | ---: |")
         for name, seconds in results.items():
             print(f"| {name} | {seconds:.3f} | {size / seconds / 1e9:.2f} |")
         (args.workdir / "demo.json").write_text(json.dumps(results, indent=1))

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from proxy import FaultyProxy  # noqa: E402
+from proxy import FaultyProxy
 
 HERE = Path(__file__).parent
 PYTHON = sys.executable
@@ -38,7 +38,9 @@ def _start(args: list[str], log: Path, timeout: float = 60) -> ServerProcess:
     err = open(log, "w")  # noqa: SIM115 - the child writes to it for its whole life
     proc = subprocess.Popen(
         [PYTHON, str(HERE / "peer.py"), *args],
-        stdout=subprocess.PIPE, stderr=err, text=True,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     deadline = time.monotonic() + timeout

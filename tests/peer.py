@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
-from tensorsets import SETS  # noqa: E402
+import torch
+from tensorsets import SETS
 
-import netloader  # noqa: E402
+import netloader
 
 
 def main() -> None:
@@ -31,16 +31,23 @@ def main() -> None:
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--mutate", help="serve this tensor with one byte changed")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
+    )
     tensors = SETS[args.set]()
     if args.mutate:
         victim = tensors[args.mutate].clone()
         victim.reshape(-1).view(torch.uint8)[0] ^= 0xFF
         tensors[args.mutate] = victim
     server = netloader.serve(
-        tensors, model_name=args.model, listen=args.listen, secret=args.secret,
-        tp_size=args.tp_size, tp_rank=args.tp_rank, pp_size=args.pp_size, pp_rank=args.pp_rank,
+        tensors,
+        model_name=args.model,
+        listen=args.listen,
+        secret=args.secret,
+        tp_size=args.tp_size,
+        tp_rank=args.tp_rank,
+        pp_size=args.pp_size,
+        pp_rank=args.pp_rank,
         chunk_bytes=args.chunk_bytes,
     )
     server.manifest()  # digests ready before we announce ourselves

@@ -25,8 +25,17 @@ def _of(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def all_dtypes() -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int32,
-              torch.int64, torch.bool, *FLOAT8]
+    dtypes = [
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.int8,
+        torch.uint8,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+        *FLOAT8,
+    ]
     for i, dtype in enumerate(dtypes):
         name = str(dtype).removeprefix("torch.")
         out[f"{name}.matrix"] = _of(dtype, (33, 17), i)

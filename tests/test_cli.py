@@ -40,8 +40,12 @@ def sharded_checkpoint(tmp_path: Path) -> Path:
 
 
 def serve(ckpt: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    proc = subprocess.Popen([NETLOADER, "serve", str(ckpt), *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [NETLOADER, "serve", str(ckpt), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert " on " in line, line + proc.stderr.read() if proc.stderr else ""
@@ -83,8 +87,10 @@ def test_inspect_text_and_json(served) -> None:  # type: ignore[no-untyped-def]
 def test_errors_exit_nonzero_with_one_line(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     address, _ = served
     cases = [
-        (("pull", address, "--out", str(tmp_path / "o"), "--model", "other"),
-         "serves 'tiny', not 'other'"),
+        (
+            ("pull", address, "--out", str(tmp_path / "o"), "--model", "other"),
+            "serves 'tiny', not 'other'",
+        ),
         (("pull", "127.0.0.1:1", "--out", str(tmp_path / "o")), "cannot connect to 127.0.0.1:1"),
         (("inspect", "no-port-here"), "expected 'host:port'"),
         (("serve", str(tmp_path / "missing")), "does not exist"),
@@ -100,7 +106,7 @@ def test_errors_exit_nonzero_with_one_line(served, tmp_path: Path) -> None:  # t
 def test_secret_file(sharded_checkpoint: Path, tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("hunter2\n")
-    for address, proc in serve(sharded_checkpoint, "--secret-file", str(secret)):
+    for address, _proc in serve(sharded_checkpoint, "--secret-file", str(secret)):
         refused = run("inspect", address)
         assert refused.returncode == 1 and "requires a secret" in refused.stderr
         ok = run("pull", address, "--out", str(tmp_path / "o"), "--secret-file", str(secret))
@@ -115,8 +121,12 @@ def test_interrupted_pull_leaves_no_complete_looking_file(tmp_path: Path, proxy)
     for address, _ in serve(ckpt):
         slow = proxy(address, rate=8 << 20)  # ~8 s for 64 MiB
         out = tmp_path / "out"
-        pull = subprocess.Popen([NETLOADER, "pull", slow.address, "--out", str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        pull = subprocess.Popen(
+            [NETLOADER, "pull", slow.address, "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 30
         while slow.forwarded < (16 << 20) and time.monotonic() < deadline:
             time.sleep(0.05)

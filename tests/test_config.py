@@ -9,15 +9,24 @@ import pytest
 
 from netloader import ConfigError, Endpoint, NetloaderConfig
 
-SOURCE = [{"device_id": 0, "sources": ["10.0.0.1:4000", "[fd00::1]:4000"]},
-          {"device_id": 1, "sources": []}]
+SOURCE = [
+    {"device_id": 0, "sources": ["10.0.0.1:4000", "[fd00::1]:4000"]},
+    {"device_id": 1, "sources": []},
+]
 
 
 def test_full_config_from_dict() -> None:
-    cfg = NetloaderConfig.load({
-        "SOURCE": SOURCE, "MODEL": "llama", "LISTEN_PORT": 5000, "INT8_CACHE": "DRAM",
-        "INT8_CACHE_NAME": ["qkv", "o_proj"], "OUTPUT_PREFIX": "/tmp/nl_",
-    }, environ={})
+    cfg = NetloaderConfig.load(
+        {
+            "SOURCE": SOURCE,
+            "MODEL": "llama",
+            "LISTEN_PORT": 5000,
+            "INT8_CACHE": "DRAM",
+            "INT8_CACHE_NAME": ["qkv", "o_proj"],
+            "OUTPUT_PREFIX": "/tmp/nl_",
+        },
+        environ={},
+    )
     assert cfg.sources_for(0) == (Endpoint("10.0.0.1", 4000), Endpoint("fd00::1", 4000))
     assert cfg.sources_for(1) == ()  # empty list: default loader
     assert cfg.sources_for(7) == ()  # no entry: default loader
@@ -42,10 +51,19 @@ def test_json_string_and_environment(monkeypatch) -> None:  # type: ignore[no-un
     assert NetloaderConfig.load("", environ={}) == NetloaderConfig()
 
 
-@pytest.mark.parametrize(("port", "rank", "expected"), [
-    (1024, 0, 1024), (65535, 0, 65535), (65530, 5, 65535), (65530, 6, None), (1000, 0, None),
-    (1000, 24, 1024), (0, 0, None), (-5, 0, None),
-])
+@pytest.mark.parametrize(
+    ("port", "rank", "expected"),
+    [
+        (1024, 0, 1024),
+        (65535, 0, 65535),
+        (65530, 5, 65535),
+        (65530, 6, None),
+        (1000, 0, None),
+        (1000, 24, 1024),
+        (0, 0, None),
+        (-5, 0, None),
+    ],
+)
 def test_listen_port_range_per_rank(port: int, rank: int, expected: int | None, caplog) -> None:  # type: ignore[no-untyped-def]
     cfg = NetloaderConfig.load({"LISTEN_PORT": port}, environ={})
     with caplog.at_level(logging.WARNING):
@@ -56,14 +74,24 @@ def test_listen_port_range_per_rank(port: int, rank: int, expected: int | None, 
 
 def test_config_file_source_wins_other_fields_explicit_win(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "nl.json"
-    path.write_text(json.dumps({
-        "SOURCE": [{"device_id": 0, "sources": ["1.2.3.4:9000"]}], "MODEL": "file-model",
-        "LISTEN_PORT": 7000, "OUTPUT_PREFIX": "/tmp/f_",
-    }))
-    cfg = NetloaderConfig.load({
-        "CONFIG_FILE": str(path), "SOURCE": [{"device_id": 0, "sources": ["5.6.7.8:1"]}],
-        "MODEL": "explicit-model",
-    }, environ={})
+    path.write_text(
+        json.dumps(
+            {
+                "SOURCE": [{"device_id": 0, "sources": ["1.2.3.4:9000"]}],
+                "MODEL": "file-model",
+                "LISTEN_PORT": 7000,
+                "OUTPUT_PREFIX": "/tmp/f_",
+            }
+        )
+    )
+    cfg = NetloaderConfig.load(
+        {
+            "CONFIG_FILE": str(path),
+            "SOURCE": [{"device_id": 0, "sources": ["5.6.7.8:1"]}],
+            "MODEL": "explicit-model",
+        },
+        environ={},
+    )
     assert cfg.sources_for(0) == (Endpoint("1.2.3.4", 9000),)  # the file's SOURCE wins
     assert cfg.model == "explicit-model"  # explicit wins for other fields
     assert cfg.listen_port == 7000 and cfg.output_prefix == "/tmp/f_"  # file fills the rest
@@ -76,29 +104,36 @@ def test_config_file_without_source_keeps_explicit_source(tmp_path) -> None:  # 
     assert cfg.sources_for(0)[0] == Endpoint("10.0.0.1", 4000)
 
 
-@pytest.mark.parametrize(("raw", "field", "text"), [
-    ({"SOURCES": []}, "SOURCES", "unknown field"),
-    ({"LISTEN_PORT": "8000"}, "LISTEN_PORT", "expected an integer, got str '8000'"),
-    ({"LISTEN_PORT": True}, "LISTEN_PORT", "expected an integer"),
-    ({"LISTEN_PORT": 80.5}, "LISTEN_PORT", "expected an integer"),
-    ({"MODEL": 3}, "MODEL", "expected a non-empty string"),
-    ({"MODEL": ""}, "MODEL", "expected a non-empty string"),
-    ({"INT8_CACHE": "gpu"}, "INT8_CACHE", "expected one of no, dram, hbm"),
-    ({"INT8_CACHE_NAME": [1]}, "INT8_CACHE_NAME", "list of non-empty strings"),
-    ({"SOURCE": {"device_id": 0}}, "SOURCE", "expected a list"),
-    ({"SOURCE": [["1.2.3.4:5"]]}, "SOURCE[0]", "expected an object"),
-    ({"SOURCE": [{"sources": []}]}, "SOURCE[0]", "missing device_id"),
-    ({"SOURCE": [{"device_id": "0", "sources": []}]}, "SOURCE[0].device_id", "integer"),
-    ({"SOURCE": [{"device_id": -1, "sources": []}]}, "SOURCE[0].device_id", ">= 0"),
-    ({"SOURCE": [{"device_id": 0}, {"device_id": 0}]}, "SOURCE[1]", "appears twice"),
-    ({"SOURCE": [{"device_id": 0, "sources": "1.2.3.4:5"}]}, "SOURCE[0].sources", "list"),
-    ({"SOURCE": [{"device_id": 0, "sources": ["1.2.3.4"]}]}, "SOURCE[0].sources[0]", "host:port"),
-    ({"SOURCE": [{"device_id": 0, "sources": ["h:70000"]}]}, "SOURCE[0].sources[0]", "outside"),
-    ({"SOURCE": [{"device_id": 0, "ip": "x"}]}, "SOURCE[0]", "unknown key 'ip'"),
-    ({"STALL_TIMEOUT": 0}, "STALL_TIMEOUT", "seconds"),
-    ({"TRANSPORT": "carrier-pigeon"}, "TRANSPORT", "expected one of"),
-    ({"CONFIG_FILE": "/nonexistent/x.json"}, "CONFIG_FILE", "cannot read"),
-])
+@pytest.mark.parametrize(
+    ("raw", "field", "text"),
+    [
+        ({"SOURCES": []}, "SOURCES", "unknown field"),
+        ({"LISTEN_PORT": "8000"}, "LISTEN_PORT", "expected an integer, got str '8000'"),
+        ({"LISTEN_PORT": True}, "LISTEN_PORT", "expected an integer"),
+        ({"LISTEN_PORT": 80.5}, "LISTEN_PORT", "expected an integer"),
+        ({"MODEL": 3}, "MODEL", "expected a non-empty string"),
+        ({"MODEL": ""}, "MODEL", "expected a non-empty string"),
+        ({"INT8_CACHE": "gpu"}, "INT8_CACHE", "expected one of no, dram, hbm"),
+        ({"INT8_CACHE_NAME": [1]}, "INT8_CACHE_NAME", "list of non-empty strings"),
+        ({"SOURCE": {"device_id": 0}}, "SOURCE", "expected a list"),
+        ({"SOURCE": [["1.2.3.4:5"]]}, "SOURCE[0]", "expected an object"),
+        ({"SOURCE": [{"sources": []}]}, "SOURCE[0]", "missing device_id"),
+        ({"SOURCE": [{"device_id": "0", "sources": []}]}, "SOURCE[0].device_id", "integer"),
+        ({"SOURCE": [{"device_id": -1, "sources": []}]}, "SOURCE[0].device_id", ">= 0"),
+        ({"SOURCE": [{"device_id": 0}, {"device_id": 0}]}, "SOURCE[1]", "appears twice"),
+        ({"SOURCE": [{"device_id": 0, "sources": "1.2.3.4:5"}]}, "SOURCE[0].sources", "list"),
+        (
+            {"SOURCE": [{"device_id": 0, "sources": ["1.2.3.4"]}]},
+            "SOURCE[0].sources[0]",
+            "host:port",
+        ),
+        ({"SOURCE": [{"device_id": 0, "sources": ["h:70000"]}]}, "SOURCE[0].sources[0]", "outside"),
+        ({"SOURCE": [{"device_id": 0, "ip": "x"}]}, "SOURCE[0]", "unknown key 'ip'"),
+        ({"STALL_TIMEOUT": 0}, "STALL_TIMEOUT", "seconds"),
+        ({"TRANSPORT": "carrier-pigeon"}, "TRANSPORT", "expected one of"),
+        ({"CONFIG_FILE": "/nonexistent/x.json"}, "CONFIG_FILE", "cannot read"),
+    ],
+)
 def test_bad_fields_name_the_field(raw: dict, field: str, text: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ConfigError) as info:
         NetloaderConfig.load(raw, environ={})

@@ -34,7 +34,8 @@ PAYLOADS = {
     "data before hello": _frame(p.MsgType.DATA, b"\0" * 8),
     "fetch of chunk that does not exist": HELLO
     + p.encode(p.MsgType.FETCH, {"transport": "tcp", "chunks": [[10**6, 0]]}),
-    "fetch with unknown transport": HELLO + p.encode(p.MsgType.FETCH, {"transport": "x", "chunks": []}),
+    "fetch with unknown transport": HELLO
+    + p.encode(p.MsgType.FETCH, {"transport": "x", "chunks": []}),
     "fetch of huge chunk list claim": HELLO + _frame(p.MsgType.FETCH, b"{", length=1 << 33),
     "manifest claiming 300 MB": HELLO + _frame(p.MsgType.MANIFEST, b"{", length=300 << 20),
 }

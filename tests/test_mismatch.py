@@ -64,10 +64,15 @@ def test_missing_and_extra_tensor_names(server) -> None:  # type: ignore[no-unty
 
 def test_shape(server) -> None:  # type: ignore[no-untyped-def]
     dest = empty_like_set(model_like())
-    dest["layers.0.norm"] = torch.full((255,), 0, dtype=torch.float32).view(torch.uint8).fill_(
-        SENTINEL).view(torch.float32)
+    dest["layers.0.norm"] = (
+        torch.full((255,), 0, dtype=torch.float32)
+        .view(torch.uint8)
+        .fill_(SENTINEL)
+        .view(torch.float32)
+    )
     assert "tensor 'layers.0.norm': expected float32[255], server has float32[256]" in refuse(
-        server, dest, IDENT)
+        server, dest, IDENT
+    )
 
 
 def test_dtype(server) -> None:  # type: ignore[no-untyped-def]

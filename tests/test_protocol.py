@@ -3,6 +3,7 @@ else raises ProtocolError and nothing else (property-based)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -25,7 +26,12 @@ def test_manifest_json_round_trip() -> None:
     decoded = Manifest.from_json(json.loads(json.dumps(MANIFEST.to_json())))
     assert decoded == MANIFEST
     assert [(c.tensor, c.number, c.offset, c.length) for c in decoded.chunks()] == [
-        (0, 0, 0, 16), (0, 1, 16, 16), (0, 2, 32, 8), (1, 0, 0, 16), (1, 1, 16, 8), (2, 0, 0, 0),
+        (0, 0, 0, 16),
+        (0, 1, 16, 16),
+        (0, 2, 32, 8),
+        (1, 0, 0, 16),
+        (1, 1, 16, 8),
+        (2, 0, 0, 0),
     ]
 
 
@@ -41,19 +47,22 @@ def test_manifest_report_is_precise() -> None:
     ]
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda m: m.update(protocol=2),
-    lambda m: m.update(digest="md5"),
-    lambda m: m.update(chunk_bytes=0),
-    lambda m: m["tensors"][0].__setitem__(1, "complex128"),
-    lambda m: m["tensors"][0].__setitem__(3, 41),  # nbytes does not match dtype x shape
-    lambda m: m["tensors"][0].__setitem__(4, ["00"] * 3),  # malformed digests
-    lambda m: m["tensors"][0].__setitem__(4, ["0" * 32]),  # wrong digest count
-    lambda m: m["tensors"][1].__setitem__(0, "a"),  # duplicate name
-    lambda m: m["tensors"][0].__setitem__(2, [-10]),
-    lambda m: m["identity"].update(tp_size=0),
-    lambda m: m["identity"].update(model=None),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: m.update(protocol=2),
+        lambda m: m.update(digest="md5"),
+        lambda m: m.update(chunk_bytes=0),
+        lambda m: m["tensors"][0].__setitem__(1, "complex128"),
+        lambda m: m["tensors"][0].__setitem__(3, 41),  # nbytes does not match dtype x shape
+        lambda m: m["tensors"][0].__setitem__(4, ["00"] * 3),  # malformed digests
+        lambda m: m["tensors"][0].__setitem__(4, ["0" * 32]),  # wrong digest count
+        lambda m: m["tensors"][1].__setitem__(0, "a"),  # duplicate name
+        lambda m: m["tensors"][0].__setitem__(2, [-10]),
+        lambda m: m["identity"].update(tp_size=0),
+        lambda m: m["identity"].update(model=None),
+    ],
+)
 def test_manifest_validation(mutate) -> None:  # type: ignore[no-untyped-def]
     obj = json.loads(json.dumps(MANIFEST.to_json()))
     mutate(obj)
@@ -90,7 +99,9 @@ def test_hmac_proofs_are_bound_to_role_and_nonces() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
     max_leaves=30,
 )
 
@@ -99,22 +110,22 @@ json_values = st.recursive(
 @given(st.binary(max_size=64))
 def test_decoders_raise_only_protocol_errors_on_any_bytes(data: bytes) -> None:
     for decode in (p.decode_header, p.decode_body):
-        try:
+        with contextlib.suppress(ProtocolError):
             decode(data)
-        except ProtocolError:
-            pass
 
 
 @settings(max_examples=300, deadline=None)
 @given(json_values)
 def test_typed_messages_on_any_json(value: object) -> None:
     body = value if isinstance(value, dict) else {"x": value}
-    for decode in (p.Hello.decode, p.Welcome.decode, lambda b: p.Fetch.decode(b, MANIFEST),
-                   Manifest.from_json):
-        try:
+    for decode in (
+        p.Hello.decode,
+        p.Welcome.decode,
+        lambda b: p.Fetch.decode(b, MANIFEST),
+        Manifest.from_json,
+    ):
+        with contextlib.suppress(ProtocolError):
             decode(body)
-        except ProtocolError:
-            pass
 
 
 @settings(max_examples=200, deadline=None)
@@ -124,7 +135,5 @@ def test_manifest_decoder_on_mutated_manifests(data: st.DataObject) -> None:
     row = data.draw(st.integers(0, 2))
     col = data.draw(st.integers(0, 4))
     obj["tensors"][row][col] = data.draw(json_values)
-    try:
+    with contextlib.suppress(ProtocolError):
         Manifest.from_json(obj)
-    except ProtocolError:
-        pass

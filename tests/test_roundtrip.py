@@ -48,7 +48,9 @@ def test_module_api_round_trip(start_server) -> None:
             if not hasattr(holder, part):
                 holder.add_module(part, torch.nn.Module())
             holder = getattr(holder, part)
-        holder.register_parameter(leaf, torch.nn.Parameter(torch.empty_like(t), requires_grad=False))
+        holder.register_parameter(
+            leaf, torch.nn.Parameter(torch.empty_like(t), requires_grad=False)
+        )
     report = netloader.load(module, [server.address], model_name="tiny")
     assert report.bytes == sum(t.nbytes for t in expected.values())
     for name, t in module.state_dict().items():
