@@ -103,3 +103,38 @@ def test_unauthenticated_peer_learns_nothing(start_server) -> None:  # type: ign
             pass
     assert b"secret-model-name" not in received and b"embed" not in received
     assert b'"auth":true' in received  # WELCOME said a secret is needed; nothing more
+
+
+def test_close_ends_active_transfers_and_frees_everything(proxy) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    from tensorsets import big
+
+    from netloader import TransferError
+
+    before = {t.name for t in threading.enumerate()}
+    server = netloader.serve(big(), model_name="m")
+    slow = proxy(str(server.address), rate=8 << 20)
+    errors: list[Exception] = []
+
+    def pull() -> None:
+        try:
+            netloader.load(empty_like_set(big()), [slow.address], model_name="m", stall_timeout=5)
+        except TransferError as exc:
+            errors.append(exc)
+
+    client = threading.Thread(target=pull)
+    client.start()
+    while slow.forwarded < (4 << 20):
+        time.sleep(0.02)
+    started = time.monotonic()
+    server.close()
+    assert time.monotonic() - started < 6
+    client.join(timeout=20)
+    assert len(errors) == 1  # the client saw the end clearly, it did not hang
+    leftover = {t.name for t in threading.enumerate()} - before
+    assert not [n for n in leftover if n.startswith("netloader-") and n != "netloader-digest"]
+    import socket
+
+    socket.create_server(("127.0.0.1", server.address.port)).close()  # the port is free again

@@ -35,6 +35,12 @@ class Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def abort(self) -> None:
+        """Close from another thread: shutdown wakes a thread blocked on this socket."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.close()
+
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
 

@@ -79,7 +79,7 @@ class Server:
         self._manifest_ready = threading.Event()
         self._manifest_error: BaseException | None = None
         self._closing = threading.Event()
-        self._connections: set[Connection] = set()
+        self._connections: dict[Connection, threading.Thread] = {}
         self._lock = threading.Lock()
         self.transfers_served = 0
 
@@ -99,12 +99,12 @@ class Server:
                 identity.model,
                 self.address,
             )
-        self._threads = [
-            threading.Thread(target=self._build_manifest, name="netloader-digest", daemon=True),
-            threading.Thread(target=self._accept_loop, name="netloader-accept", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        # The digest thread is not joined on close: it is finite and holds no socket.
+        threading.Thread(target=self._build_manifest, name="netloader-digest", daemon=True).start()
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="netloader-accept", daemon=True
+        )
+        self._accept_thread.start()
         log.info(
             "netloader: serving %s (%d tensors) on %s", identity.model, len(tensors), self.address
         )
@@ -119,13 +119,16 @@ class Server:
         return self._manifest
 
     def close(self) -> None:
+        """Stop accepting, end every connection, and wait (briefly) for their threads."""
         self._closing.set()
-        for thread in self._threads:
-            thread.join(timeout=5)
+        self._accept_thread.join(timeout=5)
         self._listener.close()
         with self._lock:
-            for conn in list(self._connections):
-                conn.close()
+            active = dict(self._connections)
+        for conn in active:
+            conn.abort()
+        for thread in active.values():
+            thread.join(timeout=5)
 
     def __enter__(self) -> Server:
         return self
@@ -163,20 +166,22 @@ class Server:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, str(Endpoint(addr[0], addr[1])))
-            with self._lock:
-                self._connections.add(conn)
-            threading.Thread(
+            thread = threading.Thread(
                 target=self._serve_connection,
                 args=(conn,),
                 name=f"netloader-{conn.peer}",
                 daemon=True,
-            ).start()
+            )
+            with self._lock:
+                self._connections[conn] = thread
+            thread.start()
 
     def _serve_connection(self, conn: Connection) -> None:
         try:
             self._converse(conn)
         except (NetloaderError, OSError) as exc:
-            log.warning("netloader: connection from %s ended: %s", conn.peer, exc)
+            level = logging.DEBUG if self._closing.is_set() else logging.WARNING
+            log.log(level, "netloader: connection from %s ended: %s", conn.peer, exc)
             if isinstance(exc, ProtocolError):
                 _try_send(conn, p.error("bad_request", str(exc)))
         except Exception:  # a bug in one connection must never reach the host process
@@ -185,7 +190,7 @@ class Server:
         finally:
             conn.close()
             with self._lock:
-                self._connections.discard(conn)
+                self._connections.pop(conn, None)
 
     def _converse(self, conn: Connection) -> None:
         conn.settimeout(HANDSHAKE_TIMEOUT)
