@@ -17,7 +17,7 @@ from netloader.client import Client, LoadReport
 from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import SourceUnavailable
-from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity
+from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server import Server
 
 SECRET_ENV = "NETLOADER_SECRET"
@@ -119,6 +119,8 @@ def serve_rank(
     rank: int,
     *,
     secret: bytes | None = None,
+    manifest: Manifest | None = None,
+    unavailable: str | None = None,
 ) -> Server | None:
     """Serve on LISTEN_PORT + rank (a free port when unset) and write OUTPUT_PREFIX's file.
     Returns None when that port is outside 1024-65535 (logged): this rank does not serve."""
@@ -130,9 +132,11 @@ def serve_rank(
         identity,
         listen=Endpoint(config.listen_host, port),
         advertise_host=config.advertise_host,
-        secret=secret,
+        secret=resolve_secret(secret, config.secret_file),
         stall_timeout=config.stall_timeout,
         output_file=config.output_file_for(rank),
+        manifest=manifest,
+        unavailable=unavailable,
     )
 
 
@@ -151,7 +155,7 @@ def load_rank(
         raise SourceUnavailable(f"SOURCE lists no sources for rank {rank}")
     client = Client(
         sources,
-        secret=secret,
+        secret=resolve_secret(secret, config.secret_file),
         transport=config.transport,
         connect_timeout=config.connect_timeout,
         stall_timeout=config.stall_timeout,

@@ -48,6 +48,7 @@ class NetloaderConfig:
     transport: str = "auto"
     connect_timeout: float = 5.0
     stall_timeout: float = 10.0
+    secret_file: str | None = None
     _given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -99,6 +100,10 @@ class NetloaderConfig:
         }
         updates = {name: getattr(self, name) for name in keep}
         return replace(from_file, **updates, _given=from_file._given | self._given)
+
+    def is_set(self, attribute: str) -> bool:
+        """Whether a field was given (by any source) rather than left at its default."""
+        return attribute in self._given
 
     # ---- per-rank lookups ---------------------------------------------------------------
     def sources_for(self, rank: int) -> tuple[Endpoint, ...]:
@@ -235,4 +240,5 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "TRANSPORT": ("transport", _choice(TRANSPORTS)),
     "CONNECT_TIMEOUT": ("connect_timeout", _seconds),
     "STALL_TIMEOUT": ("stall_timeout", _seconds),
+    "SECRET_FILE": ("secret_file", _str),
 }

@@ -11,6 +11,7 @@ from netloader.errors import (
     AuthenticationError,
     PeerClosed,
     ProtocolError,
+    SourceUnavailable,
     TransferError,
     TransferTimeout,
     VersionMismatch,
@@ -19,6 +20,7 @@ from netloader.errors import (
 _REMOTE_ERRORS: dict[str, type[TransferError]] = {
     "version": VersionMismatch,
     "auth": AuthenticationError,
+    "unavailable": SourceUnavailable,
 }
 
 

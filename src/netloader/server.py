@@ -55,7 +55,9 @@ class Server:
     """Serves `tensors` under `identity` on `listen` ("host:port"; port 0 picks a free one).
 
     Construction binds the listener and returns at once; digests are computed in a
-    background thread and clients wait for them. Call `close()` to stop.
+    background thread and clients wait for them, unless `manifest` (built from these very
+    tensors) is given. With `unavailable`, the server answers every authenticated client
+    with that reason instead of a manifest. Call `close()` to stop.
     """
 
     def __init__(
@@ -69,13 +71,16 @@ class Server:
         stall_timeout: float = 10.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         output_file: Path | None = None,
+        manifest: Manifest | None = None,
+        unavailable: str | None = None,
     ) -> None:
         self._tensors = dict(tensors)
+        self._unavailable = unavailable
         self._identity = identity
         self._secret = secret
         self._stall_timeout = stall_timeout
         self._chunk_bytes = chunk_bytes
-        self._manifest: Manifest | None = None
+        self._manifest = manifest
         self._manifest_ready = threading.Event()
         self._manifest_error: BaseException | None = None
         self._closing = threading.Event()
@@ -100,7 +105,12 @@ class Server:
                 self.address,
             )
         # The digest thread is not joined on close: it is finite and holds no socket.
-        threading.Thread(target=self._build_manifest, name="netloader-digest", daemon=True).start()
+        if manifest is None:
+            threading.Thread(
+                target=self._build_manifest, name="netloader-digest", daemon=True
+            ).start()
+        else:
+            self._manifest_ready.set()
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name="netloader-accept", daemon=True
         )
@@ -218,11 +228,18 @@ class Server:
                 log.warning("netloader: %s failed authentication", conn.peer)
                 return
         conn.settimeout(self._stall_timeout)
+        if self._unavailable is not None:
+            conn.send(p.error("unavailable", self._unavailable))
+            return
         while True:
             kind, body = conn.recv_message(p.MsgType.GET_MANIFEST, p.MsgType.FETCH, p.MsgType.BYE)
             if kind is p.MsgType.BYE:
                 return
-            manifest = self.manifest(timeout=None)
+            self._manifest_ready.wait()
+            if self._manifest is None:
+                conn.send(p.error("unavailable", f"cannot serve: {self._manifest_error}"))
+                return
+            manifest = self._manifest
             if kind is p.MsgType.GET_MANIFEST:
                 conn.send(p.manifest_message(manifest))
                 continue

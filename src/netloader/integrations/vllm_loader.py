@@ -1,0 +1,232 @@
+"""vLLM integration: `--load-format netloader`, registered through the
+`vllm.general_plugins` entry point. A thin adapter over the core.
+
+In the Worker process, `load_weights` fills the model's parameters from the peers that
+SOURCE lists for this rank, or falls back to vLLM's default loader (one log line naming
+the reason). Either way, before vLLM's `process_weights_after_loading` transforms the
+parameters (on the CPU it packs every linear weight into a oneDNN handle and leaves an
+empty `weight`), it keeps what a peer needs: references to the pre-processing tensors,
+or copies of them with INT8_CACHE. After post-processing it checks those tensors are still
+what was loaded, and serves them on LISTEN_PORT + rank. So every instance serves the next
+the same bytes it loaded, and each runs post-processing exactly once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from netloader.api import load_rank, serve_rank
+from netloader.config import NetloaderConfig
+from netloader.errors import NetloaderError
+from netloader.manifest import Identity, Manifest, build_manifest
+from netloader.server import Server
+
+log = logging.getLogger("netloader.vllm")
+
+LOAD_FORMAT = "netloader"
+_servers: dict[int, Server] = {}  # per global rank; lives as long as the Worker
+
+
+def register() -> None:
+    """Entry point run by vLLM in every process (API server, engine core, workers):
+    cheap, idempotent, starts nothing."""
+    _route_logs_to_stderr()
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER as known
+    from vllm.model_executor.model_loader import register_model_loader
+
+    if LOAD_FORMAT not in known:
+        register_model_loader(LOAD_FORMAT)(_loader_class())
+
+
+def _route_logs_to_stderr() -> None:
+    """vLLM configures only its own logger namespace; give ours a handler of the same kind."""
+    root = logging.getLogger("netloader")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [netloader] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+@dataclass
+class _Capture:
+    """What this rank will serve, captured before post-processing."""
+
+    identity: Identity
+    tensors: dict[str, torch.Tensor]  # references, or cached copies
+    manifest: Manifest
+    params: dict[str, torch.Tensor]  # the live parameters at capture time
+    cached: set[str]
+
+
+def _loader_class() -> type:
+    from vllm.config import replace as replace_config
+    from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader
+
+    class NetloaderModelLoader(BaseModelLoader):  # type: ignore[misc]
+        """Loads weights from peers, falls back to the default loader, serves afterwards."""
+
+        def __init__(self, load_config: Any) -> None:
+            super().__init__(load_config)
+            self.config = NetloaderConfig.load(dict(load_config.model_loader_extra_config or {}))
+            self.default = DefaultModelLoader(
+                replace_config(load_config, load_format="auto", model_loader_extra_config={})
+            )
+            self.capture: _Capture | None = None
+
+        def download_model(self, model_config: Any) -> None:
+            self.default.download_model(model_config)
+
+        def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
+            rank, identity = _rank_and_identity(self.config, model_config)
+            params = {name: p.detach() for name, p in model.named_parameters()}
+            reason = _load_from_peers(params, identity, self.config, rank)
+            if reason is not None:
+                log.warning(
+                    "netloader: rank %d loads from disk with the default loader: %s", rank, reason
+                )
+                self.default.load_weights(model, model_config)
+                params = {name: p.detach() for name, p in model.named_parameters()}
+            self.capture = _capture(params, identity, self.config)
+
+        def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
+            model = super().load_model(vllm_config, model_config, prefix=prefix)
+            if self.capture is not None:
+                _serve(model, self.capture, self.config)
+                self.capture = None
+            return model
+
+    return NetloaderModelLoader
+
+
+def _rank_and_identity(config: NetloaderConfig, model_config: Any) -> tuple[int, Identity]:
+    from vllm.distributed import parallel_state as ps
+
+    identity = Identity(
+        model=config.model or str(model_config.served_model_name or model_config.model),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_size=ps.get_pp_group().world_size,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        attributes={
+            "dtype": str(model_config.dtype).removeprefix("torch."),
+            "quantization": str(model_config.quantization),
+            "weights": "vllm-parameters-before-post-processing",
+        },
+    )
+    return ps.get_world_group().rank, identity
+
+
+def _load_from_peers(
+    params: dict[str, torch.Tensor], identity: Identity, config: NetloaderConfig, rank: int
+) -> str | None:
+    """Fill `params` from this rank's sources; None on success, else why not."""
+    if not config.sources_for(rank):
+        return f"SOURCE has no sources for rank {rank}"
+    try:
+        report = load_rank(params, identity, config, rank)
+    except NetloaderError as exc:
+        return str(exc)
+    except Exception as exc:  # never let a netloader bug stop the instance from starting
+        log.exception("netloader: unexpected failure")
+        return f"unexpected {type(exc).__name__}: {exc}"
+    log.debug("netloader: rank %d loaded weights from peers: %s", rank, report.summary())
+    return None
+
+
+def _capture(
+    params: dict[str, torch.Tensor], identity: Identity, config: NetloaderConfig
+) -> _Capture:
+    """Keep what peers need before post-processing changes it: references by default (free
+    for parameters that post-processing replaces), copies with INT8_CACHE=dram|hbm for the
+    parameters INT8_CACHE_NAME selects."""
+    tensors, cached = dict(params), set()
+    if config.int8_cache != "no":
+        for name, tensor in params.items():
+            if _selected(name, config.int8_cache_name):
+                device = "cpu" if config.int8_cache == "dram" else tensor.device
+                tensors[name] = tensor.to(device, copy=True)
+                cached.add(name)
+    manifest = build_manifest(identity, tensors)
+    return _Capture(identity, tensors, manifest, params, cached)
+
+
+def _selected(name: str, patterns: tuple[str, ...] | None) -> bool:
+    if patterns is None:
+        return True
+    return any(p in name or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _serve(model: torch.nn.Module, capture: _Capture, config: NetloaderConfig) -> None:
+    """After post-processing: check the kept tensors are intact, then serve them."""
+    from vllm.distributed import parallel_state as ps
+    from vllm.utils.network_utils import get_ip
+
+    rank = ps.get_world_group().rank
+    started = time.perf_counter()
+    after = build_manifest(capture.identity, capture.tensors)
+    changed = [
+        a.name
+        for a, b in zip(capture.manifest.tensors, after.tensors, strict=True)
+        if a.digests != b.digests
+    ]
+    unavailable = None
+    if changed:
+        unavailable = (
+            f"post-processing modified {len(changed)} parameters in place "
+            f"(e.g. {', '.join(changed[:3])}), so this instance no longer holds the bytes a "
+            f"new instance must load; start it with INT8_CACHE=dram (or hbm) to keep copies"
+        )
+        log.error("netloader: rank %d cannot serve its weights: %s", rank, unavailable)
+    live = {name: p.detach() for name, p in model.named_parameters()}
+    kept_alive = sum(
+        t.numel() * t.element_size()
+        for name, t in capture.tensors.items()
+        if name in capture.cached or not _same_memory(t, live.get(name))
+    )
+    # Inside vLLM the host's address is VLLM_HOST_IP (get_ip): bind and advertise it
+    # unless LISTEN_HOST / ADVERTISE_HOST say otherwise.
+    if not config.is_set("listen_host"):
+        config = replace(config, listen_host=get_ip())
+    if config.advertise_host is None and config.listen_host in ("0.0.0.0", "::"):
+        config = replace(config, advertise_host=get_ip())
+    try:
+        server = serve_rank(
+            capture.tensors,
+            capture.identity,
+            config,
+            rank,
+            manifest=capture.manifest,
+            unavailable=unavailable,
+        )
+    except OSError as exc:
+        log.error("netloader: rank %d cannot listen: %s", rank, exc)
+        return
+    if server is None:
+        return
+    if rank in _servers:
+        _servers.pop(rank).close()
+    _servers[rank] = server
+    log.info(
+        "netloader: rank %d serves %d tensors (%d bytes) on %s; %d bytes kept beyond the "
+        "running model (INT8_CACHE=%s); checked in %.2f s",
+        rank,
+        len(capture.tensors),
+        capture.manifest.total_bytes,
+        server.address,
+        kept_alive,
+        config.int8_cache,
+        time.perf_counter() - started,
+    )
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
