@@ -13,11 +13,10 @@ the same bytes it loaded, and each runs post-processing exactly once.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,7 +24,8 @@ import torch
 from netloader.api import load_rank, serve_rank
 from netloader.config import NetloaderConfig
 from netloader.errors import NetloaderError
-from netloader.manifest import Identity, Manifest, build_manifest
+from netloader.integrations.weight_capture import Capture, capture, check_intact, kept_bytes
+from netloader.manifest import Identity
 from netloader.server import Server
 
 log = logging.getLogger("netloader.vllm")
@@ -38,11 +38,9 @@ def register() -> None:
     """Entry point run by vLLM in every process (API server, engine core, workers):
     cheap, idempotent, starts nothing."""
     _route_logs_to_stderr()
-    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER as known
     from vllm.model_executor.model_loader import register_model_loader
 
-    if LOAD_FORMAT not in known:
-        register_model_loader(LOAD_FORMAT)(_loader_class())
+    register_model_loader(LOAD_FORMAT)(_loader_class())
 
 
 def _route_logs_to_stderr() -> None:
@@ -54,17 +52,6 @@ def _route_logs_to_stderr() -> None:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False
-
-
-@dataclass
-class _Capture:
-    """What this rank will serve, captured before post-processing."""
-
-    identity: Identity
-    tensors: dict[str, torch.Tensor]  # references, or cached copies
-    manifest: Manifest
-    params: dict[str, torch.Tensor]  # the live parameters at capture time
-    cached: set[str]
 
 
 def _loader_class() -> type:
@@ -80,7 +67,7 @@ def _loader_class() -> type:
             self.default = DefaultModelLoader(
                 replace_config(load_config, load_format="auto", model_loader_extra_config={})
             )
-            self.capture: _Capture | None = None
+            self.capture: Capture | None = None
 
         def download_model(self, model_config: Any) -> None:
             self.default.download_model(model_config)
@@ -95,7 +82,7 @@ def _loader_class() -> type:
                 )
                 self.default.load_weights(model, model_config)
                 params = {name: p.detach() for name, p in model.named_parameters()}
-            self.capture = _capture(params, identity, self.config)
+            self.capture = capture(params, identity, self.config)
 
         def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
             model = super().load_model(vllm_config, model_config, prefix=prefix)
@@ -142,56 +129,17 @@ def _load_from_peers(
     return None
 
 
-def _capture(
-    params: dict[str, torch.Tensor], identity: Identity, config: NetloaderConfig
-) -> _Capture:
-    """Keep what peers need before post-processing changes it: references by default (free
-    for parameters that post-processing replaces), copies with INT8_CACHE=dram|hbm for the
-    parameters INT8_CACHE_NAME selects."""
-    tensors, cached = dict(params), set()
-    if config.int8_cache != "no":
-        for name, tensor in params.items():
-            if _selected(name, config.int8_cache_name):
-                device = "cpu" if config.int8_cache == "dram" else tensor.device
-                tensors[name] = tensor.to(device, copy=True)
-                cached.add(name)
-    manifest = build_manifest(identity, tensors)
-    return _Capture(identity, tensors, manifest, params, cached)
-
-
-def _selected(name: str, patterns: tuple[str, ...] | None) -> bool:
-    if patterns is None:
-        return True
-    return any(p in name or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _serve(model: torch.nn.Module, capture: _Capture, config: NetloaderConfig) -> None:
+def _serve(model: torch.nn.Module, captured: Capture, config: NetloaderConfig) -> None:
     """After post-processing: check the kept tensors are intact, then serve them."""
     from vllm.distributed import parallel_state as ps
     from vllm.utils.network_utils import get_ip
 
     rank = ps.get_world_group().rank
     started = time.perf_counter()
-    after = build_manifest(capture.identity, capture.tensors)
-    changed = [
-        a.name
-        for a, b in zip(capture.manifest.tensors, after.tensors, strict=True)
-        if a.digests != b.digests
-    ]
-    unavailable = None
-    if changed:
-        unavailable = (
-            f"post-processing modified {len(changed)} parameters in place "
-            f"(e.g. {', '.join(changed[:3])}), so this instance no longer holds the bytes a "
-            f"new instance must load; start it with INT8_CACHE=dram (or hbm) to keep copies"
-        )
+    unavailable = check_intact(captured)
+    if unavailable is not None:
         log.error("netloader: rank %d cannot serve its weights: %s", rank, unavailable)
-    live = {name: p.detach() for name, p in model.named_parameters()}
-    kept_alive = sum(
-        t.numel() * t.element_size()
-        for name, t in capture.tensors.items()
-        if name in capture.cached or not _same_memory(t, live.get(name))
-    )
+    kept_alive = kept_bytes(captured, {n: p.detach() for n, p in model.named_parameters()})
     # Inside vLLM the host's address is VLLM_HOST_IP (get_ip): bind and advertise it
     # unless LISTEN_HOST / ADVERTISE_HOST say otherwise.
     if not config.is_set("listen_host"):
@@ -200,11 +148,11 @@ def _serve(model: torch.nn.Module, capture: _Capture, config: NetloaderConfig) -
         config = replace(config, advertise_host=get_ip())
     try:
         server = serve_rank(
-            capture.tensors,
-            capture.identity,
+            captured.tensors,
+            captured.identity,
             config,
             rank,
-            manifest=capture.manifest,
+            manifest=captured.manifest,
             unavailable=unavailable,
         )
     except OSError as exc:
@@ -219,14 +167,10 @@ def _serve(model: torch.nn.Module, capture: _Capture, config: NetloaderConfig) -
         "netloader: rank %d serves %d tensors (%d bytes) on %s; %d bytes kept beyond the "
         "running model (INT8_CACHE=%s); checked in %.2f s",
         rank,
-        len(capture.tensors),
-        capture.manifest.total_bytes,
+        len(captured.tensors),
+        captured.manifest.total_bytes,
         server.address,
         kept_alive,
         config.int8_cache,
         time.perf_counter() - started,
     )
-
-
-def _same_memory(a: torch.Tensor, b: torch.Tensor | None) -> bool:
-    return b is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
