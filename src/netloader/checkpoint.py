@@ -41,13 +41,16 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, in memory, in file order then name order."""
+    """All tensors of a checkpoint, in memory, in file order then name order.
+
+    Copied out of the file mapping (safetensors maps lazily), so that what is served does
+    not change, or get read back from disk, if the file is rewritten or evicted."""
     tensors: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(path):
         for name, tensor in load_file(file).items():
             if name in tensors:
                 raise NetloaderError(f"tensor {name!r} appears in more than one file of {path}")
-            tensors[name] = tensor
+            tensors[name] = tensor.clone()
     return tensors
 
 
@@ -115,9 +118,7 @@ class CheckpointWriter:
 
 def _header(manifest: Manifest) -> tuple[bytes, list[int]]:
     """safetensors header: u64 length, then JSON padded with spaces to 8-byte alignment."""
-    entries: dict[str, object] = {
-        "__metadata__": {"format": "pt", "model": manifest.identity.model}
-    }
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offsets, position = [], 0
     for entry in manifest.tensors:
         entries[entry.name] = {

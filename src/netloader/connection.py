@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import Any
+from typing import Any, Protocol
 
 from netloader import protocol as p
 from netloader.errors import (
@@ -16,6 +16,13 @@ from netloader.errors import (
     TransferTimeout,
     VersionMismatch,
 )
+
+HASHED_PIECE = 256 << 10
+
+
+class Hasher(Protocol):
+    def update(self, data: memoryview) -> None: ...
+
 
 _REMOTE_ERRORS: dict[str, type[TransferError]] = {
     "version": VersionMismatch,
@@ -56,12 +63,17 @@ class Connection:
             raise PeerClosed(f"connection to {self.peer} lost: {exc}", source=self.peer) from exc
 
     # ---- receiving ----------------------------------------------------------------------
-    def recv_into(self, view: memoryview) -> None:
-        """Fill `view` exactly, straight from the socket."""
+    def recv_into(self, view: memoryview, hasher: Hasher | None = None) -> None:
+        """Fill `view` exactly, straight from the socket. With `hasher`, feed it each piece
+        as it lands, while the bytes are still in cache: verification without a second
+        pass over memory (pieces are capped so they fit in L2)."""
         got, size = 0, len(view)
+        piece = HASHED_PIECE if hasher is not None else size
         try:
             while got < size:
-                n = self.sock.recv_into(view[got:])
+                n = self.sock.recv_into(view[got : got + piece])
+                if hasher is not None:
+                    hasher.update(view[got : got + n])
                 if n == 0:
                     raise PeerClosed(
                         f"{self.peer} closed the connection ({got} of {size} bytes read)",

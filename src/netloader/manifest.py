@@ -31,6 +31,11 @@ def digest(data: memoryview | bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def new_hasher() -> xxhash.xxh3_128:
+    """Streaming form of `digest`: the same result over the same bytes fed in pieces."""
+    return xxhash.xxh3_128()
+
+
 @dataclass(frozen=True)
 class Identity:
     """What must match before any byte moves: model name, parallel layout, and any

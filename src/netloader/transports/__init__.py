@@ -26,8 +26,10 @@ class ChunkSink(Protocol):
 
     def destination(self, chunk: Chunk) -> torch.Tensor: ...
 
-    def received(self, chunk: Chunk) -> None:
-        """Verify the chunk's digest (raise IntegrityError) and record it as complete."""
+    def received(self, chunk: Chunk, arrived: str | None = None) -> None:
+        """Verify the chunk (raise IntegrityError) and record it as complete. `arrived` is
+        the digest of the bytes as they arrived, where the transport computed it on the
+        way; otherwise the sink hashes the destination."""
 
 
 ChunkList = Sequence[Chunk]

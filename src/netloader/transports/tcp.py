@@ -6,6 +6,7 @@ from __future__ import annotations
 from netloader import protocol as p
 from netloader.connection import Connection
 from netloader.errors import ProtocolError
+from netloader.manifest import new_hasher
 from netloader.tensors import byte_view
 from netloader.transports import ChunkList, ChunkSink, ChunkSource
 
@@ -34,6 +35,7 @@ def receive_chunks(conn: Connection, chunks: ChunkList, sink: ChunkSink) -> None
                 f"{conn.peer} sent chunk {tensor}/{index} of {header.length - p.DATA_PREFIX.size} "
                 f"bytes, expected {chunk.tensor}/{chunk.number} of {chunk.length}"
             )
-        conn.recv_into(byte_view(sink.destination(chunk)))
-        sink.received(chunk)
+        hasher = new_hasher()
+        conn.recv_into(byte_view(sink.destination(chunk)), hasher)
+        sink.received(chunk, hasher.hexdigest())
     conn.recv_message(p.MsgType.END)
