@@ -128,6 +128,8 @@ class Manifest:
             for t in offered.tensors
             if t.name not in mine_names
         ]
+        if out:  # an identity difference explains the tensor ones: show only a few
+            limit = min(limit, 3)
         if len(tensor_diffs) > limit:
             tensor_diffs = [
                 *tensor_diffs[:limit],

