@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 from typing import Any, Protocol
 
 from netloader import protocol as p
@@ -17,7 +18,7 @@ from netloader.errors import (
     VersionMismatch,
 )
 
-HASHED_PIECE = 256 << 10
+HASHED_PIECE = 128 << 10
 
 
 class Hasher(Protocol):
@@ -39,6 +40,7 @@ class Connection:
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
+        self.timeout: float | None = None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -50,14 +52,22 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.close()
 
-    def settimeout(self, seconds: float | None) -> None:
-        self.sock.settimeout(seconds)
+    def settimeout(self, seconds: float) -> None:
+        """Bound every send and receive by `seconds` of silence. Kept in the kernel
+        (SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket) rather than by Python's timeout mode,
+        which would add a poll() before each of the many recv calls of a transfer."""
+        self.timeout = seconds
+        whole = int(seconds)
+        value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
     # ---- sending ------------------------------------------------------------------------
     def send(self, data: bytes | memoryview) -> None:
         try:
             self.sock.sendall(data)
-        except TimeoutError as exc:
+        except (TimeoutError, BlockingIOError) as exc:
             raise TransferTimeout(f"{self.peer} stopped reading", source=self.peer) from exc
         except OSError as exc:
             raise PeerClosed(f"connection to {self.peer} lost: {exc}", source=self.peer) from exc
@@ -80,9 +90,9 @@ class Connection:
                         source=self.peer,
                     )
                 got += n
-        except TimeoutError as exc:
+        except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO expired
             raise TransferTimeout(
-                f"{self.peer} sent nothing for {self.sock.gettimeout()} s", source=self.peer
+                f"{self.peer} sent nothing for {self.timeout} s", source=self.peer
             ) from exc
         except (ConnectionError, OSError) as exc:
             if isinstance(exc, TransferError):
