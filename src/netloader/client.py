@@ -32,7 +32,7 @@ from netloader.manifest import (
     digest,
     expected_manifest,
 )
-from netloader.tensors import advise_huge_pages, byte_view, flat_bytes
+from netloader.tensors import advise_huge_pages, byte_view, flat_bytes, prefault
 from netloader.transports import process_group, tcp
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,17 @@ class _VerifyingSink:
         self.progress = progress
 
     def destination(self, chunk: Chunk) -> torch.Tensor:
+        view = self._view(chunk)
+        prefault(view)
+        return view
+
+    def _view(self, chunk: Chunk) -> torch.Tensor:
         return self.views[chunk.tensor][chunk.offset : chunk.offset + chunk.length]
 
     def received(self, chunk: Chunk, arrived: str | None = None) -> None:
         entry = self.manifest.tensors[chunk.tensor]
         if arrived is None:
-            arrived = digest(byte_view(self.destination(chunk)))
+            arrived = digest(byte_view(self._view(chunk)))
         if arrived != entry.digests[chunk.number]:
             raise IntegrityError(
                 f"tensor {entry.name!r} chunk {chunk.number}: digest mismatch, bytes rejected"
