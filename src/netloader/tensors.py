@@ -85,23 +85,31 @@ def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
 
 
+_PAGE = 4096
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
 def prefault(tensor: torch.Tensor) -> None:
-    """Map every page of a CPU tensor's memory, writable, in one call.
+    """Map every page of a CPU tensor's memory, writable, in one call, unless it already is.
 
     A socket receive into never-touched memory takes one page fault per 4 KiB inside the
-    kernel's copy; populating the range first is measured ~20% faster for the whole pull
-    (1 GiB: 0.83 -> 0.67 s here) and costs almost nothing on memory already mapped.
-    Best effort: a no-op where unsupported."""
+    kernel's copy; populating the range first made a fresh-memory 1 GiB pull ~20% faster
+    here (0.81 -> 0.67 s). On memory already mapped the same call costs ~20% of a pull, so
+    a page in the middle of the range is probed first (mincore): mapped means the range
+    was written before (a reload), and it is left alone. Best effort: a no-op where
+    unsupported."""
     size = tensor.numel() * tensor.element_size()
-    if tensor.device.type != "cpu" or size == 0 or _libc is None:
+    if tensor.device.type != "cpu" or size < 2 * _PAGE or _libc is None:
         return
     start = tensor.data_ptr()
-    page_start = start & ~4095
+    middle = (start + size // 2) & ~(_PAGE - 1)
+    resident = ctypes.c_ubyte(0)
+    probe = _libc.mincore(ctypes.c_void_p(middle), ctypes.c_size_t(_PAGE), ctypes.byref(resident))
+    if probe == 0 and resident.value & 1:
+        return
+    page_start = start & ~(_PAGE - 1)
     _libc.madvise(
         ctypes.c_void_p(page_start),
         ctypes.c_size_t(start + size - page_start),
