@@ -37,7 +37,6 @@ import gc
 import itertools
 import json
 import math
-import mmap
 import multiprocessing as mp
 import os
 import platform
@@ -198,9 +197,9 @@ def flat_u8(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def fresh_region(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor over a new anonymous mapping: memory no one has touched yet (the
-    C allocator may hand back already-faulted heap memory; a new mapping never does)."""
-    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8, count=nbytes)
+    """A uint8 tensor no one has touched yet, allocated the way a model's parameters are
+    (torch.empty: an allocation this large is a new private anonymous mapping)."""
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def fresh_tensors(layout: Layout) -> dict[str, torch.Tensor]:
@@ -748,12 +747,21 @@ def bench_load_file(ckpt: Path, layout: Layout, repeat: int) -> list[Result]:
         loaded = load_file(ckpt)
         del loaded
 
+    def load_into_fresh() -> None:
+        fresh = fresh_tensors(layout)  # a just-built model, as in netloader's first pull
+        for name, tensor in load_file(ckpt).items():
+            fresh[name].copy_(tensor)
+
     load_and_copy()  # warms the page cache
     lazy = [timed(load_only) for _ in range(repeat)]
     warm = [timed(load_and_copy) for _ in range(repeat)]
+    warm_fresh = [timed(load_into_fresh) for _ in range(repeat)]
     results = [
         median_result("c", "safetensors load_file alone (lazy mmap), warm cache", lazy),
         median_result("c", "safetensors load_file + copy_ into model tensors, warm cache", warm),
+        median_result(
+            "c", "safetensors load_file + copy_ into fresh model tensors, warm cache", warm_fresh
+        ),
     ]
     cold: list[float] = []
     reason = None
