@@ -13,7 +13,7 @@ import torch
 
 from netloader import protocol as p
 from netloader.connection import Connection, connect
-from netloader.endpoint import Endpoint
+from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import (
     AuthenticationError,
     IntegrityError,
@@ -141,8 +141,6 @@ class Client:
         Measured here it roughly halves the median fresh-memory pull but with spikes to
         twice the plain time (synchronous compaction), and was slower inside vLLM, so it
         is off by default."""
-        from netloader.endpoint import parse_endpoint
-
         self.sources = [s if isinstance(s, Endpoint) else parse_endpoint(s) for s in sources]
         self.secret = secret
         self.huge_pages = huge_pages
@@ -205,7 +203,12 @@ class Client:
                 used.append(str(source))
                 _bye(conn)
                 break
-            except TransferError as exc:
+            except (TransferError, ProtocolError) as caught:
+                exc = (
+                    caught
+                    if isinstance(caught, TransferError)
+                    else TransferError(f"{source} broke the protocol: {caught}", source=str(source))
+                )
                 last_error = exc
                 failures.append(str(exc) if str(source) in str(exc) else f"{source}: {exc}")
                 log.warning("netloader: source %s failed: %s", source, exc)

@@ -86,7 +86,6 @@ class Server:
         self._closing = threading.Event()
         self._connections: dict[Connection, threading.Thread] = {}
         self._lock = threading.Lock()
-        self.transfers_served = 0
 
         self._listener = socket.create_server(
             (listen.host, listen.port), family=_family(listen.host), reuse_port=False
@@ -259,8 +258,6 @@ class Server:
             raise ProtocolError(f"unknown transport {fetch.transport!r}")
         seconds = time.perf_counter() - started
         sent = sum(c.length for c in chunks)
-        with self._lock:
-            self.transfers_served += 1
         log.info(
             "netloader: sent %d chunks, %d bytes to %s over %s in %.3f s (%.2f GB/s)",
             len(chunks),
