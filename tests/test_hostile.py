@@ -69,13 +69,45 @@ def test_garbage_is_refused_and_server_keeps_serving(start_server, name: str) ->
     assert "Traceback" not in server.log_text()
 
 
-def test_silent_and_many_connections_do_not_block_real_clients(start_server) -> None:
+def test_silent_connections_from_another_peer_do_not_block_real_clients(start_server) -> None:
     server = start_server("model_like", "--model", "m")
     host, port = server.address.rsplit(":", 1)
-    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(50)]
+    # 100 silent connections from 127.0.0.2: that peer hits its cap (16), the rest are
+    # refused at once, and a client from 127.0.0.1 is served as if nothing happened.
+    idle = [
+        socket.create_connection((host, int(port)), timeout=5, source_address=("127.0.0.2", 0))
+        for _ in range(100)
+    ]
     try:
         _assert_still_serves(server.address)
     finally:
         for s in idle:
             s.close()
     assert server.proc.poll() is None
+    assert "too many connections from 127.0.0.2 (limit 16)" in server.log_text()
+
+
+def test_connection_caps_refuse_clearly_and_recover() -> None:
+    import time
+
+    import torch
+
+    from netloader import Server, SourceUnavailable
+
+    tensors = {"x": torch.arange(10.0)}
+    with Server(tensors, Identity("m"), max_connections=8, max_connections_per_peer=3) as server:
+        idle = [socket.create_connection(tuple(server.address), timeout=5) for _ in range(3)]
+        dest = {"x": torch.zeros(10)}
+        with pytest.raises(SourceUnavailable, match=r"too many connections from 127\.0\.0\.1"):
+            Client([server.address]).load_into(dest, Identity("m"))
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 10
+        while True:  # the server notices the closed connections and frees their slots
+            try:
+                Client([server.address]).load_into(dest, Identity("m"))
+                break
+            except SourceUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert torch.equal(dest["x"], tensors["x"])

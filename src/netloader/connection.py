@@ -29,6 +29,7 @@ _REMOTE_ERRORS: dict[str, type[TransferError]] = {
     "version": VersionMismatch,
     "auth": AuthenticationError,
     "unavailable": SourceUnavailable,
+    "busy": SourceUnavailable,
 }
 
 
@@ -40,6 +41,7 @@ class Connection:
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
+        self.host = peer.rpartition(":")[0].strip("[]")
         self.timeout: float | None = None
 
     def close(self) -> None:

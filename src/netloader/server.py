@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 ACCEPT_POLL = 0.2
 LOOPBACK_ANY_PORT = Endpoint("127.0.0.1", 0)
+# Each connection is a thread: caps keep a flood of connections (or one greedy peer)
+# from growing the server without bound or starving other peers.
+MAX_CONNECTIONS = 128
+MAX_CONNECTIONS_PER_PEER = 16
 
 
 class _TensorChunks:
@@ -73,8 +77,12 @@ class Server:
         output_file: Path | None = None,
         manifest: Manifest | None = None,
         unavailable: str | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
     ) -> None:
         self._tensors = dict(tensors)
+        self._max_connections = max_connections
+        self._max_per_peer = max_connections_per_peer
         self._unavailable = unavailable
         self._identity = identity
         self._secret = secret
@@ -175,6 +183,12 @@ class Server:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, str(Endpoint(addr[0], addr[1])))
+            refusal = self._over_limit(addr[0])
+            if refusal is not None:
+                log.warning("netloader: refused %s: %s", conn.peer, refusal)
+                _try_send(conn, p.error("busy", refusal), timeout=0.2)
+                conn.close()
+                continue
             thread = threading.Thread(
                 target=self._serve_connection,
                 args=(conn,),
@@ -184,6 +198,16 @@ class Server:
             with self._lock:
                 self._connections[conn] = thread
             thread.start()
+
+    def _over_limit(self, host: str) -> str | None:
+        with self._lock:
+            total = len(self._connections)
+            from_peer = sum(1 for c in self._connections if c.host == host)
+        if total >= self._max_connections:
+            return f"server busy: {total} connections open (limit {self._max_connections})"
+        if from_peer >= self._max_per_peer:
+            return f"too many connections from {host} (limit {self._max_per_peer})"
+        return None
 
     def _serve_connection(self, conn: Connection) -> None:
         try:
@@ -269,9 +293,9 @@ class Server:
         )
 
 
-def _try_send(conn: Connection, data: bytes) -> None:
+def _try_send(conn: Connection, data: bytes, timeout: float = 1.0) -> None:
     try:
-        conn.settimeout(1.0)
+        conn.settimeout(timeout)
         conn.send(data)
     except (NetloaderError, OSError):
         pass
