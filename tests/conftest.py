@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -85,3 +87,29 @@ def proxy() -> Iterator[Callable[..., FaultyProxy]]:
     yield make
     for p in made:
         p.close()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[..., str]]:
+    """fake_server(reply, ...) -> "host:port" of a scripted peer: for one connection, it
+    reads a message and answers with the next reply, for each reply, then hangs up."""
+    listeners: list[socket.socket] = []
+
+    def start(*replies: bytes) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def script() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                for reply in replies:
+                    conn.recv(1 << 16)
+                    conn.sendall(reply)
+                conn.recv(1 << 16)
+
+        threading.Thread(target=script, daemon=True).start()
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    for listener in listeners:
+        listener.close()

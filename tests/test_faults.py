@@ -121,34 +121,24 @@ def test_no_reachable_source(tmp_path) -> None:
     assert torch.all(dest["embed.weight"].view(torch.uint8) == 0xA5)
 
 
-def test_malformed_manifest_from_a_hostile_server_fails_over(start_server) -> None:  # type: ignore[no-untyped-def]
-    """A fake server that answers the handshake, then sends a manifest with a lying length:
-    a clear TransferError, and the next source still serves the pull."""
-    import socket
-    import threading
-
+def test_malformed_manifest_from_a_hostile_server_fails_over(start_server, fake_server) -> None:  # type: ignore[no-untyped-def]
+    """A fake server that completes the handshake, then sends a manifest that does not
+    validate (no model name, byte count not matching dtype x shape): a clear
+    TransferError, and the next source still serves the pull."""
     from netloader import protocol as p
     from netloader.manifest import PROTOCOL_VERSION
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    bad = f"127.0.0.1:{listener.getsockname()[1]}"
-
-    def fake() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(1 << 16)
-            conn.sendall(p.Welcome(PROTOCOL_VERSION, False, p.new_nonce(), None).encode())
-            conn.recv(1 << 16)
-            body = {
-                "protocol": 1,
-                "digest": "xxh3_128",
-                "chunk_bytes": 1,
-                "identity": {},
-                "tensors": [["x", "float32", [2], 4, []]],
-            }
-            conn.sendall(p.encode(p.MsgType.MANIFEST, body))
-
-    threading.Thread(target=fake, daemon=True).start()
+    body = {
+        "protocol": 1,
+        "digest": "xxh3_128",
+        "chunk_bytes": 1,
+        "identity": {},
+        "tensors": [["x", "float32", [2], 4, []]],
+    }
+    bad = fake_server(
+        p.Welcome(PROTOCOL_VERSION, False, p.new_nonce(), None).encode(),
+        p.encode(p.MsgType.MANIFEST, body),
+    )
     good = start_server("model_like", "--model", "m")
     expected = model_like()
     dest = empty_like_set(expected)
@@ -156,4 +146,3 @@ def test_malformed_manifest_from_a_hostile_server_fails_over(start_server) -> No
     assert report.sources == (good.address,)
     assert "broke the protocol" in report.failures[0]
     assert all(same_bytes(dest[n], t) for n, t in expected.items())
-    listener.close()

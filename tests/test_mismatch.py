@@ -91,23 +91,10 @@ def test_server_refuses_other_protocol_version(server) -> None:  # type: ignore[
     assert body["code"] == "version" and f"client {PROTOCOL_VERSION + 1}" in body["message"]
 
 
-def test_client_refuses_server_of_other_protocol_version() -> None:
+def test_client_refuses_server_of_other_protocol_version(fake_server) -> None:  # type: ignore[no-untyped-def]
     """A fake server that answers WELCOME with another version: VersionMismatch."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    address = f"127.0.0.1:{listener.getsockname()[1]}"
-
-    import threading
-
-    def fake() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(1 << 16)
-            conn.sendall(p.Welcome(PROTOCOL_VERSION + 1, False, p.new_nonce(), None).encode())
-            conn.recv(1 << 16)
-
-    threading.Thread(target=fake, daemon=True).start()
+    address = fake_server(p.Welcome(PROTOCOL_VERSION + 1, False, p.new_nonce(), None).encode())
     dest = empty_like_set(model_like())
     with pytest.raises(VersionMismatch, match=f"speaks protocol {PROTOCOL_VERSION + 1}"):
         Client([address]).load_into(dest, IDENT)
     assert untouched(dest)
-    listener.close()

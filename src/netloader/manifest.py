@@ -90,9 +90,6 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
-    def index(self) -> dict[str, int]:
-        return {t.name: i for i, t in enumerate(self.tensors)}
-
     def chunk_count(self, tensor: int) -> int:
         return max(1, math.ceil(self.tensors[tensor].nbytes / self.chunk_bytes))
 

@@ -44,8 +44,7 @@ class _TensorChunks:
     """ChunkSource over the served tensors: views into their memory, no copies for
     contiguous CPU tensors (others are made contiguous on the host, one tensor at a time)."""
 
-    def __init__(self, manifest: Manifest, tensors: list[torch.Tensor]) -> None:
-        self.manifest = manifest
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.tensors = tensors
         self._last: tuple[int, torch.Tensor] | None = None
 
@@ -270,7 +269,7 @@ class Server:
 
     def _send(self, conn: Connection, manifest: Manifest, fetch: p.Fetch) -> None:
         chunks = [manifest.chunk(t, c) for t, c in fetch.chunks]
-        source = _TensorChunks(manifest, list(self._tensors.values()))
+        source = _TensorChunks(list(self._tensors.values()))
         started = time.perf_counter()
         if fetch.transport == tcp.NAME:
             tcp.send_chunks(conn, source, chunks)

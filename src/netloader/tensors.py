@@ -32,7 +32,6 @@ for _name, _code in (
         _DTYPES[_name] = (getattr(torch, _name), _code)
 
 _NAME_OF = {dtype: name for name, (dtype, _) in _DTYPES.items()}
-_BY_SAFETENSORS = {code: name for name, (_, code) in _DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -59,13 +58,6 @@ def itemsize(name: str) -> int:
 
 def safetensors_code(name: str) -> str:
     return _DTYPES[name][1]
-
-
-def name_from_safetensors(code: str) -> str:
-    try:
-        return _BY_SAFETENSORS[code]
-    except KeyError:
-        raise ValueError(f"safetensors dtype {code!r} is not supported") from None
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
