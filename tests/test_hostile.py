@@ -92,10 +92,12 @@ def test_connection_caps_refuse_clearly_and_recover() -> None:
 
     import torch
 
-    from netloader import Server, SourceUnavailable
+    from netloader import LoadedTensors, Server, SourceUnavailable
 
     tensors = {"x": torch.arange(10.0)}
-    with Server(tensors, Identity("m"), max_connections=8, max_connections_per_peer=3) as server:
+    with Server(
+        LoadedTensors(tensors, Identity("m")), max_connections=8, max_connections_per_peer=3
+    ) as server:
         idle = [socket.create_connection(tuple(server.address), timeout=5) for _ in range(3)]
         dest = {"x": torch.zeros(10)}
         with pytest.raises(SourceUnavailable, match=r"too many connections from 127\.0\.0\.1"):

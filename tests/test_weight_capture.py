@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from netloader import Identity, NetloaderConfig, Server, SourceUnavailable
+from netloader import Identity, LoadedTensors, NetloaderConfig, Server, SourceUnavailable
 from netloader.api import load, tensors_of
 from netloader.integrations.weight_capture import capture, check_intact, kept_bytes
 
@@ -54,7 +54,7 @@ def test_replaced_parameters_are_served_by_reference_without_copies() -> None:
     linear_bytes = (64 * 128 + 128 * 32) * 4
     assert kept_bytes(captured, live) == linear_bytes  # only the replaced originals
     assert not captured.cached
-    with Server(captured.tensors, IDENT, manifest=captured.manifest) as server:
+    with Server(LoadedTensors(captured.tensors, IDENT, manifest=captured.manifest)) as server:
         fresh = pull_into_fresh_model(server)
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, original[name]), name
@@ -66,7 +66,9 @@ def test_in_place_change_is_refused_naming_the_setting() -> None:
     modify_in_place(model)
     reason = check_intact(captured)
     assert reason is not None and "INT8_CACHE=dram" in reason and "0.bias" in reason
-    with Server(captured.tensors, IDENT, manifest=captured.manifest, unavailable=reason) as server:
+    with Server(
+        LoadedTensors(captured.tensors, IDENT, manifest=captured.manifest, unavailable=reason)
+    ) as server:
         fresh = make_model(seed=99)
         before = {k: v.clone() for k, v in fresh.state_dict().items()}
         with pytest.raises(SourceUnavailable, match="INT8_CACHE=dram"):
@@ -84,7 +86,7 @@ def test_int8_cache_keeps_copies_of_selected_parameters(mode: str) -> None:
     replace_linear_weights(model)
     assert check_intact(captured) is None
     assert kept_bytes(captured, dict(model.named_parameters())) == (64 * 128 + 128 + 128 * 32) * 4
-    with Server(captured.tensors, IDENT, manifest=captured.manifest) as server:
+    with Server(LoadedTensors(captured.tensors, IDENT, manifest=captured.manifest)) as server:
         fresh = pull_into_fresh_model(server)
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, original[name]), name

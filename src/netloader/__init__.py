@@ -17,10 +17,12 @@ from netloader.errors import (
     TransferTimeout,
     VersionMismatch,
 )
+from netloader.holdings import Arrivals, LoadedTensors
 from netloader.manifest import Identity, Manifest
 from netloader.server import Server
 
 __all__ = [
+    "Arrivals",
     "AuthenticationError",
     "Client",
     "ConfigError",
@@ -28,6 +30,7 @@ __all__ = [
     "Identity",
     "IntegrityError",
     "LoadReport",
+    "LoadedTensors",
     "Manifest",
     "ManifestMismatch",
     "NetloaderConfig",

@@ -17,6 +17,7 @@ from netloader.client import Client, LoadReport
 from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import SourceUnavailable
+from netloader.holdings import LoadedTensors
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server import Server
 
@@ -68,12 +69,10 @@ def serve(
     (`.address`, `.close()`). The tensors are served by reference, not copied."""
     identity = Identity(model_name, tp_size, tp_rank, pp_size, pp_rank, dict(attributes or {}))
     return Server(
-        tensors_of(model),
-        identity,
+        LoadedTensors(tensors_of(model), identity, chunk_bytes=chunk_bytes),
         listen=listen if isinstance(listen, Endpoint) else parse_endpoint(listen, allow_zero=True),
         advertise_host=advertise_host,
         secret=resolve_secret(secret),
-        chunk_bytes=chunk_bytes,
         output_file=None if output_file is None else Path(output_file),
     )
 
@@ -128,15 +127,12 @@ def serve_rank(
     if port is None:
         return None
     return Server(
-        tensors_of(model),
-        identity,
+        LoadedTensors(tensors_of(model), identity, manifest=manifest, unavailable=unavailable),
         listen=Endpoint(config.listen_host, port),
         advertise_host=config.advertise_host,
         secret=resolve_secret(secret, config.secret_file),
         stall_timeout=config.stall_timeout,
         output_file=config.output_file_for(rank),
-        manifest=manifest,
-        unavailable=unavailable,
     )
 
 

@@ -19,6 +19,7 @@ from netloader.checkpoint import CheckpointWriter, load_checkpoint
 from netloader.client import Client
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import NetloaderError
+from netloader.holdings import LoadedTensors
 from netloader.manifest import Identity, Manifest
 from netloader.server import Server
 
@@ -103,8 +104,7 @@ def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with Server(
-        tensors,
-        identity,
+        LoadedTensors(tensors, identity),
         listen=listen,
         advertise_host=advertise,
         secret=resolve_secret(secret_file=secret_file),

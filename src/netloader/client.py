@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +26,7 @@ from netloader.errors import (
     TransferError,
     VersionMismatch,
 )
+from netloader.holdings import Arrivals
 from netloader.manifest import (
     PROTOCOL_VERSION,
     Chunk,
@@ -38,6 +41,11 @@ from netloader.transports import process_group, tcp
 log = logging.getLogger(__name__)
 
 DEFAULT_TRANSPORT = "tcp"  # chosen by measurement: see README, "Benchmark"
+# Striping: a source's first batch, before its speed is known, and later batches' length
+# in seconds at its measured speed (short enough to rebalance, long enough that a
+# request's round trip is noise).
+FIRST_BATCH_BYTES = 8 << 20
+BATCH_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,8 @@ class LoadReport:
 
 class _VerifyingSink:
     """Where chunks land (the caller's tensor memory, or a staging buffer when that memory
-    is not contiguous host memory) and the digest check that accepts them."""
+    is not contiguous host memory) and the digest check that accepts them. Safe to use from
+    several receiving threads at once: each chunk has one writer."""
 
     def __init__(
         self,
@@ -72,6 +81,7 @@ class _VerifyingSink:
         dest: Mapping[str, torch.Tensor],
         progress: Callable[[int], None] | None,
         huge_pages: bool = False,
+        verified: Callable[[Chunk], None] | None = None,
     ) -> None:
         self.manifest = manifest
         self.dest = [dest[t.name] for t in manifest.tensors]
@@ -90,6 +100,8 @@ class _VerifyingSink:
         self.done_chunks: set[tuple[int, int]] = set()
         self.bytes = 0
         self.progress = progress
+        self.verified = verified
+        self._lock = threading.Lock()
 
     def destination(self, chunk: Chunk) -> torch.Tensor:
         view = self._view(chunk)
@@ -107,25 +119,169 @@ class _VerifyingSink:
             raise IntegrityError(
                 f"tensor {entry.name!r} chunk {chunk.number}: digest mismatch, bytes rejected"
             )
-        self.done_chunks.add((chunk.tensor, chunk.number))
-        self.bytes += chunk.length
-        self.missing[chunk.tensor] -= 1
-        if self.missing[chunk.tensor] == 0 and self.staged[chunk.tensor]:
+        with self._lock:
+            self.done_chunks.add((chunk.tensor, chunk.number))
+            self.bytes += chunk.length
+            self.missing[chunk.tensor] -= 1
+            tensor_complete = self.missing[chunk.tensor] == 0
+            if self.progress is not None:
+                self.progress(chunk.length)
+        if not self.staged[chunk.tensor]:
+            if self.verified is not None:
+                self.verified(chunk)
+        elif tensor_complete:
             target = self.dest[chunk.tensor]
             target.copy_(self.views[chunk.tensor].view(target.dtype).reshape(target.shape))
-        if self.progress is not None:
-            self.progress(chunk.length)
+            if self.verified is not None:  # staged bytes are servable only once in place
+                for number in range(self.manifest.chunk_count(chunk.tensor)):
+                    self.verified(self.manifest.chunk(chunk.tensor, number))
 
-    def remaining(self) -> list[Chunk]:
-        return [c for c in self.manifest.chunks() if (c.tensor, c.number) not in self.done_chunks]
+    def is_done(self, chunk: Chunk) -> bool:
+        with self._lock:
+            return (chunk.tensor, chunk.number) in self.done_chunks
 
     def completed(self) -> list[str]:
-        return [t.name for i, t in enumerate(self.manifest.tensors) if self.missing[i] == 0]
+        with self._lock:
+            return [t.name for i, t in enumerate(self.manifest.tensors) if self.missing[i] == 0]
+
+
+class _Pull:
+    """The shared state of one `load_into`: the adopted manifest, the chunks nobody is
+    fetching yet, the sources still to try, and each source's observed speed.
+
+    Sources hand out work in batches sized by their measured speed, so fast sources take
+    more, and all finish at about the same time. A failed source's unreceived chunks go
+    back to the queue for the others; nothing received is fetched again.
+    """
+
+    def __init__(
+        self,
+        expected: Manifest,
+        dest: Mapping[str, torch.Tensor],
+        sources: Sequence[Endpoint],
+        progress: Callable[[int], None] | None,
+        huge_pages: bool,
+        arrivals: Arrivals | None,
+    ) -> None:
+        self.expected = expected
+        self.dest = dest
+        self.progress = progress
+        self.huge_pages = huge_pages
+        self.arrivals = arrivals
+        self.changed = threading.Condition()
+        self.reference: Manifest | None = None
+        self.sink: _VerifyingSink | None = None
+        self.pending: deque[Chunk] = deque()
+        self.pending_bytes = 0
+        self.in_flight = 0
+        self.untried = deque(sources)
+        self.connected: set[Endpoint] = set()
+        self.rates: dict[Endpoint, float] = {}  # bytes per second, smoothed
+        self.used: list[str] = []
+        self.failures: list[str] = []
+        self.last_error: TransferError | None = None
+
+    def next_source(self) -> Endpoint | None:
+        with self.changed:
+            if self.finished() or not self.untried:
+                return None
+            return self.untried.popleft()
+
+    def finished(self) -> bool:
+        return self.reference is not None and not self.pending and self.in_flight == 0
+
+    def adopt(self, offered: Manifest, source: Endpoint) -> _VerifyingSink:
+        """Accept `source`'s manifest if it is the model we expect and, for every source
+        after the first, holds the very same bytes (or the model would mix)."""
+        with self.changed:
+            differences = self.expected.differences(offered)
+            if self.reference is not None and not differences:
+                differences = _digest_differences(self.reference, offered)
+            if differences:
+                raise ManifestMismatch.from_differences(differences, source=str(source))
+            if self.reference is None:
+                self.reference = offered
+                self.sink = _VerifyingSink(
+                    offered,
+                    self.dest,
+                    self.progress,
+                    self.huge_pages,
+                    None if self.arrivals is None else self.arrivals.arrived,
+                )
+                self.pending.extend(offered.chunks())
+                self.pending_bytes = offered.total_bytes
+                if self.arrivals is not None:
+                    self.arrivals.begin(offered, self.dest)
+            self.connected.add(source)
+            assert self.sink is not None
+            return self.sink
+
+    def take(self, source: Endpoint) -> list[Chunk]:
+        """The next batch for `source`; empty when nothing is waiting to be fetched."""
+        with self.changed:
+            if not self.pending:
+                return []
+            budget = self._budget(source)
+            batch: list[Chunk] = []
+            while self.pending and (not batch or sum(c.length for c in batch) < budget):
+                batch.append(self.pending.popleft())
+            self.pending_bytes -= sum(c.length for c in batch)
+            self.in_flight += 1
+            return batch
+
+    def _budget(self, source: Endpoint) -> float:
+        if len(self.connected) <= 1:
+            return self.pending_bytes  # alone: everything in one request, no round trips
+        known = [self.rates[s] for s in self.connected if s in self.rates]
+        rate = self.rates.get(source)
+        if rate is None:
+            return min(FIRST_BATCH_BYTES, self.pending_bytes / len(self.connected))
+        total = sum(known) + (len(self.connected) - len(known)) * (sum(known) / len(known))
+        share = self.pending_bytes * rate / total  # finish together with the others
+        return min(share, rate * BATCH_SECONDS)
+
+    def done(self, source: Endpoint, batch: list[Chunk], seconds: float) -> None:
+        rate = sum(c.length for c in batch) / max(seconds, 1e-6)
+        with self.changed:
+            self.in_flight -= 1
+            old = self.rates.get(source)
+            self.rates[source] = rate if old is None else (old + rate) / 2
+            if str(source) not in self.used:
+                self.used.append(str(source))
+            self.changed.notify_all()
+
+    def leave(self, source: Endpoint) -> None:
+        with self.changed:
+            self.connected.discard(source)
+
+    def failed(self, source: Endpoint, batch: list[Chunk], exc: TransferError) -> None:
+        """`source` is out; what it did not deliver of `batch` goes back to the queue."""
+        with self.changed:
+            self.connected.discard(source)
+            if batch:
+                self.in_flight -= 1
+                assert self.sink is not None
+                undelivered = [c for c in batch if not self.sink.is_done(c)]
+                self.pending.extendleft(reversed(undelivered))
+                self.pending_bytes += sum(c.length for c in undelivered)
+            text = str(exc)
+            self.failures.append(text if str(source) in text else f"{source}: {text}")
+            self.last_error = exc
+            self.changed.notify_all()
+
+    def wait_for_work(self) -> bool:
+        """Block while others are still fetching; True if chunks came back to the queue
+        (a source failed), False once everything has arrived or nobody is fetching."""
+        with self.changed:
+            self.changed.wait_for(lambda: bool(self.pending) or self.in_flight == 0)
+            return bool(self.pending)
 
 
 class Client:
-    """Pulls from `sources`, in order, falling over to the next on any failure and
-    resuming where the previous one stopped."""
+    """Pulls from `sources`: from `stripe` of them at once (default: all), disjoint parts
+    from each, balanced by their speed. A source that fails or stalls is replaced by the
+    next untried one, and its unreceived chunks move to the others; finished chunks are
+    never fetched twice."""
 
     def __init__(
         self,
@@ -136,17 +292,22 @@ class Client:
         connect_timeout: float = 5.0,
         stall_timeout: float = 10.0,
         huge_pages: bool = False,
+        stripe: int | None = None,
     ) -> None:
         """`huge_pages`: ask Linux for 2 MiB pages on never-touched destination memory.
         Measured here it roughly halves the median fresh-memory pull but with spikes to
         twice the plain time (synchronous compaction), and was slower inside vLLM, so it
-        is off by default."""
+        is off by default. `stripe=1` pulls from one source at a time, in order (a relay
+        chain: the upstream first, the others as fallbacks)."""
         self.sources = [s if isinstance(s, Endpoint) else parse_endpoint(s) for s in sources]
         self.secret = secret
         self.huge_pages = huge_pages
         self.transport = DEFAULT_TRANSPORT if transport == "auto" else transport
         self.connect_timeout = connect_timeout
         self.stall_timeout = stall_timeout
+        if stripe is not None and stripe < 1:
+            raise ValueError(f"stripe must be at least 1, not {stripe}")
+        self.stripe = len(self.sources) if stripe is None else stripe
 
     # ---- public -------------------------------------------------------------------------
     def manifest(self) -> Manifest:
@@ -170,71 +331,83 @@ class Client:
         identity: Identity,
         *,
         progress: Callable[[int], None] | None = None,
+        arrivals: Arrivals | None = None,
     ) -> LoadReport:
         """Fill `dest` (name -> tensor of the right dtype and shape) from the sources.
+        With `arrivals`, report each verified chunk there, so a server can relay it.
 
         Raises a TransferError subclass if not every tensor arrived verified; its
         `completed` names the tensors that did (the others hold undefined bytes).
         """
-        expected = expected_manifest(identity, dest)
-        reference: Manifest | None = None
-        sink: _VerifyingSink | None = None
-        used: list[str] = []
-        failures: list[str] = []
-        last_error: TransferError | None = None
         started = time.perf_counter()
-        for source in self.sources:
-            conn: Connection | None = None
-            try:
-                conn = self._open(source)
-                offered = self._fetch_manifest(conn)
-                differences = expected.differences(offered)
-                if reference is not None and differences == []:
-                    differences = _digest_differences(reference, offered)
-                if differences:
-                    raise ManifestMismatch.from_differences(differences, source=str(source))
-                if reference is None:
-                    reference, sink = (
-                        offered,
-                        _VerifyingSink(offered, dest, progress, self.huge_pages),
-                    )
-                assert sink is not None
-                self._receive(conn, sink.remaining(), sink)
-                used.append(str(source))
-                _bye(conn)
-                break
-            except (TransferError, ProtocolError) as caught:
-                exc = (
-                    caught
-                    if isinstance(caught, TransferError)
-                    else TransferError(f"{source} broke the protocol: {caught}", source=str(source))
-                )
-                last_error = exc
-                failures.append(str(exc) if str(source) in str(exc) else f"{source}: {exc}")
-                log.warning("netloader: source %s failed: %s", source, exc)
-                if conn is not None:
-                    # Polite goodbye where the stream is still in step (nothing was fetched).
-                    _bye(conn) if isinstance(exc, ManifestMismatch) else conn.close()
-        else:
-            completed = sink.completed() if sink is not None else []
-            message = "; ".join(failures) if failures else "no sources configured"
-            error_type = type(last_error) if last_error is not None else SourceUnavailable
-            raise error_type(
+        pull = _Pull(
+            expected_manifest(identity, dest),
+            dest,
+            self.sources,
+            progress,
+            self.huge_pages,
+            arrivals,
+        )
+        workers = [
+            threading.Thread(target=self._work, args=(pull,), name=f"netloader-pull-{i}")
+            for i in range(1, min(self.stripe, len(self.sources)))
+        ]
+        for worker in workers:
+            worker.start()
+        self._work(pull)  # the calling thread is one of the workers
+        for worker in workers:
+            worker.join()
+        if not pull.finished():
+            completed = pull.sink.completed() if pull.sink is not None else []
+            message = "; ".join(pull.failures) if pull.failures else "no sources configured"
+            last = pull.last_error
+            error = (type(last) if last is not None else SourceUnavailable)(
                 f"pull incomplete ({len(completed)} of {len(dest)} tensors verified): {message}",
-                source=last_error.source if last_error else None,
+                source=last.source if last else None,
                 completed=completed,
             )
-        assert sink is not None
+            if arrivals is not None:
+                arrivals.fail(str(error))
+            raise error
+        assert pull.sink is not None
         report = LoadReport(
-            sources=tuple(used),
+            sources=tuple(pull.used),
             transport=self.transport,
             tensors=len(dest),
-            bytes=sink.bytes,
+            bytes=pull.sink.bytes,
             seconds=time.perf_counter() - started,
-            failures=tuple(failures),
+            failures=tuple(pull.failures),
         )
         log.info("netloader: loaded %s", report.summary())
         return report
+
+    # ---- one worker: a source at a time -------------------------------------------------
+    def _work(self, pull: _Pull) -> None:
+        source = pull.next_source()
+        while source is not None:
+            conn: Connection | None = None
+            batch: list[Chunk] = []  # in flight; handed back to the queue if the source fails
+            try:
+                conn = self._open(source)
+                sink = pull.adopt(self._fetch_manifest(conn), source)
+                while batch := pull.take(source):
+                    started = time.perf_counter()
+                    self._receive(conn, batch, sink)
+                    pull.done(source, batch, time.perf_counter() - started)
+                pull.leave(source)
+                _bye(conn)  # an idle connection is closed, not held open on the server
+            except Exception as caught:
+                exc = _as_transfer_error(caught, source)
+                if conn is not None:
+                    # Polite goodbye where the stream is still in step (nothing was fetched).
+                    _bye(conn) if isinstance(exc, ManifestMismatch) else conn.close()
+                pull.failed(source, batch, exc)
+                log.warning("netloader: source %s failed: %s", source, exc)
+                source = pull.next_source()
+                continue
+            # Nothing left to take: stay available in case another source fails.
+            if not pull.wait_for_work():
+                return
 
     # ---- one connection -----------------------------------------------------------------
     def _open(self, source: Endpoint) -> Connection:
@@ -299,6 +472,16 @@ class Client:
             process_group.receive_chunks(
                 conn, chunks, sink, backend=self.transport, timeout=self.stall_timeout
             )
+
+
+def _as_transfer_error(caught: Exception, source: Endpoint) -> TransferError:
+    if isinstance(caught, TransferError):
+        return caught
+    if isinstance(caught, ProtocolError):
+        return TransferError(f"{source} broke the protocol: {caught}", source=str(source))
+    # A bug must not leave the other workers waiting for this one: it fails this source.
+    log.error("netloader: pulling from %s failed", source, exc_info=caught)
+    return TransferError(f"{source}: internal error: {caught!r}", source=str(source))
 
 
 def _digest_differences(reference: Manifest, offered: Manifest) -> list[str]:

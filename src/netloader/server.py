@@ -9,7 +9,6 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,15 +16,9 @@ import torch
 from netloader import protocol as p
 from netloader.connection import Connection
 from netloader.endpoint import Endpoint
-from netloader.errors import NetloaderError, ProtocolError
-from netloader.manifest import (
-    DEFAULT_CHUNK_BYTES,
-    PROTOCOL_VERSION,
-    Chunk,
-    Identity,
-    Manifest,
-    build_manifest,
-)
+from netloader.errors import NetloaderError, ProtocolError, SourceUnavailable
+from netloader.holdings import Holdings
+from netloader.manifest import PROTOCOL_VERSION, Chunk, Manifest
 from netloader.tensors import flat_bytes
 from netloader.transports import process_group, tcp
 
@@ -38,58 +31,57 @@ LOOPBACK_ANY_PORT = Endpoint("127.0.0.1", 0)
 # from growing the server without bound or starving other peers.
 MAX_CONNECTIONS = 128
 MAX_CONNECTIONS_PER_PEER = 16
+# Transfers in progress at once: each streams at link speed, so more would only share it.
+MAX_TRANSFERS = 32
+ANSWER_WITHIN = 0.8
 
 
-class _TensorChunks:
-    """ChunkSource over the served tensors: views into their memory, no copies for
-    contiguous CPU tensors (others are made contiguous on the host, one tensor at a time)."""
+class _HeldChunks:
+    """ChunkSource over a server's holdings: views into the tensors' memory, no copies for
+    contiguous CPU tensors (others are made contiguous on the host, one tensor at a time).
+    Waits, at most `wait` seconds, for chunks a relay has not received yet."""
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.tensors = tensors
+    def __init__(self, holdings: Holdings, wait: float) -> None:
+        self.holdings = holdings
+        self.tensors = holdings.tensors()
+        self.wait = wait
         self._last: tuple[int, torch.Tensor] | None = None
 
     def chunk_bytes(self, chunk: Chunk) -> torch.Tensor:
+        self.holdings.wait_for(chunk, self.wait)
         if self._last is None or self._last[0] != chunk.tensor:
             self._last = (chunk.tensor, flat_bytes(self.tensors[chunk.tensor]).cpu())
         return self._last[1][chunk.offset : chunk.offset + chunk.length]
 
 
 class Server:
-    """Serves `tensors` under `identity` on `listen` ("host:port"; port 0 picks a free one).
-
-    Construction binds the listener and returns at once; digests are computed in a
-    background thread and clients wait for them, unless `manifest` (built from these very
-    tensors) is given. With `unavailable`, the server answers every authenticated client
-    with that reason instead of a manifest. Call `close()` to stop.
+    """Serves `holdings` (a loaded model, or one still arriving at a relay) on `listen`
+    ("host:port"; port 0 picks a free one). Construction binds the listener and returns at
+    once; everything else happens in background threads. Call `close()` to stop.
     """
 
     def __init__(
         self,
-        tensors: Mapping[str, torch.Tensor],
-        identity: Identity,
+        holdings: Holdings,
         *,
         listen: Endpoint = LOOPBACK_ANY_PORT,
         advertise_host: str | None = None,
         secret: bytes | None = None,
         stall_timeout: float = 10.0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
         output_file: Path | None = None,
-        manifest: Manifest | None = None,
-        unavailable: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
+        max_transfers: int = MAX_TRANSFERS,
     ) -> None:
-        self._tensors = dict(tensors)
+        self.holdings = holdings
         self._max_connections = max_connections
         self._max_per_peer = max_connections_per_peer
-        self._unavailable = unavailable
-        self._identity = identity
+        self._transfers = threading.BoundedSemaphore(max_transfers)
+        self._max_transfers = max_transfers
         self._secret = secret
         self._stall_timeout = stall_timeout
-        self._chunk_bytes = chunk_bytes
-        self._manifest = manifest
-        self._manifest_ready = threading.Event()
-        self._manifest_error: BaseException | None = None
+        self._handshake_timeout = handshake_timeout
         self._closing = threading.Event()
         self._connections: dict[Connection, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -105,34 +97,25 @@ class Server:
             _write_atomically(output_file, f"{self.address}\n")
         if secret is None:
             log.warning(
-                "netloader: serving %s on %s without a secret: any peer that reaches this port "
+                "netloader: serving on %s without a secret: any peer that reaches this port "
                 "can read the weights",
-                identity.model,
                 self.address,
             )
-        # The digest thread is not joined on close: it is finite and holds no socket.
-        if manifest is None:
-            threading.Thread(
-                target=self._build_manifest, name="netloader-digest", daemon=True
-            ).start()
-        else:
-            self._manifest_ready.set()
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name="netloader-accept", daemon=True
         )
         self._accept_thread.start()
-        log.info(
-            "netloader: serving %s (%d tensors) on %s", identity.model, len(tensors), self.address
-        )
+        log.info("netloader: serving on %s", self.address)
 
     # ---- public -------------------------------------------------------------------------
     def manifest(self, timeout: float | None = None) -> Manifest:
-        """The served manifest, once its digests are computed."""
-        if not self._manifest_ready.wait(timeout):
-            raise TimeoutError("manifest digests are still being computed")
-        if self._manifest is None:
-            raise NetloaderError(f"cannot serve: {self._manifest_error}")
-        return self._manifest
+        """The served manifest, once its digests are computed (or, at a relay, adopted)."""
+        return self.holdings.manifest(timeout if timeout is not None else 1e9)
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
 
     def close(self) -> None:
         """Stop accepting, end every connection, and wait (briefly) for their threads."""
@@ -153,21 +136,6 @@ class Server:
         self.close()
 
     # ---- background work ----------------------------------------------------------------
-    def _build_manifest(self) -> None:
-        try:
-            started = time.perf_counter()
-            self._manifest = build_manifest(self._identity, self._tensors, self._chunk_bytes)
-            log.debug(
-                "netloader: digests of %d bytes in %.2f s",
-                self._manifest.total_bytes,
-                time.perf_counter() - started,
-            )
-        except BaseException as exc:  # reported to every client; never kills the host
-            self._manifest_error = exc
-            log.error("netloader: cannot build the manifest: %s", exc)
-        finally:
-            self._manifest_ready.set()
-
     def _accept_loop(self) -> None:
         while not self._closing.is_set():
             try:
@@ -211,6 +179,9 @@ class Server:
     def _serve_connection(self, conn: Connection) -> None:
         try:
             self._converse(conn)
+        except SourceUnavailable as exc:  # nothing (more) to offer this client: say why
+            log.info("netloader: told %s: %s", conn.peer, exc)
+            _try_send(conn, p.error("unavailable", str(exc)))
         except (NetloaderError, OSError) as exc:
             level = logging.DEBUG if self._closing.is_set() else logging.WARNING
             log.log(level, "netloader: connection from %s ended: %s", conn.peer, exc)
@@ -225,7 +196,7 @@ class Server:
                 self._connections.pop(conn, None)
 
     def _converse(self, conn: Connection) -> None:
-        conn.settimeout(HANDSHAKE_TIMEOUT)
+        conn.settimeout(self._handshake_timeout)
         _, body = conn.recv_message(p.MsgType.HELLO)
         hello = p.Hello.decode(body)
         if hello.protocol != PROTOCOL_VERSION:
@@ -250,26 +221,30 @@ class Server:
                 log.warning("netloader: %s failed authentication", conn.peer)
                 return
         conn.settimeout(self._stall_timeout)
-        if self._unavailable is not None:
-            conn.send(p.error("unavailable", self._unavailable))
-            return
+        # Answer waits before the client's own stall timeout would give up on us.
+        answer_within = ANSWER_WITHIN * self._stall_timeout
+        manifest = self.holdings.manifest(answer_within)
         while True:
             kind, body = conn.recv_message(p.MsgType.GET_MANIFEST, p.MsgType.FETCH, p.MsgType.BYE)
             if kind is p.MsgType.BYE:
                 return
-            self._manifest_ready.wait()
-            if self._manifest is None:
-                conn.send(p.error("unavailable", f"cannot serve: {self._manifest_error}"))
-                return
-            manifest = self._manifest
             if kind is p.MsgType.GET_MANIFEST:
                 conn.send(p.manifest_message(manifest))
                 continue
-            self._send(conn, manifest, p.Fetch.decode(body, manifest))
+            fetch = p.Fetch.decode(body, manifest)
+            if not self._transfers.acquire(blocking=False):
+                raise SourceUnavailable(
+                    f"server busy: {self._max_transfers} transfers in progress (limit)"
+                )
+            try:
+                self._send(conn, manifest, fetch, _HeldChunks(self.holdings, answer_within))
+            finally:
+                self._transfers.release()
 
-    def _send(self, conn: Connection, manifest: Manifest, fetch: p.Fetch) -> None:
+    def _send(
+        self, conn: Connection, manifest: Manifest, fetch: p.Fetch, source: _HeldChunks
+    ) -> None:
         chunks = [manifest.chunk(t, c) for t, c in fetch.chunks]
-        source = _TensorChunks(list(self._tensors.values()))
         started = time.perf_counter()
         if fetch.transport == tcp.NAME:
             tcp.send_chunks(conn, source, chunks)

@@ -1,0 +1,169 @@
+"""What a server hands out: a manifest, and the bytes of each chunk once it holds them.
+
+Two kinds: `LoadedTensors`, a model that is fully in memory (its digests computed in the
+background or given), and `Arrivals`, a model still being received by a relaying client,
+whose chunks become servable one by one as they arrive verified. A server over `Arrivals`
+lets a wave of new instances form a chain: each hands on what it has while it is still
+receiving the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from netloader.errors import SourceUnavailable
+from netloader.manifest import DEFAULT_CHUNK_BYTES, Chunk, Identity, Manifest, build_manifest
+
+log = logging.getLogger(__name__)
+
+
+class Holdings(Protocol):
+    def manifest(self, timeout: float) -> Manifest:
+        """The manifest to offer; SourceUnavailable if there is none to offer (in time)."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors in manifest order (call after `manifest`)."""
+
+    def wait_for(self, chunk: Chunk, timeout: float) -> None:
+        """Return once `chunk`'s bytes are held and verified; SourceUnavailable if they
+        will not be (in time)."""
+
+
+class LoadedTensors:
+    """A model fully in memory. Digests are computed in a background thread unless
+    `manifest` (built from these very tensors) is given; with `unavailable`, every client
+    is told that reason instead of being offered a manifest."""
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        identity: Identity,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        manifest: Manifest | None = None,
+        unavailable: str | None = None,
+    ) -> None:
+        self._tensors = dict(tensors)
+        self._identity = identity
+        self._chunk_bytes = chunk_bytes
+        self._manifest = manifest
+        self._unavailable = unavailable
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        if manifest is None:
+            # Not joined anywhere: it is finite and holds no socket.
+            threading.Thread(target=self._digest, name="netloader-digest", daemon=True).start()
+        else:
+            self._ready.set()
+
+    @property
+    def model(self) -> str:
+        return self._identity.model
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def manifest(self, timeout: float | None = None) -> Manifest:
+        if self._unavailable is not None:
+            raise SourceUnavailable(self._unavailable)
+        # Digests are finite work; waiting for them is bounded by the caller only on request.
+        if not self._ready.wait(timeout):
+            raise SourceUnavailable("manifest digests are still being computed")
+        if self._manifest is None:
+            raise SourceUnavailable(f"cannot serve: {self._error}")
+        return self._manifest
+
+    def tensors(self) -> list[torch.Tensor]:
+        assert self._manifest is not None
+        return [self._tensors[t.name] for t in self._manifest.tensors]
+
+    def wait_for(self, chunk: Chunk, timeout: float) -> None:
+        return None  # everything is here
+
+    def _digest(self) -> None:
+        try:
+            started = time.perf_counter()
+            self._manifest = build_manifest(self._identity, self._tensors, self._chunk_bytes)
+            log.debug(
+                "netloader: digests of %d bytes in %.2f s",
+                self._manifest.total_bytes,
+                time.perf_counter() - started,
+            )
+        except BaseException as exc:  # reported to every client; never kills the host
+            self._error = exc
+            log.error("netloader: cannot build the manifest: %s", exc)
+        finally:
+            self._ready.set()
+
+
+class Arrivals:
+    """The holdings of a client that is still receiving: the manifest it adopted, and the
+    chunks verified so far. The client calls `begin`, `arrived` and, if it gives up,
+    `fail`; server threads wait on it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._manifest: Manifest | None = None
+        self._tensors: list[torch.Tensor] = []
+        self._held: set[tuple[int, int]] = set()
+        self._failure: str | None = None
+
+    # ---- the receiving side ---------------------------------------------------------------
+    def begin(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> None:
+        with self._changed:
+            self._manifest = manifest
+            self._tensors = [tensors[t.name] for t in manifest.tensors]
+            self._changed.notify_all()
+
+    def arrived(self, chunk: Chunk) -> None:
+        with self._changed:
+            self._held.add((chunk.tensor, chunk.number))
+            self._changed.notify_all()
+
+    def fail(self, reason: str) -> None:
+        """No more chunks will arrive: waiting servers answer 'unavailable' at once."""
+        with self._changed:
+            self._failure = reason
+            self._changed.notify_all()
+
+    @property
+    def complete(self) -> bool:
+        with self._changed:
+            return self._manifest is not None and len(self._held) == sum(
+                self._manifest.chunk_count(i) for i in range(len(self._manifest.tensors))
+            )
+
+    # ---- Holdings -----------------------------------------------------------------------
+    def manifest(self, timeout: float) -> Manifest:
+        with self._changed:
+            if not self._changed.wait_for(
+                lambda: self._manifest is not None or self._failure is not None, timeout
+            ):
+                raise SourceUnavailable(f"relay has no manifest from upstream after {timeout} s")
+            if self._manifest is None:
+                raise SourceUnavailable(f"relay failed before its first chunk: {self._failure}")
+            return self._manifest
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self._tensors
+
+    def wait_for(self, chunk: Chunk, timeout: float) -> None:
+        key = (chunk.tensor, chunk.number)
+        with self._changed:
+            if not self._changed.wait_for(
+                lambda: key in self._held or self._failure is not None, timeout
+            ):
+                raise SourceUnavailable(
+                    f"relay: chunk {chunk.tensor}/{chunk.number} not received from upstream "
+                    f"within {timeout} s"
+                )
+            if key not in self._held:
+                raise SourceUnavailable(
+                    f"relay lacks chunk {chunk.tensor}/{chunk.number}: {self._failure}"
+                )
