@@ -1,6 +1,14 @@
 """netloader: model weights from peers that already hold them, verified, at network speed."""
 
-from netloader.api import load, load_rank, resolve_secret, serve, serve_rank, tensors_of
+from netloader.api import (
+    load,
+    load_rank,
+    relay,
+    resolve_secret,
+    serve,
+    serve_rank,
+    tensors_of,
+)
 from netloader.client import Client, LoadReport
 from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
@@ -45,6 +53,7 @@ __all__ = [
     "load",
     "load_rank",
     "parse_endpoint",
+    "relay",
     "resolve_secret",
     "serve",
     "serve_rank",

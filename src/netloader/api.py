@@ -17,7 +17,7 @@ from netloader.client import Client, LoadReport
 from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import SourceUnavailable
-from netloader.holdings import LoadedTensors
+from netloader.holdings import Arrivals, LoadedTensors
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server import Server
 
@@ -91,12 +91,18 @@ def load(
     transport: str = "auto",
     connect_timeout: float = 5.0,
     stall_timeout: float = 10.0,
+    stripe: int | None = None,
+    relay: Server | None = None,
 ) -> LoadReport:
-    """Fill `model`'s tensors in place from the first source that has them, verified.
+    """Fill `model`'s tensors in place from `sources`, verified: from all of them at once
+    (or `stripe` at a time, the rest as fallbacks). With `relay` (from `netloader.relay()`),
+    each chunk is served on to others as soon as it has arrived verified.
 
     Raises a netloader.TransferError on failure; its `.completed` names the tensors that
     arrived, so a fallback loader needs to load only the others.
     """
+    if relay is not None and not isinstance(relay.holdings, Arrivals):
+        raise ValueError("relay= takes the Server returned by netloader.relay()")
     identity = Identity(model_name, tp_size, tp_rank, pp_size, pp_rank, dict(attributes or {}))
     client = Client(
         sources,
@@ -104,8 +110,32 @@ def load(
         transport=transport,
         connect_timeout=connect_timeout,
         stall_timeout=stall_timeout,
+        stripe=stripe,
     )
-    return client.load_into(tensors_of(model), identity)
+    arrivals = None if relay is None else relay.holdings
+    assert arrivals is None or isinstance(arrivals, Arrivals)
+    return client.load_into(tensors_of(model), identity, arrivals=arrivals)
+
+
+def relay(
+    *,
+    listen: str | Endpoint = "127.0.0.1:0",
+    secret: bytes | str | None = None,
+    advertise_host: str | None = None,
+    stall_timeout: float = 10.0,
+    output_file: str | Path | None = None,
+) -> Server:
+    """A server for a model that is about to be loaded: listening now (so its address can
+    be handed to the next instances), serving each chunk once `load(..., relay=server)`
+    has received and verified it, and the whole model afterwards."""
+    return Server(
+        Arrivals(),
+        listen=listen if isinstance(listen, Endpoint) else parse_endpoint(listen, allow_zero=True),
+        advertise_host=advertise_host,
+        secret=resolve_secret(secret),
+        stall_timeout=stall_timeout,
+        output_file=None if output_file is None else Path(output_file),
+    )
 
 
 # ---- the same, driven by the seed configuration, per parallel rank -----------------------

@@ -57,6 +57,7 @@ class LoadReport:
     seconds: float
     verified: bool = True
     failures: tuple[str, ...] = field(default=())  # sources that failed before another finished
+    bytes_by_source: tuple[tuple[str, int], ...] = field(default=())
 
     @property
     def gbps(self) -> float:
@@ -175,9 +176,9 @@ class _Pull:
         self.pending_bytes = 0
         self.in_flight = 0
         self.untried = deque(sources)
-        self.connected: set[Endpoint] = set()
+        self.active: set[Endpoint] = set()  # sources a worker is on (connecting or fetching)
         self.rates: dict[Endpoint, float] = {}  # bytes per second, smoothed
-        self.used: list[str] = []
+        self.delivered: dict[str, int] = {}  # bytes per source, in order of first delivery
         self.failures: list[str] = []
         self.last_error: TransferError | None = None
 
@@ -185,7 +186,9 @@ class _Pull:
         with self.changed:
             if self.finished() or not self.untried:
                 return None
-            return self.untried.popleft()
+            source = self.untried.popleft()
+            self.active.add(source)
+            return source
 
     def finished(self) -> bool:
         return self.reference is not None and not self.pending and self.in_flight == 0
@@ -212,7 +215,6 @@ class _Pull:
                 self.pending_bytes = offered.total_bytes
                 if self.arrivals is not None:
                     self.arrivals.begin(offered, self.dest)
-            self.connected.add(source)
             assert self.sink is not None
             return self.sink
 
@@ -230,38 +232,41 @@ class _Pull:
             return batch
 
     def _budget(self, source: Endpoint) -> float:
-        if len(self.connected) <= 1:
+        if len(self.active) <= 1:
             return self.pending_bytes  # alone: everything in one request, no round trips
-        known = [self.rates[s] for s in self.connected if s in self.rates]
+        known = [self.rates[s] for s in self.active if s in self.rates]
         rate = self.rates.get(source)
         if rate is None:
-            return min(FIRST_BATCH_BYTES, self.pending_bytes / len(self.connected))
-        total = sum(known) + (len(self.connected) - len(known)) * (sum(known) / len(known))
+            return min(FIRST_BATCH_BYTES, self.pending_bytes / len(self.active))
+        total = sum(known) + (len(self.active) - len(known)) * (sum(known) / len(known))
         share = self.pending_bytes * rate / total  # finish together with the others
         return min(share, rate * BATCH_SECONDS)
 
     def done(self, source: Endpoint, batch: list[Chunk], seconds: float) -> None:
-        rate = sum(c.length for c in batch) / max(seconds, 1e-6)
+        size = sum(c.length for c in batch)
+        rate = size / max(seconds, 1e-6)
         with self.changed:
             self.in_flight -= 1
             old = self.rates.get(source)
             self.rates[source] = rate if old is None else (old + rate) / 2
-            if str(source) not in self.used:
-                self.used.append(str(source))
+            self.delivered[str(source)] = self.delivered.get(str(source), 0) + size
             self.changed.notify_all()
 
     def leave(self, source: Endpoint) -> None:
         with self.changed:
-            self.connected.discard(source)
+            self.active.discard(source)
 
     def failed(self, source: Endpoint, batch: list[Chunk], exc: TransferError) -> None:
         """`source` is out; what it did not deliver of `batch` goes back to the queue."""
         with self.changed:
-            self.connected.discard(source)
+            self.active.discard(source)
             if batch:
                 self.in_flight -= 1
                 assert self.sink is not None
                 undelivered = [c for c in batch if not self.sink.is_done(c)]
+                delivered = sum(c.length for c in batch) - sum(c.length for c in undelivered)
+                if delivered:
+                    self.delivered[str(source)] = self.delivered.get(str(source), 0) + delivered
                 self.pending.extendleft(reversed(undelivered))
                 self.pending_bytes += sum(c.length for c in undelivered)
             text = str(exc)
@@ -269,11 +274,14 @@ class _Pull:
             self.last_error = exc
             self.changed.notify_all()
 
-    def wait_for_work(self) -> bool:
-        """Block while others are still fetching; True if chunks came back to the queue
-        (a source failed), False once everything has arrived or nobody is fetching."""
+    def wait_for_work(self, source: Endpoint) -> bool:
+        """Block while others are still fetching; True (and `source` is active again) if
+        chunks came back to the queue (a source failed), False once everything has arrived
+        or nobody is fetching."""
         with self.changed:
             self.changed.wait_for(lambda: bool(self.pending) or self.in_flight == 0)
+            if self.pending:
+                self.active.add(source)
             return bool(self.pending)
 
 
@@ -348,13 +356,16 @@ class Client:
             self.huge_pages,
             arrivals,
         )
+        # Sources are handed out before any worker starts, so the first to connect knows
+        # it is not alone and leaves work for the others.
+        first = [pull.next_source() for _ in range(min(self.stripe, len(self.sources)))]
         workers = [
-            threading.Thread(target=self._work, args=(pull,), name=f"netloader-pull-{i}")
-            for i in range(1, min(self.stripe, len(self.sources)))
+            threading.Thread(target=self._work, args=(pull, source), name=f"netloader-{source}")
+            for source in first[1:]
         ]
         for worker in workers:
             worker.start()
-        self._work(pull)  # the calling thread is one of the workers
+        self._work(pull, first[0] if first else None)  # the calling thread is a worker too
         for worker in workers:
             worker.join()
         if not pull.finished():
@@ -371,19 +382,19 @@ class Client:
             raise error
         assert pull.sink is not None
         report = LoadReport(
-            sources=tuple(pull.used),
+            sources=tuple(pull.delivered),
             transport=self.transport,
             tensors=len(dest),
             bytes=pull.sink.bytes,
             seconds=time.perf_counter() - started,
             failures=tuple(pull.failures),
+            bytes_by_source=tuple(pull.delivered.items()),
         )
         log.info("netloader: loaded %s", report.summary())
         return report
 
     # ---- one worker: a source at a time -------------------------------------------------
-    def _work(self, pull: _Pull) -> None:
-        source = pull.next_source()
+    def _work(self, pull: _Pull, source: Endpoint | None) -> None:
         while source is not None:
             conn: Connection | None = None
             batch: list[Chunk] = []  # in flight; handed back to the queue if the source fails
@@ -406,7 +417,7 @@ class Client:
                 source = pull.next_source()
                 continue
             # Nothing left to take: stay available in case another source fails.
-            if not pull.wait_for_work():
+            if not pull.wait_for_work(source):
                 return
 
     # ---- one connection -----------------------------------------------------------------
