@@ -148,6 +148,8 @@ def test_relay_whose_upstream_dies_sends_its_clients_elsewhere(start_server, pro
 
 
 def test_relay_without_upstream_manifest_says_so() -> None:
-    with netloader.relay(stall_timeout=1) as relay_server:
-        with pytest.raises(SourceUnavailable, match="no manifest from upstream"):
-            Client([relay_server.address], stall_timeout=2).manifest()
+    with (
+        netloader.relay(stall_timeout=1) as relay_server,
+        pytest.raises(SourceUnavailable, match="no manifest from upstream"),
+    ):
+        Client([relay_server.address], stall_timeout=2).manifest()
