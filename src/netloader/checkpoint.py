@@ -73,6 +73,7 @@ class CheckpointWriter:
             f.truncate(total)
         self._file = open(self.partial, "r+b")  # noqa: SIM115 - lives until commit/abort
         self._map = mmap.mmap(self._file.fileno(), total) if total else None
+        self._committed = False
         self.tensors: dict[str, torch.Tensor] = {}
         for entry, start in zip(manifest.tensors, data_offsets, strict=True):
             dtype = tb.dtype_from_name(entry.dtype)
@@ -85,25 +86,32 @@ class CheckpointWriter:
             self.tensors[entry.name] = raw.view(dtype).reshape(entry.shape)
 
     def commit(self) -> Path:
-        self._close(flush=True)
+        """Make the file durable and give it its final name. The tensors stay valid (the
+        mapping follows the renamed file) until the writer is closed."""
+        if self._map is not None:
+            self._map.flush()
+        os.fsync(self._file.fileno())
         os.replace(self.partial, self.final)
+        self._committed = True
         return self.final
 
+    def close(self) -> None:
+        if not self._committed:
+            self.abort()
+        elif not self._file.closed:
+            self._close()
+
     def abort(self) -> None:
-        self._close(flush=False)
+        self._close()
         self.partial.unlink(missing_ok=True)
 
-    def _close(self, *, flush: bool) -> None:
+    def _close(self) -> None:
         self.tensors.clear()  # release views into the mapping before closing it
         if self._map is not None:
-            if flush:
-                self._map.flush()
             # A view still alive elsewhere keeps the mapping; the OS unmaps it at exit.
             with contextlib.suppress(BufferError):
                 self._map.close()
             self._map = None
-        if flush:
-            os.fsync(self._file.fileno())
         self._file.close()
 
     def __enter__(self) -> CheckpointWriter:
@@ -112,8 +120,10 @@ class CheckpointWriter:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb_: TracebackType | None
     ) -> None:
-        if kind is not None and not self._file.closed:
+        if kind is not None and not self._committed and not self._file.closed:
             self.abort()
+        else:
+            self.close()
 
 
 def _header(manifest: Manifest) -> tuple[bytes, list[int]]:

@@ -14,14 +14,16 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from netloader import api
 from netloader.api import resolve_secret
 from netloader.checkpoint import CheckpointWriter, load_checkpoint
 from netloader.client import Client
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import NetloaderError
-from netloader.holdings import LoadedTensors
+from netloader.holdings import Arrivals, LoadedTensors
 from netloader.manifest import Identity, Manifest
 from netloader.server import Server
+from netloader.wave import Wave
 
 
 class EndpointParam(click.ParamType):  # type: ignore[type-arg]
@@ -100,9 +102,6 @@ def serve(
     """Load a safetensors checkpoint into memory and serve it until interrupted."""
     tensors = load_checkpoint(model_dir)
     identity = Identity(model_name or model_dir.resolve().name)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     with Server(
         LoadedTensors(tensors, identity),
         listen=listen,
@@ -117,12 +116,12 @@ def serve(
             nl=True,
         )
         sys.stdout.flush()
-        stop.wait()
+        _wait_for_signal()
     click.echo("netloader: stopped")
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=EndpointParam())
+@click.argument("sources", nargs=-1, type=EndpointParam())
 @click.option(
     "--out",
     "out_dir",
@@ -134,6 +133,33 @@ def serve(
 @click.option(
     "--transport", type=click.Choice(["auto", "tcp", "gloo"]), default="auto", show_default=True
 )
+@click.option(
+    "--stripe",
+    type=click.IntRange(min=1),
+    help="Pull from this many sources at once (default: all given, or 1 in a wave).",
+)
+@click.option(
+    "--wave",
+    "wave_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Join the scale-out wave in this shared directory: find sources there, relay to "
+    "later members, and keep serving after the pull.",
+)
+@click.option(
+    "--fanout",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Wave topology: members each relay to this many (1: a chain; 0: all from the seeds).",
+)
+@click.option(
+    "--listen",
+    type=EndpointParam(allow_zero=True),
+    default="127.0.0.1:0",
+    show_default=True,
+    help="Where a wave member serves what it received.",
+)
+@click.option("--advertise", help="Host to advertise when binding a wildcard address.")
 @click.option("--connect-timeout", type=float, default=5.0, show_default=True)
 @click.option("--stall-timeout", type=float, default=10.0, show_default=True)
 @secret_option
@@ -143,34 +169,77 @@ def pull(
     out_dir: Path,
     model_name: str | None,
     transport: str,
+    stripe: int | None,
+    wave_dir: Path | None,
+    fanout: int,
+    listen: Endpoint,
+    advertise: str | None,
     connect_timeout: float,
     stall_timeout: float,
     secret_file: Path | None,
 ) -> None:
-    """Fetch every tensor from SOURCES (tried in order) into a safetensors checkpoint."""
+    """Fetch every tensor from SOURCES (all at once, disjoint parts from each) into a
+    safetensors checkpoint; or, with --wave, from the wave's seeds and members."""
+    secret = resolve_secret(secret_file=secret_file)
+    relay_server: Server | None = None
+    all_sources: list[Endpoint | str] = list(sources)
+    if wave_dir is not None:
+        relay_server = api.relay(
+            listen=listen, secret=secret, advertise_host=advertise, stall_timeout=stall_timeout
+        )
+        wave = Wave(wave_dir, fanout=fanout or None)
+        position = wave.join(str(relay_server.address))
+        all_sources = [*wave.sources(position), *all_sources]
+        click.echo(
+            f"netloader: wave member {position} serving on {relay_server.address}, "
+            f"pulling from {', '.join(map(str, all_sources)) or 'nobody'}"
+        )
+        stripe = stripe or 1
+    if not all_sources:
+        raise click.UsageError("give SOURCES, or --wave with a seed in it")
     client = Client(
-        sources,
-        secret=resolve_secret(secret_file=secret_file),
+        all_sources,
+        secret=secret,
         transport=transport,
         connect_timeout=connect_timeout,
         stall_timeout=stall_timeout,
+        stripe=stripe,
     )
-    manifest = client.manifest()
-    if model_name is not None and manifest.identity.model != model_name:
-        raise NetloaderError(f"server serves {manifest.identity.model!r}, not {model_name!r}")
-    with (
-        CheckpointWriter(out_dir, manifest) as writer,
-        tqdm(
-            total=manifest.total_bytes,
-            unit="B",
-            unit_scale=True,
-            desc="pull",
-            disable=not sys.stderr.isatty(),
-        ) as bar,
-    ):
-        report = client.load_into(writer.tensors, manifest.identity, progress=bar.update)
-        path = writer.commit()
-    click.echo(f"netloader: pulled {report.summary()} into {path}")
+    try:
+        manifest = client.manifest()
+        if model_name is not None and manifest.identity.model != model_name:
+            raise NetloaderError(f"server serves {manifest.identity.model!r}, not {model_name!r}")
+        with (
+            CheckpointWriter(out_dir, manifest) as writer,
+            tqdm(
+                total=manifest.total_bytes,
+                unit="B",
+                unit_scale=True,
+                desc="pull",
+                disable=not sys.stderr.isatty(),
+            ) as bar,
+        ):
+            arrivals = None if relay_server is None else relay_server.holdings
+            assert arrivals is None or isinstance(arrivals, Arrivals)
+            report = client.load_into(
+                writer.tensors, manifest.identity, progress=bar.update, arrivals=arrivals
+            )
+            path = writer.commit()
+            click.echo(f"netloader: pulled {report.summary()} into {path}")
+            if relay_server is not None:
+                click.echo(f"netloader: serving on {relay_server.address} until interrupted")
+                sys.stdout.flush()
+                _wait_for_signal()
+    finally:
+        if relay_server is not None:
+            relay_server.close()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
 
 
 @main.command()

@@ -1,0 +1,88 @@
+"""Discovery for a scale-out wave, without listing every address by hand.
+
+A wave shares one directory (a shared volume, NFS, or a local folder on one host):
+
+    seed-0.txt            a seed's OUTPUT_PREFIX file (prefix "DIR/seed-"; "DIR/seed-b-"
+                          for a second seed), holding "host:port" for rank 0
+    rank0/00000.txt       new instances of rank 0, in the order they joined
+    rank0/00001.txt ...
+
+Each new instance claims the next position atomically (a hard link never replaces an
+existing name), writing the address its relay server listens on. Its sources are then
+its parent in a tree of the given fan-out (1: a chain), the parent's ancestors as
+fallbacks, and the seeds last. A production fleet would keep the same records in its
+service registry (etcd, Consul, Kubernetes endpoints) instead of a directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_MEMBERS = 100_000
+
+
+@dataclass(frozen=True)
+class Wave:
+    directory: Path
+    rank: int = 0
+    fanout: int | None = 1  # None: no relaying, every member pulls from the seeds
+
+    def seeds(self) -> list[str]:
+        """Addresses of the seeds for this rank, from their OUTPUT_PREFIX files."""
+        pattern = re.compile(rf"seed(.*\D)?{self.rank}\.txt")
+        names = sorted(
+            p.name for p in self.directory.glob("seed*.txt") if pattern.fullmatch(p.name)
+        )
+        return [a for a in (_read(self.directory / n) for n in names) if a]
+
+    def join(self, address: str) -> int:
+        """Claim the next position for an instance serving at `address`."""
+        folder = self.directory / f"rank{self.rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".join-")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{address}\n")
+        try:
+            position = len(list(folder.glob("[0-9]*.txt")))
+            while position < MAX_MEMBERS:
+                try:
+                    os.link(tmp, folder / f"{position:05d}.txt")
+                    return position
+                except FileExistsError:
+                    position += 1
+            raise RuntimeError(f"wave {folder} is full ({MAX_MEMBERS} members)")
+        finally:
+            os.unlink(tmp)
+
+    def member(self, position: int) -> str | None:
+        return _read(self.directory / f"rank{self.rank}" / f"{position:05d}.txt")
+
+    def parent(self, position: int) -> int | None:
+        """Position of the member that `position` pulls from; None: the seeds."""
+        if self.fanout is None:
+            return None
+        parent = position // self.fanout - 1  # a heap with the seeds at its root
+        return parent if parent >= 0 else None
+
+    def sources(self, position: int) -> list[str]:
+        """Whom the member at `position` pulls from, in order: its parent, the parent's
+        ancestors (fallbacks if the parent fails), then the seeds."""
+        chain: list[str] = []
+        ancestor = self.parent(position)
+        while ancestor is not None:
+            address = self.member(ancestor)
+            if address:
+                chain.append(address)
+            ancestor = self.parent(ancestor)
+        return chain + self.seeds()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
