@@ -22,6 +22,7 @@ from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server import Server
 
 SECRET_ENV = "NETLOADER_SECRET"
+MAX_SECRET_BYTES = 4096
 Tensors = Mapping[str, torch.Tensor] | torch.nn.Module
 
 
@@ -40,7 +41,10 @@ def resolve_secret(
     if secret is not None:
         value = secret.encode() if isinstance(secret, str) else secret
     elif secret_file is not None:
-        value = Path(secret_file).read_bytes().strip()
+        with open(secret_file, "rb") as f:
+            value = f.read(MAX_SECRET_BYTES + 1).strip()
+        if len(value) > MAX_SECRET_BYTES:
+            raise ValueError(f"secret file {secret_file} is over {MAX_SECRET_BYTES} bytes")
     elif os.environ.get(SECRET_ENV):
         value = os.environ[SECRET_ENV].encode()
     else:

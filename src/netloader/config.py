@@ -25,6 +25,8 @@ MIN_PORT, MAX_PORT = 1024, 65535
 CACHE_MODES = ("no", "dram", "hbm")
 TRANSPORTS = ("auto", "tcp", "gloo", "nccl")
 
+MAX_CONFIG_FILE_BYTES = 1 << 20  # a config file is small; this bounds /dev/zero and the like
+
 
 @dataclass(frozen=True)
 class RankSources:
@@ -87,9 +89,13 @@ class NetloaderConfig:
 
     def _with_file(self, path: str) -> NetloaderConfig:
         try:
-            text = Path(path).read_text()
+            with open(path, "rb") as f:
+                data = f.read(MAX_CONFIG_FILE_BYTES + 1)
         except OSError as exc:
             raise ConfigError("CONFIG_FILE", f"cannot read {path!r}: {exc.strerror}") from exc
+        if len(data) > MAX_CONFIG_FILE_BYTES:
+            raise ConfigError("CONFIG_FILE", f"{path!r} is larger than {MAX_CONFIG_FILE_BYTES}")
+        text = data.decode("utf-8", "replace")
         raw = _json_object(text, f"CONFIG_FILE {path!r}")
         if "CONFIG_FILE" in raw:
             raise ConfigError("CONFIG_FILE", f"{path!r} may not name another CONFIG_FILE")
