@@ -8,6 +8,7 @@ into one from peers.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -68,9 +69,11 @@ def serve(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     advertise_host: str | None = None,
     output_file: str | Path | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Server:
     """Serve `model`'s tensors from background threads; returns the running Server
-    (`.address`, `.close()`). The tensors are served by reference, not copied."""
+    (`.address`, `.close()`). The tensors are served by reference, not copied.
+    `tls`: netloader.tls.server_context(cert, key) to require TLS."""
     identity = Identity(model_name, tp_size, tp_rank, pp_size, pp_rank, dict(attributes or {}))
     return Server(
         LoadedTensors(tensors_of(model), identity, chunk_bytes=chunk_bytes),
@@ -78,6 +81,7 @@ def serve(
         advertise_host=advertise_host,
         secret=resolve_secret(secret),
         output_file=None if output_file is None else Path(output_file),
+        tls=tls,
     )
 
 
@@ -97,6 +101,7 @@ def load(
     stall_timeout: float = 10.0,
     stripe: int | None = None,
     relay: Server | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> LoadReport:
     """Fill `model`'s tensors in place from `sources`, verified: from all of them at once
     (or `stripe` at a time, the rest as fallbacks). With `relay` (from `netloader.relay()`),
@@ -115,6 +120,7 @@ def load(
         connect_timeout=connect_timeout,
         stall_timeout=stall_timeout,
         stripe=stripe,
+        tls=tls,
     )
     arrivals = None if relay is None else relay.holdings
     assert arrivals is None or isinstance(arrivals, Arrivals)
@@ -128,6 +134,7 @@ def relay(
     advertise_host: str | None = None,
     stall_timeout: float = 10.0,
     output_file: str | Path | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Server:
     """A server for a model that is about to be loaded: listening now (so its address can
     be handed to the next instances), serving each chunk once `load(..., relay=server)`
@@ -139,6 +146,7 @@ def relay(
         secret=resolve_secret(secret),
         stall_timeout=stall_timeout,
         output_file=None if output_file is None else Path(output_file),
+        tls=tls,
     )
 
 
@@ -167,6 +175,7 @@ def serve_rank(
         secret=resolve_secret(secret, config.secret_file),
         stall_timeout=config.stall_timeout,
         output_file=config.output_file_for(rank),
+        tls=config.server_tls(),
     )
 
 
@@ -189,5 +198,6 @@ def load_rank(
         transport=config.transport,
         connect_timeout=config.connect_timeout,
         stall_timeout=config.stall_timeout,
+        tls=config.client_tls(),
     )
     return client.load_into(tensors_of(model), identity)

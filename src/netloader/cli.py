@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from netloader import api
+from netloader import api, tls
 from netloader.api import resolve_secret
 from netloader.checkpoint import CheckpointWriter, load_checkpoint
 from netloader.client import Client
@@ -48,6 +49,42 @@ secret_option = click.option(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="File holding the shared secret (default: $NETLOADER_SECRET if set).",
 )
+
+
+tls_cert_options = [
+    click.option(
+        "--tls-cert",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Serve over TLS with this certificate (PEM; needs --tls-key).",
+    ),
+    click.option(
+        "--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Its key."
+    ),
+]
+tls_ca_option = click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Connect over TLS, trusting servers whose certificate this CA file signed.",
+)
+
+
+def _with(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def apply(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if (cert is None) != (key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    return None if cert is None or key is None else tls.server_context(cert, key)
+
+
+def _client_tls(ca: Path | None) -> ssl.SSLContext | None:
+    return None if ca is None else tls.client_context(ca)
 
 
 def _fail_cleanly(fn: Callable[..., None]) -> Callable[..., None]:
@@ -90,6 +127,7 @@ def main(verbose: bool) -> None:
 @click.option("--advertise", help="Host to advertise when binding a wildcard address.")
 @click.option("--output-prefix", help="Write the address to {prefix}0.txt once listening.")
 @secret_option
+@_with(*tls_cert_options)
 @_fail_cleanly
 def serve(
     model_dir: Path,
@@ -98,6 +136,8 @@ def serve(
     advertise: str | None,
     output_prefix: str | None,
     secret_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Load a safetensors checkpoint into memory and serve it until interrupted."""
     tensors = load_checkpoint(model_dir)
@@ -108,6 +148,7 @@ def serve(
         advertise_host=advertise,
         secret=resolve_secret(secret_file=secret_file),
         output_file=None if output_prefix is None else Path(f"{output_prefix}0.txt"),
+        tls=_server_tls(tls_cert, tls_key),
     ) as server:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         click.echo(
@@ -163,6 +204,8 @@ def serve(
 @click.option("--connect-timeout", type=float, default=5.0, show_default=True)
 @click.option("--stall-timeout", type=float, default=10.0, show_default=True)
 @secret_option
+@tls_ca_option
+@_with(*tls_cert_options)
 @_fail_cleanly
 def pull(
     sources: tuple[Endpoint, ...],
@@ -177,6 +220,9 @@ def pull(
     connect_timeout: float,
     stall_timeout: float,
     secret_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Fetch every tensor from SOURCES (all at once, disjoint parts from each) into a
     safetensors checkpoint; or, with --wave, from the wave's seeds and members."""
@@ -185,7 +231,11 @@ def pull(
     all_sources: list[Endpoint | str] = list(sources)
     if wave_dir is not None:
         relay_server = api.relay(
-            listen=listen, secret=secret, advertise_host=advertise, stall_timeout=stall_timeout
+            listen=listen,
+            secret=secret,
+            advertise_host=advertise,
+            stall_timeout=stall_timeout,
+            tls=_server_tls(tls_cert, tls_key),
         )
         wave = Wave(wave_dir, fanout=fanout or None)
         position = wave.join(str(relay_server.address))
@@ -204,6 +254,7 @@ def pull(
         connect_timeout=connect_timeout,
         stall_timeout=stall_timeout,
         stripe=stripe,
+        tls=_client_tls(tls_ca),
     )
     try:
         manifest = client.manifest()
@@ -247,13 +298,21 @@ def _wait_for_signal() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--connect-timeout", type=float, default=5.0, show_default=True)
 @secret_option
+@tls_ca_option
 @_fail_cleanly
 def inspect(
-    sources: tuple[Endpoint, ...], as_json: bool, connect_timeout: float, secret_file: Path | None
+    sources: tuple[Endpoint, ...],
+    as_json: bool,
+    connect_timeout: float,
+    secret_file: Path | None,
+    tls_ca: Path | None,
 ) -> None:
     """Print a server's manifest: model, layout, and every tensor."""
     client = Client(
-        sources, secret=resolve_secret(secret_file=secret_file), connect_timeout=connect_timeout
+        sources,
+        secret=resolve_secret(secret_file=secret_file),
+        connect_timeout=connect_timeout,
+        tls=_client_tls(tls_ca),
     )
     manifest = client.manifest()
     if as_json:

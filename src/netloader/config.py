@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from netloader import tls
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import ConfigError
 
@@ -51,6 +53,9 @@ class NetloaderConfig:
     connect_timeout: float = 5.0
     stall_timeout: float = 10.0
     secret_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     _given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -140,6 +145,19 @@ class NetloaderConfig:
 
     def output_file_for(self, rank: int) -> Path | None:
         return None if self.output_prefix is None else Path(f"{self.output_prefix}{rank}.txt")
+
+    def server_tls(self) -> ssl.SSLContext | None:
+        """TLS for this instance's server: TLS_CERT and TLS_KEY, both or neither."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "TLS_KEY" if self.tls_key is None else "TLS_CERT"
+            raise ConfigError(missing, "TLS_CERT and TLS_KEY go together")
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return tls.server_context(self.tls_cert, self.tls_key)
+
+    def client_tls(self) -> ssl.SSLContext | None:
+        """TLS for pulls: TLS_CA, the CA that signed the servers' certificates."""
+        return None if self.tls_ca is None else tls.client_context(self.tls_ca)
 
 
 # ---- field parsers ---------------------------------------------------------------------
@@ -247,4 +265,7 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "CONNECT_TIMEOUT": ("connect_timeout", _seconds),
     "STALL_TIMEOUT": ("stall_timeout", _seconds),
     "SECRET_FILE": ("secret_file", _str),
+    "TLS_CERT": ("tls_cert", _str),
+    "TLS_KEY": ("tls_key", _str),
+    "TLS_CA": ("tls_ca", _str),
 }

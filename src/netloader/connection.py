@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 from typing import Any, Protocol
 
@@ -59,6 +60,11 @@ class Connection:
         (SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket) rather than by Python's timeout mode,
         which would add a poll() before each of the many recv calls of a transfer."""
         self.timeout = seconds
+        if isinstance(self.sock, ssl.SSLSocket):
+            # OpenSSL would retry a read that SO_RCVTIMEO interrupted, forever: use
+            # Python's timeout mode on TLS sockets (its poll() is small beside the crypto).
+            self.sock.settimeout(seconds)
+            return
         whole = int(seconds)
         value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
         self.sock.settimeout(None)

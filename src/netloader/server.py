@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -73,8 +74,11 @@ class Server:
         max_connections: int = MAX_CONNECTIONS,
         max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
         max_transfers: int = MAX_TRANSFERS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: a server context (netloader.tls.server_context) to require TLS."""
         self.holdings = holdings
+        self._tls = tls
         self._max_connections = max_connections
         self._max_per_peer = max_connections_per_peer
         self._transfers = threading.BoundedSemaphore(max_transfers)
@@ -197,6 +201,13 @@ class Server:
 
     def _converse(self, conn: Connection) -> None:
         conn.settimeout(self._handshake_timeout)
+        if self._tls is not None:
+            conn.sock.settimeout(self._handshake_timeout)  # see Connection.settimeout
+            try:
+                conn.sock = self._tls.wrap_socket(conn.sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                raise ProtocolError(f"TLS handshake failed (a client without TLS?): {exc}") from exc
+            conn.settimeout(self._handshake_timeout)
         _, body = conn.recv_message(p.MsgType.HELLO)
         hello = p.Hello.decode(body)
         if hello.protocol != PROTOCOL_VERSION:
@@ -232,6 +243,8 @@ class Server:
                 conn.send(p.manifest_message(manifest))
                 continue
             fetch = p.Fetch.decode(body, manifest)
+            if self._tls is not None and fetch.transport != tcp.NAME:
+                raise ProtocolError(f"this server uses TLS: transport {fetch.transport!r} refused")
             if not self._transfers.acquire(blocking=False):
                 raise SourceUnavailable(
                     f"server busy: {self._max_transfers} transfers in progress (limit)"

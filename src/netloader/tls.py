@@ -1,0 +1,55 @@
+"""Optional TLS for netloader connections (standard library `ssl`).
+
+The server presents a certificate; the client verifies it against a CA file and the
+address it dialled (the certificate must name that IP or host). Authentication of the
+client stays with the shared secret (HMAC), which TLS then also hides from observers.
+TLS covers the tcp transport only: gloo/nccl would carry the weights outside it.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from pathlib import Path
+
+from netloader.errors import ConfigError
+
+
+def server_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("TLS_CERT", f"cannot load {cert} / {key}: {exc}") from exc
+    return context
+
+
+def client_context(ca: str | Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificate and host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("TLS_CA", f"cannot load {ca}: {exc}") from exc
+    return context
+
+
+def self_signed_certificate(directory: Path, hosts: list[str]) -> tuple[Path, Path]:
+    """A self-signed certificate for `hosts` (IPs or names) and its key, with the
+    `openssl` command: for trials and tests. The certificate is its own CA file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "netloader.crt", directory / "netloader.key"
+    names = ",".join(
+        f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}" for h in hosts
+    )
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "30", "-subj", "/CN=netloader", "-addext",
+            f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
