@@ -1,10 +1,12 @@
 """A TCP proxy for fault injection between a client and a real server: it can throttle,
-flip one byte, freeze, or report how many bytes went by (server -> client direction)."""
+flip one byte, freeze, hang up (cleanly or with a reset) at a given offset, record, or
+report how many bytes went by (server -> client direction)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 import time
 
@@ -17,11 +19,18 @@ class FaultyProxy:
         flip_at: int | None = None,
         freeze_after: int | None = None,
         rate: float | None = None,
+        cut_at: int | None = None,
+        reset: bool = False,
+        record: bool = False,
     ) -> None:
         self.upstream = upstream
         self.flip_at = flip_at  # offset in the server->client stream whose byte is inverted
         self.freeze_after = freeze_after  # stop forwarding (but keep sockets open) after this
         self.rate = rate  # bytes per second, server->client
+        self.cut_at = cut_at  # end both connections once this many bytes went downstream
+        self.reset = reset  # ... with a TCP reset instead of a clean close
+        self.recorded = bytearray() if record else None
+        self.cut = False
         self.forwarded = 0
         self.frozen = False
         self.closed = threading.Event()
@@ -50,6 +59,9 @@ class FaultyProxy:
                 if downstream:
                     data = self._tamper(data)
                 dst.sendall(data)
+                if downstream and self.cut:
+                    self._hang_up(src, dst)
+                    return
                 if downstream and self.frozen:
                     self.closed.wait()  # hold both sockets open, silent, like a frozen peer
                     return
@@ -64,12 +76,27 @@ class FaultyProxy:
         if self.freeze_after is not None and start + len(data) >= self.freeze_after:
             data = data[: self.freeze_after - start]
             self.frozen = True
+        if self.cut_at is not None and start + len(data) >= self.cut_at:
+            data = data[: self.cut_at - start]
+            self.cut = True
         if self.flip_at is not None and start <= self.flip_at < start + len(data):
             data[self.flip_at - start] ^= 0xFF
         self.forwarded += len(data)
+        if self.recorded is not None:
+            self.recorded += data
         if self.rate:
             time.sleep(len(data) / self.rate)
         return data
+
+    def _hang_up(self, *sockets: socket.socket) -> None:
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                if self.reset:  # linger 0: the final close sends RST; SHUT_RD wakes readers
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.shutdown(socket.SHUT_RD)
+                else:
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
 
     def close(self) -> None:
         self.closed.set()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netloader import ConfigError, Endpoint, NetloaderConfig
 
@@ -158,3 +161,42 @@ def test_config_file_with_bad_content(tmp_path) -> None:  # type: ignore[no-unty
     path.write_text(json.dumps({"CONFIG_FILE": str(path)}))
     with pytest.raises(ConfigError, match="may not name another CONFIG_FILE"):
         NetloaderConfig.load({"CONFIG_FILE": str(path)}, environ={})
+
+
+# ---- property-based: any input gives a config or a ConfigError ---------------------------
+
+_FIELDS = sorted(
+    [
+        "SOURCE", "MODEL", "LISTEN_PORT", "INT8_CACHE", "INT8_CACHE_NAME", "OUTPUT_PREFIX",
+        "LISTEN_HOST", "ADVERTISE_HOST", "TRANSPORT", "CONNECT_TIMEOUT", "STALL_TIMEOUT",
+        "SECRET_FILE", "TLS_CERT", "TLS_KEY", "TLS_CA", "UNKNOWN",
+    ]
+)  # fmt: skip
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(["device_id", "sources", "x"]), inner, max_size=3)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(_FIELDS), _values, max_size=6))
+def test_any_fields_give_a_config_or_a_config_error(raw: dict) -> None:  # type: ignore[type-arg]
+    try:
+        config = NetloaderConfig.load(raw, environ={})
+    except ConfigError as exc:
+        assert exc.field.split("[")[0] in _FIELDS, exc  # names the field (and where in it)
+        return
+    for rank in range(3):
+        config.sources_for(rank)
+        config.listen_port_for(rank)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_gives_a_config_or_a_config_error(text: str) -> None:
+    with contextlib.suppress(ConfigError):
+        NetloaderConfig.load(text, environ={"NETLOADER_CONFIG": text})
