@@ -559,14 +559,21 @@ class ServerProcess:
     """`netloader serve DIR --listen 127.0.0.1:0` as a subprocess; its address comes from
     the "netloader: serving ... on HOST:PORT" line it prints."""
 
-    def __init__(self, model_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [netloader_exe(), "serve", str(model_dir), "--listen", "127.0.0.1:0"],
+            [netloader_exe(), "serve", str(model_dir), "--listen", "127.0.0.1:0", *extra_args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env=env,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read_stdout, daemon=True).start()

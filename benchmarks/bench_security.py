@@ -1,0 +1,95 @@
+"""What security costs: the same checkpoint pulled from a `netloader serve` process on
+loopback, plain, with the shared-secret handshake, over TLS, and with both; each into
+touched tensors (the network-bound case), median of several pulls, all verified.
+
+    .venv/bin/python benchmarks/bench_security.py --size-gib 1 --json runs/bench_security.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_core import ServerProcess, read_layout, write_checkpoint
+
+from netloader import Client, Identity
+from netloader.tls import client_context, self_signed_certificate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gib", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        checkpoint = write_checkpoint(root / "model", int(args.size_gib * (1 << 30)))
+        layout = read_layout(checkpoint)
+        cert, key = self_signed_certificate(root / "tls", ["127.0.0.1"])
+        secret = "bench-secret"
+        modes = {
+            "plain": ([], None, None),
+            "secret (HMAC handshake)": ([], secret, None),
+            "TLS": (["--tls-cert", str(cert), "--tls-key", str(key)], None, cert),
+            "TLS + secret": (["--tls-cert", str(cert), "--tls-key", str(key)], secret, cert),
+        }
+        dest = {t.name: torch.zeros(t.shape, dtype=t.dtype) for t in layout.tensors}
+        rows = []
+        for mode, (extra, secret_value, ca) in modes.items():
+            env = dict(os.environ)
+            env.pop("NETLOADER_SECRET", None)
+            if secret_value:
+                env["NETLOADER_SECRET"] = secret_value
+            server = ServerProcess(checkpoint.parent, root / f"{len(rows)}.log", extra, env)
+            try:
+                client = Client(
+                    [server.address],
+                    secret=secret_value.encode() if secret_value else None,
+                    tls=None if ca is None else client_context(ca),
+                )
+                client.manifest()  # digests ready
+                identity = Identity(server.model)
+                seconds = []
+                for _ in range(args.repeat):
+                    started = time.perf_counter()
+                    client.load_into(dest, identity)
+                    seconds.append(time.perf_counter() - started)
+            finally:
+                server.stop()
+            median = statistics.median(seconds)
+            rows.append(
+                {
+                    "mode": mode,
+                    "seconds": median,
+                    "min": min(seconds),
+                    "max": max(seconds),
+                    "gbps": layout.total_bytes / median / 1e9,
+                }
+            )
+            print(f"{mode:26} {median:.3f} s  {rows[-1]['gbps']:.2f} GB/s", flush=True)
+    plain = rows[0]["seconds"]
+    print(f"\n{layout.total_bytes} bytes, median of {args.repeat} pulls into touched tensors")
+    print("| mode | seconds | GB/s | vs plain |\n| --- | --- | --- | --- |")
+    for row in rows:
+        print(
+            f"| {row['mode']} | {row['seconds']:.3f} (min {row['min']:.3f}, max "
+            f"{row['max']:.3f}) | {row['gbps']:.2f} | {row['seconds'] / plain:.2f}x |"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
