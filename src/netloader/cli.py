@@ -77,6 +77,19 @@ def _with(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return apply
 
 
+def _listen_options(listen_help: str) -> list[Callable[[Any], Any]]:
+    return [
+        click.option(
+            "--listen",
+            type=EndpointParam(allow_zero=True),
+            default="127.0.0.1:0",
+            show_default=True,
+            help=listen_help,
+        ),
+        click.option("--advertise", help="Host to advertise when binding a wildcard address."),
+    ]
+
+
 def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     if (cert is None) != (key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
@@ -114,17 +127,10 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("model_dir", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--listen",
-    type=EndpointParam(allow_zero=True),
-    default="127.0.0.1:0",
-    show_default=True,
-    help="Address to bind; port 0 picks a free port.",
-)
+@_with(*_listen_options("Address to bind; port 0 picks a free port."))
 @click.option(
     "--model", "model_name", help="Model name clients must ask for [default: directory name]."
 )
-@click.option("--advertise", help="Host to advertise when binding a wildcard address.")
 @click.option("--output-prefix", help="Write the address to {prefix}0.txt once listening.")
 @secret_option
 @_with(*tls_cert_options)
@@ -193,14 +199,7 @@ def serve(
     show_default=True,
     help="Wave topology: members each relay to this many (1: a chain; 0: all from the seeds).",
 )
-@click.option(
-    "--listen",
-    type=EndpointParam(allow_zero=True),
-    default="127.0.0.1:0",
-    show_default=True,
-    help="Where a wave member serves what it received.",
-)
-@click.option("--advertise", help="Host to advertise when binding a wildcard address.")
+@_with(*_listen_options("Where a wave member serves what it received."))
 @click.option("--connect-timeout", type=float, default=5.0, show_default=True)
 @click.option("--stall-timeout", type=float, default=10.0, show_default=True)
 @secret_option
