@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from tensorsets import big, same_bytes
+from tensorsets import big, empty_like_set, model_like, same_bytes
 from test_cli import NETLOADER, serve
 
+import netloader
+from netloader import Identity, LoadedTensors, NetloaderConfig, SourceUnavailable
 from netloader.wave import Wave
 
 
@@ -96,3 +98,45 @@ def _read_until(member: subprocess.Popen[str], marker: str, timeout: float = 60)
         if marker in line:
             return "".join(lines)
     pytest.fail("member did not finish in time")
+
+
+def test_rank_api_wave_relays_then_serves_the_loaded_model(tmp_path: Path) -> None:
+    """The per-rank API an engine integration uses (WAVE_DIR): a seed writes its
+    OUTPUT_PREFIX file into the wave; member 0 pulls from it through its relay, member 1
+    from member 0; member 0 then serves its loaded model instead, and a member whose wave
+    has no source learns why."""
+    expected, identity = model_like(), Identity("m")
+    wave_dir = tmp_path / "wave"
+    seed_cfg = NetloaderConfig.load({"OUTPUT_PREFIX": f"{wave_dir}/seed-"}, environ={})
+    member_cfg = NetloaderConfig.load({"WAVE_DIR": str(wave_dir)}, environ={})
+    seed = netloader.serve_rank(expected, identity, seed_cfg, 0)
+    relays = [netloader.relay_rank(member_cfg, 0) for _ in range(2)]
+    assert seed is not None and all(r is not None for r in relays)
+    try:
+        dests = []
+        for i, relay in enumerate(relays):
+            assert relay is not None
+            position, sources = netloader.join_wave(member_cfg, 0, relay)
+            assert position == i
+            upstream = [] if i == 0 else [relays[0].address]  # type: ignore[union-attr]
+            assert sources == [*upstream, seed.address]
+            dest = empty_like_set(expected)
+            report = netloader.load_rank(
+                dest, identity, member_cfg, 0, sources=sources, relay=relay
+            )
+            assert report.sources == (str(sources[0]),)  # the upstream member, not the seed
+            assert all(same_bytes(dest[n], t) for n, t in expected.items())
+            dests.append(dest)
+        first = relays[0]
+        assert first is not None
+        first.serve_instead(LoadedTensors(dests[0], identity))
+        again = empty_like_set(expected)
+        netloader.load(again, [first.address], model_name="m")
+        assert all(same_bytes(again[n], t) for n, t in expected.items())
+        with pytest.raises(SourceUnavailable, match="no sources for rank 1"):
+            netloader.load_rank({}, identity, member_cfg, 1, sources=[])
+    finally:
+        seed.close()
+        for relay in relays:
+            if relay is not None:
+                relay.close()

@@ -1,9 +1,11 @@
 """netloader: model weights from peers that already hold them, verified, at network speed."""
 
 from netloader.api import (
+    join_wave,
     load,
     load_rank,
     relay,
+    relay_rank,
     resolve_secret,
     serve,
     serve_rank,
@@ -50,10 +52,12 @@ __all__ = [
     "TransferError",
     "TransferTimeout",
     "VersionMismatch",
+    "join_wave",
     "load",
     "load_rank",
     "parse_endpoint",
     "relay",
+    "relay_rank",
     "resolve_secret",
     "serve",
     "serve_rank",

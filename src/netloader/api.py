@@ -7,6 +7,7 @@ into one from peers.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from collections.abc import Mapping, Sequence
@@ -18,9 +19,12 @@ from netloader.client import Client, LoadReport
 from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import SourceUnavailable
-from netloader.holdings import Arrivals, LoadedTensors
+from netloader.holdings import Arrivals, Holdings, LoadedTensors
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server import Server
+from netloader.wave import Wave
+
+log = logging.getLogger(__name__)
 
 SECRET_ENV = "NETLOADER_SECRET"
 MAX_SECRET_BYTES = 4096
@@ -110,8 +114,7 @@ def load(
     Raises a netloader.TransferError on failure; its `.completed` names the tensors that
     arrived, so a fallback loader needs to load only the others.
     """
-    if relay is not None and not isinstance(relay.holdings, Arrivals):
-        raise ValueError("relay= takes the Server returned by netloader.relay()")
+    arrivals = _arrivals_of(relay)
     identity = Identity(model_name, tp_size, tp_rank, pp_size, pp_rank, dict(attributes or {}))
     client = Client(
         sources,
@@ -122,8 +125,6 @@ def load(
         stripe=stripe,
         tls=tls,
     )
-    arrivals = None if relay is None else relay.holdings
-    assert arrivals is None or isinstance(arrivals, Arrivals)
     return client.load_into(tensors_of(model), identity, arrivals=arrivals)
 
 
@@ -165,11 +166,44 @@ def serve_rank(
 ) -> Server | None:
     """Serve on LISTEN_PORT + rank (a free port when unset) and write OUTPUT_PREFIX's file.
     Returns None when that port is outside 1024-65535 (logged): this rank does not serve."""
+    holdings = LoadedTensors(
+        tensors_of(model), identity, manifest=manifest, unavailable=unavailable
+    )
+    return _rank_server(holdings, config, rank, secret)
+
+
+def relay_rank(config: NetloaderConfig, rank: int, *, secret: bytes | None = None) -> Server | None:
+    """Like `serve_rank`, but for a model about to be loaded: listening now, serving each
+    chunk once `load_rank(..., relay=server)` has it verified. Once the model is loaded (or
+    loaded otherwise), `server.serve_instead(LoadedTensors(...))` serves it from there on."""
+    return _rank_server(Arrivals(), config, rank, secret)
+
+
+def join_wave(config: NetloaderConfig, rank: int, relay: Server) -> tuple[int, list[Endpoint]]:
+    """Join WAVE_DIR's wave for `rank` as the member that `relay` serves. Returns its
+    position and its sources, in order: the member before it, that member's predecessors
+    (fallbacks), the wave's seeds, then SOURCE's entries for `rank`."""
+    if config.wave_dir is None:
+        raise ValueError("join_wave needs WAVE_DIR")
+    wave = Wave(Path(config.wave_dir), rank=rank)
+    position = wave.join(str(relay.address))
+    found: list[Endpoint] = []
+    for text in wave.sources(position):
+        try:
+            found.append(parse_endpoint(text))
+        except ValueError as exc:  # a stray or broken file: not a source, not a failure
+            log.warning("netloader: wave %s: ignoring %r: %s", config.wave_dir, text, exc)
+    return position, [*found, *config.sources_for(rank)]
+
+
+def _rank_server(
+    holdings: Holdings, config: NetloaderConfig, rank: int, secret: bytes | None
+) -> Server | None:
     port = config.listen_port_for(rank)
     if port is None:
         return None
     return Server(
-        LoadedTensors(tensors_of(model), identity, manifest=manifest, unavailable=unavailable),
+        holdings,
         listen=Endpoint(config.listen_host, port),
         advertise_host=config.advertise_host,
         secret=resolve_secret(secret, config.secret_file),
@@ -186,10 +220,15 @@ def load_rank(
     rank: int,
     *,
     secret: bytes | None = None,
+    sources: Sequence[Endpoint] | None = None,
+    relay: Server | None = None,
 ) -> LoadReport:
-    """Load from the sources SOURCE lists for `rank`. Raises SourceUnavailable when there
-    are none (the caller's cue to use its default loader) and TransferError on failure."""
-    sources = config.sources_for(rank)
+    """Load from the sources SOURCE lists for `rank` (or from `sources`, one at a time in
+    order, e.g. a wave's from `join_wave`), relaying each chunk through `relay` (from
+    `relay_rank`) when given. Raises SourceUnavailable when there are no sources (the
+    caller's cue to use its default loader) and TransferError on failure."""
+    in_order = sources is not None
+    sources = config.sources_for(rank) if sources is None else tuple(sources)
     if not sources:
         raise SourceUnavailable(f"SOURCE lists no sources for rank {rank}")
     client = Client(
@@ -198,6 +237,15 @@ def load_rank(
         transport=config.transport,
         connect_timeout=config.connect_timeout,
         stall_timeout=config.stall_timeout,
+        stripe=1 if in_order else None,
         tls=config.client_tls(),
     )
-    return client.load_into(tensors_of(model), identity)
+    return client.load_into(tensors_of(model), identity, arrivals=_arrivals_of(relay))
+
+
+def _arrivals_of(relay: Server | None) -> Arrivals | None:
+    if relay is None:
+        return None
+    if not isinstance(relay.holdings, Arrivals):
+        raise ValueError("relay= takes a Server from netloader.relay() or relay_rank()")
+    return relay.holdings

@@ -56,6 +56,7 @@ class NetloaderConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    wave_dir: str | None = None
     _given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -268,4 +269,5 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "TLS_CERT": ("tls_cert", _str),
     "TLS_KEY": ("tls_key", _str),
     "TLS_CA": ("tls_ca", _str),
+    "WAVE_DIR": ("wave_dir", _str),
 }

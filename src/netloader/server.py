@@ -116,6 +116,11 @@ class Server:
         """The served manifest, once its digests are computed (or, at a relay, adopted)."""
         return self.holdings.manifest(timeout if timeout is not None else 1e9)
 
+    def serve_instead(self, holdings: Holdings) -> None:
+        """Offer `holdings` to connections from now on (a relay whose own model is now
+        loaded and checked); connections already open keep what they were offered."""
+        self.holdings = holdings
+
     @property
     def connections(self) -> int:
         with self._lock:
@@ -234,7 +239,8 @@ class Server:
         conn.settimeout(self._stall_timeout)
         # Answer waits before the client's own stall timeout would give up on us.
         answer_within = ANSWER_WITHIN * self._stall_timeout
-        manifest = self.holdings.manifest(answer_within)
+        holdings = self.holdings  # one connection, one set of holdings (see serve_instead)
+        manifest = holdings.manifest(answer_within)
         while True:
             kind, body = conn.recv_message(p.MsgType.GET_MANIFEST, p.MsgType.FETCH, p.MsgType.BYE)
             if kind is p.MsgType.BYE:
@@ -250,7 +256,7 @@ class Server:
                     f"server busy: {self._max_transfers} transfers in progress (limit)"
                 )
             try:
-                self._send(conn, manifest, fetch, _HeldChunks(self.holdings, answer_within))
+                self._send(conn, manifest, fetch, _HeldChunks(holdings, answer_within))
             finally:
                 self._transfers.release()
 

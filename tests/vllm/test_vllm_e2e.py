@@ -28,6 +28,7 @@ SERVES = re.compile(
     r"netloader: rank (\d+) serves (\d+) tensors \((\d+) bytes\) on (\S+); "
     r"(\d+) bytes kept beyond the running model \(INT8_CACHE=(\w+)\)"
 )
+JOINED = re.compile(r"netloader: rank 0 is member (\d+) of the wave in \S+, relaying on (\S+);")
 FALLBACK = "loads from disk with the default loader"
 SECRET = "a shared secret for the tests"
 
@@ -151,6 +152,47 @@ class TestFloat32SeedAndClients:
         with start("chain32", client_model_dir, config, dtype="float32") as chain:
             assert_loaded_over_network(chain, source["sources"][0])
             assert chain.completions() == reference32
+
+    def test_wave_started_together_forms_a_chain(
+        self,
+        start: Starter,
+        seed32: VllmInstance,
+        client_model_dir: Path,
+        reference32: dict[str, str],
+    ) -> None:
+        """Two weightless instances started at once with the same WAVE_DIR: each listens
+        before it loads and joins the wave; the first member pulls from the seed, the
+        second from the first (relayed), and each then serves what it loaded."""
+        wave = start.logs / "wave32"
+        wave.mkdir()
+        # What a seed started with OUTPUT_PREFIX=WAVE_DIR/seed- writes there.
+        seed_address = start.source("seed32")["sources"][0]
+        (wave / "seed-0.txt").write_text(f"{seed_address}\n")
+        config = {"MODEL": "tiny", "WAVE_DIR": str(wave)}
+        members = [start(f"wave32_{i}", client_model_dir, config, dtype="float32") for i in (0, 1)]
+        try:
+            for member in members:
+                member.start()
+            for member in members:
+                member.wait_ready()
+            by_position = {}
+            for member in members:
+                joined = [m for line in member.netloader_lines() if (m := JOINED.search(line))]
+                assert len(joined) == 1, member.netloader_lines()
+                by_position[int(joined[0].group(1))] = (member, joined[0].group(2))
+            assert sorted(by_position) == [0, 1]
+            (first, first_address), (second, second_address) = by_position[0], by_position[1]
+            for position, address in ((0, first_address), (1, second_address)):
+                assert (wave / "rank0" / f"0000{position}.txt").read_text().strip() == address
+            assert_loaded_over_network(first, seed_address)
+            assert_loaded_over_network(second, first_address)  # not from the seed
+            served = serve_line(seed32)
+            for member, address in by_position.values():
+                assert serve_line(member).group(2, 3, 4) == (*served.group(2, 3), address)
+                assert member.completions() == reference32
+        finally:
+            for member in members:
+                member.stop()
 
     @pytest.mark.parametrize(
         ("case", "reason"),

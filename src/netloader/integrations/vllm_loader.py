@@ -9,6 +9,11 @@ empty `weight`), it keeps what a peer needs: references to the pre-processing te
 or copies of them with INT8_CACHE. After post-processing it checks those tensors are still
 what was loaded, and serves them on LISTEN_PORT + rank. So every instance serves the next
 the same bytes it loaded, and each runs post-processing exactly once.
+
+With WAVE_DIR, an instance also relays: it listens before it loads, joins the wave in that
+shared directory, pulls from the member that joined before it (then that member's
+predecessors, then the seeds), and serves each chunk on as soon as it has it verified,
+so a wave of instances started together forms a chain instead of all reading the seed.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from typing import Any
 
 import torch
 
-from netloader.api import load_rank, serve_rank
+from netloader.api import join_wave, load_rank, relay_rank, serve_rank
 from netloader.config import NetloaderConfig
 from netloader.errors import NetloaderError
+from netloader.holdings import Arrivals, LoadedTensors
 from netloader.integrations.weight_capture import Capture, capture, check_intact, kept_bytes
 from netloader.manifest import Identity
 from netloader.server import Server
@@ -68,6 +74,7 @@ def _loader_class() -> type:
                 replace_config(load_config, load_format="auto", model_loader_extra_config={})
             )
             self.capture: Capture | None = None
+            self.relay: Server | None = None
 
         def download_model(self, model_config: Any) -> None:
             self.default.download_model(model_config)
@@ -75,11 +82,15 @@ def _loader_class() -> type:
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
             rank, identity = _rank_and_identity(self.config, model_config)
             params = {name: p.detach() for name, p in model.named_parameters()}
-            reason = _load_from_peers(params, identity, self.config, rank)
+            self.relay = _start_relay(self.config, rank) if self.config.wave_dir else None
+            reason = _load_from_peers(params, identity, self.config, rank, self.relay)
             if reason is not None:
                 log.warning(
                     "netloader: rank %d loads from disk with the default loader: %s", rank, reason
                 )
+                if self.relay is not None:  # its clients move on to their next source
+                    assert isinstance(self.relay.holdings, Arrivals)
+                    self.relay.holdings.fail(f"it loads from disk: {reason}")
                 self.default.load_weights(model, model_config)
                 params = {name: p.detach() for name, p in model.named_parameters()}
             self.capture = capture(params, identity, self.config)
@@ -87,8 +98,8 @@ def _loader_class() -> type:
         def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
             model = super().load_model(vllm_config, model_config, prefix=prefix)
             if self.capture is not None:
-                _serve(model, self.capture, self.config)
-                self.capture = None
+                _serve(model, self.capture, self.config, self.relay)
+                self.capture = self.relay = None
             return model
 
     return NetloaderModelLoader
@@ -112,14 +123,59 @@ def _rank_and_identity(config: NetloaderConfig, model_config: Any) -> tuple[int,
     return ps.get_world_group().rank, identity
 
 
+def _with_host_address(config: NetloaderConfig) -> NetloaderConfig:
+    """Inside vLLM the host's address is VLLM_HOST_IP (get_ip): bind and advertise it
+    unless LISTEN_HOST / ADVERTISE_HOST say otherwise."""
+    from vllm.utils.network_utils import get_ip
+
+    if not config.is_set("listen_host"):
+        config = replace(config, listen_host=get_ip())
+    if config.advertise_host is None and config.listen_host in ("0.0.0.0", "::"):
+        config = replace(config, advertise_host=get_ip())
+    return config
+
+
+def _start_relay(config: NetloaderConfig, rank: int) -> Server | None:
+    """The server this wave member relays through, listening before it loads."""
+    try:
+        relay = relay_rank(_with_host_address(config), rank)
+    except OSError as exc:
+        log.error("netloader: rank %d cannot listen, so does not join the wave: %s", rank, exc)
+        return None
+    if relay is not None:
+        _register(rank, relay)
+    return relay
+
+
 def _load_from_peers(
-    params: dict[str, torch.Tensor], identity: Identity, config: NetloaderConfig, rank: int
+    params: dict[str, torch.Tensor],
+    identity: Identity,
+    config: NetloaderConfig,
+    rank: int,
+    relay: Server | None,
 ) -> str | None:
-    """Fill `params` from this rank's sources; None on success, else why not."""
-    if not config.sources_for(rank):
+    """Fill `params` from this rank's sources (its wave's, with a relay); None on success,
+    else why not."""
+    sources = None
+    if relay is not None:
+        try:
+            position, sources = join_wave(config, rank, relay)
+        except OSError as exc:
+            return f"cannot join the wave in {config.wave_dir}: {exc}"
+        log.info(
+            "netloader: rank %d is member %d of the wave in %s, relaying on %s; sources: %s",
+            rank,
+            position,
+            config.wave_dir,
+            relay.address,
+            ", ".join(map(str, sources)) or "none",
+        )
+        if not sources:
+            return f"the wave in {config.wave_dir} has no seed or earlier member for rank {rank}"
+    elif not config.sources_for(rank):
         return f"SOURCE has no sources for rank {rank}"
     try:
-        report = load_rank(params, identity, config, rank)
+        report = load_rank(params, identity, config, rank, sources=sources, relay=relay)
     except NetloaderError as exc:
         return str(exc)
     except Exception as exc:  # never let a netloader bug stop the instance from starting
@@ -129,10 +185,12 @@ def _load_from_peers(
     return None
 
 
-def _serve(model: torch.nn.Module, captured: Capture, config: NetloaderConfig) -> None:
-    """After post-processing: check the kept tensors are intact, then serve them."""
+def _serve(
+    model: torch.nn.Module, captured: Capture, config: NetloaderConfig, relay: Server | None
+) -> None:
+    """After post-processing: check the kept tensors are intact, then serve them (through
+    the wave relay, when this instance has one, from now on)."""
     from vllm.distributed import parallel_state as ps
-    from vllm.utils.network_utils import get_ip
 
     rank = ps.get_world_group().rank
     started = time.perf_counter()
@@ -140,29 +198,32 @@ def _serve(model: torch.nn.Module, captured: Capture, config: NetloaderConfig) -
     if unavailable is not None:
         log.error("netloader: rank %d cannot serve its weights: %s", rank, unavailable)
     kept_alive = kept_bytes(captured, {n: p.detach() for n, p in model.named_parameters()})
-    # Inside vLLM the host's address is VLLM_HOST_IP (get_ip): bind and advertise it
-    # unless LISTEN_HOST / ADVERTISE_HOST say otherwise.
-    if not config.is_set("listen_host"):
-        config = replace(config, listen_host=get_ip())
-    if config.advertise_host is None and config.listen_host in ("0.0.0.0", "::"):
-        config = replace(config, advertise_host=get_ip())
-    try:
-        server = serve_rank(
-            captured.tensors,
-            captured.identity,
-            config,
-            rank,
-            manifest=captured.manifest,
-            unavailable=unavailable,
+    if relay is not None:
+        server = relay
+        relay.serve_instead(
+            LoadedTensors(
+                captured.tensors,
+                captured.identity,
+                manifest=captured.manifest,
+                unavailable=unavailable,
+            )
         )
-    except OSError as exc:
-        log.error("netloader: rank %d cannot listen: %s", rank, exc)
-        return
-    if server is None:
-        return
-    if rank in _servers:
-        _servers.pop(rank).close()
-    _servers[rank] = server
+    else:
+        try:
+            new = serve_rank(
+                captured.tensors,
+                captured.identity,
+                _with_host_address(config),
+                rank,
+                manifest=captured.manifest,
+                unavailable=unavailable,
+            )
+        except OSError as exc:
+            log.error("netloader: rank %d cannot listen: %s", rank, exc)
+            return
+        if new is None:
+            return
+        server = _register(rank, new)
     log.info(
         "netloader: rank %d serves %d tensors (%d bytes) on %s; %d bytes kept beyond the "
         "running model (INT8_CACHE=%s); checked in %.2f s",
@@ -174,3 +235,12 @@ def _serve(model: torch.nn.Module, captured: Capture, config: NetloaderConfig) -
         config.int8_cache,
         time.perf_counter() - started,
     )
+
+
+def _register(rank: int, server: Server) -> Server:
+    """The one server of `rank` in this Worker (a reload replaces the previous one)."""
+    previous = _servers.pop(rank, None)
+    if previous is not None and previous is not server:
+        previous.close()
+    _servers[rank] = server
+    return server
