@@ -44,6 +44,7 @@ def test_defaults() -> None:
     assert cfg.listen_port_for(0) == 0  # unset: a free port, picked by binding port 0
     assert cfg.int8_cache == "no" and cfg.int8_cache_name is None and cfg.output_file_for(0) is None
     assert cfg.connect_timeout == 5.0 and cfg.stall_timeout == 10.0
+    assert cfg.wave_dir is None  # no wave: pull from SOURCE, serve once loaded
 
 
 def test_json_string_and_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -134,6 +135,7 @@ def test_config_file_without_source_keeps_explicit_source(tmp_path) -> None:  # 
         ({"SOURCE": [{"device_id": 0, "ip": "x"}]}, "SOURCE[0]", "unknown key 'ip'"),
         ({"STALL_TIMEOUT": 0}, "STALL_TIMEOUT", "seconds"),
         ({"TRANSPORT": "carrier-pigeon"}, "TRANSPORT", "expected one of"),
+        ({"WAVE_DIR": ["/a", "/b"]}, "WAVE_DIR", "expected a non-empty string"),
         ({"CONFIG_FILE": "/nonexistent/x.json"}, "CONFIG_FILE", "cannot read"),
     ],
 )
@@ -169,7 +171,7 @@ _FIELDS = sorted(
     [
         "SOURCE", "MODEL", "LISTEN_PORT", "INT8_CACHE", "INT8_CACHE_NAME", "OUTPUT_PREFIX",
         "LISTEN_HOST", "ADVERTISE_HOST", "TRANSPORT", "CONNECT_TIMEOUT", "STALL_TIMEOUT",
-        "SECRET_FILE", "TLS_CERT", "TLS_KEY", "TLS_CA", "UNKNOWN",
+        "SECRET_FILE", "TLS_CERT", "TLS_KEY", "TLS_CA", "WAVE_DIR", "UNKNOWN",
     ]
 )  # fmt: skip
 _values = st.recursive(
