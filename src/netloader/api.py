@@ -230,7 +230,7 @@ def load_rank(
     in_order = sources is not None
     sources = config.sources_for(rank) if sources is None else tuple(sources)
     if not sources:
-        raise SourceUnavailable(f"SOURCE lists no sources for rank {rank}")
+        raise SourceUnavailable(f"no sources for rank {rank}" + ("" if in_order else " in SOURCE"))
     client = Client(
         sources,
         secret=resolve_secret(secret, config.secret_file),

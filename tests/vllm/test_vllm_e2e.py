@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from harness import PROMPTS, VllmInstance, read_address
 
+from netloader import Client
+
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 LOADED = re.compile(
@@ -200,6 +202,7 @@ class TestFloat32SeedAndClients:
             ("wrong_model", "model: expected 'other-model', server has 'tiny'"),
             ("unreachable", "cannot connect to 127.0.0.1:1"),
             ("no_sources", "SOURCE has no sources for rank 0"),
+            ("wave_without_seed", "has no seed or earlier member for rank 0"),
         ],
     )
     def test_fallback_to_disk_names_the_reason(
@@ -213,12 +216,18 @@ class TestFloat32SeedAndClients:
                 "SOURCE": [{"device_id": 0, "sources": ["127.0.0.1:1"]}],
             },
             "no_sources": {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": []}]},
+            "wave_without_seed": {"MODEL": "tiny", "WAVE_DIR": str(start.logs / "empty_wave")},
         }[case]
         with start(f"fallback_{case}", tiny_model, config, dtype="float32") as instance:
             reasons = fallback_reasons(instance)
             assert len(reasons) == 1 and reason in reasons[0], instance.netloader_lines()
             assert loaded_lines(instance) == []
             assert instance.completions() == reference32
+            # Loaded from disk, it serves the next instance all the same (a wave member
+            # through the relay that refused while it had nothing).
+            manifest = Client([serve_line(instance).group(4)]).manifest()
+            assert manifest.identity.model == config["MODEL"]
+            assert manifest.total_bytes == int(serve_line(seed32).group(3))
 
     def test_dtype_mismatch_falls_back_and_bfloat16_round_trip(
         self, start: Starter, seed32: VllmInstance, tiny_model: Path, client_model_dir: Path
