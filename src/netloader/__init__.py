@@ -1,19 +1,13 @@
-"""netloader: model weights from peers that already hold them, verified, at network speed."""
+"""netloader: model weights from peers that already hold them, verified, at network speed.
 
-from netloader.api import (
-    join_wave,
-    load,
-    load_rank,
-    relay,
-    relay_rank,
-    resolve_secret,
-    serve,
-    serve_rank,
-    tensors_of,
-)
+server = netloader.serve(model, "my-model")                 # background threads
+report = netloader.load(empty_model, [server.address], "my-model")
+"""
+
+from netloader.api import load, relay, serve, tensors_of
 from netloader.client import Client, LoadReport
 from netloader.config import NetloaderConfig
-from netloader.endpoint import Endpoint, parse_endpoint
+from netloader.endpoint import Endpoint
 from netloader.errors import (
     AuthenticationError,
     ConfigError,
@@ -22,43 +16,47 @@ from netloader.errors import (
     NetloaderError,
     PeerClosed,
     ProtocolError,
+    RemoteError,
     SourceUnavailable,
     TransferError,
     TransferTimeout,
+    UsageError,
     VersionMismatch,
 )
-from netloader.holdings import Arrivals, LoadedTensors
 from netloader.manifest import Identity, Manifest
-from netloader.server import Server
+from netloader.ranks import join_wave, load_rank, relay_rank, serve_rank
+from netloader.server import Relay, Server
+from netloader.settings import Limits, Timeouts
 
 __all__ = [
-    "Arrivals",
     "AuthenticationError",
     "Client",
     "ConfigError",
     "Endpoint",
     "Identity",
     "IntegrityError",
+    "Limits",
     "LoadReport",
-    "LoadedTensors",
     "Manifest",
     "ManifestMismatch",
     "NetloaderConfig",
     "NetloaderError",
     "PeerClosed",
     "ProtocolError",
+    "Relay",
+    "RemoteError",
     "Server",
     "SourceUnavailable",
+    "Timeouts",
     "TransferError",
     "TransferTimeout",
+    "UsageError",
     "VersionMismatch",
     "join_wave",
     "load",
     "load_rank",
-    "parse_endpoint",
     "relay",
     "relay_rank",
-    "resolve_secret",
     "serve",
     "serve_rank",
     "tensors_of",

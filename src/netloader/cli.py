@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -15,16 +14,15 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from netloader import api, tls
-from netloader.api import resolve_secret
+from netloader import transports
 from netloader.checkpoint import CheckpointWriter, load_checkpoint
-from netloader.client import Client
+from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import NetloaderError
-from netloader.holdings import Arrivals, LoadedTensors
 from netloader.manifest import Identity, Manifest
-from netloader.server import Server
-from netloader.wave import Wave
+from netloader.ranks import client_for, join_wave, relay_rank, serve_rank
+from netloader.server import Relay
+from netloader.settings import Timeouts
 
 
 class EndpointParam(click.ParamType):  # type: ignore[type-arg]
@@ -90,14 +88,17 @@ def _listen_options(listen_help: str) -> list[Callable[[Any], Any]]:
     ]
 
 
-def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    if (cert is None) != (key is None):
-        raise click.UsageError("--tls-cert and --tls-key go together")
-    return None if cert is None or key is None else tls.server_context(cert, key)
-
-
-def _client_tls(ca: Path | None) -> ssl.SSLContext | None:
-    return None if ca is None else tls.client_context(ca)
+def _config(**fields: Any) -> NetloaderConfig:
+    """The options of one command as a NetloaderConfig (rank 0), so the CLI sets up
+    listeners, TLS, secrets and waves exactly as the configuration-driven API does."""
+    listen: Endpoint | None = fields.pop("listen", None)
+    if listen is not None:
+        fields["LISTEN_HOST"] = listen.host
+        if listen.port:
+            fields["LISTEN_PORT"] = listen.port
+    return NetloaderConfig.from_dict(
+        {key: str(v) if isinstance(v, Path) else v for key, v in fields.items() if v is not None}
+    )
 
 
 def _fail_cleanly(fn: Callable[..., None]) -> Callable[..., None]:
@@ -146,16 +147,22 @@ def serve(
     tls_key: Path | None,
 ) -> None:
     """Load a safetensors checkpoint into memory and serve it until interrupted."""
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    config = _config(
+        listen=listen,
+        ADVERTISE_HOST=advertise,
+        OUTPUT_PREFIX=output_prefix,
+        SECRET_FILE=secret_file,
+        TLS_CERT=tls_cert,
+        TLS_KEY=tls_key,
+    )
     tensors = load_checkpoint(model_dir)
     identity = Identity(model_name or model_dir.resolve().name)
-    with Server(
-        LoadedTensors(tensors, identity),
-        listen=listen,
-        advertise_host=advertise,
-        secret=resolve_secret(secret_file=secret_file),
-        output_file=None if output_prefix is None else Path(f"{output_prefix}0.txt"),
-        tls=_server_tls(tls_cert, tls_key),
-    ) as server:
+    server = serve_rank(tensors, identity, config, 0)
+    if server is None:
+        raise click.UsageError(f"--listen {listen}: the port must be 0 or in 1024-65535")
+    with server:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         click.echo(
             f"netloader: serving {identity.model} ({len(tensors)} tensors, {size} bytes) "
@@ -178,7 +185,7 @@ def serve(
 )
 @click.option("--model", "model_name", help="Refuse unless the server serves this model name.")
 @click.option(
-    "--transport", type=click.Choice(["auto", "tcp", "gloo"]), default="auto", show_default=True
+    "--transport", type=click.Choice(transports.names()), default=transports.AUTO, show_default=True
 )
 @click.option(
     "--stripe",
@@ -200,8 +207,8 @@ def serve(
     help="Wave topology: members each relay to this many (1: a chain; 0: all from the seeds).",
 )
 @_with(*_listen_options("Where a wave member serves what it received."))
-@click.option("--connect-timeout", type=float, default=5.0, show_default=True)
-@click.option("--stall-timeout", type=float, default=10.0, show_default=True)
+@click.option("--connect-timeout", type=float, default=Timeouts.connect, show_default=True)
+@click.option("--stall-timeout", type=float, default=Timeouts.stall, show_default=True)
 @secret_option
 @tls_ca_option
 @_with(*tls_cert_options)
@@ -225,37 +232,37 @@ def pull(
 ) -> None:
     """Fetch every tensor from SOURCES (all at once, disjoint parts from each) into a
     safetensors checkpoint; or, with --wave, from the wave's seeds and members."""
-    secret = resolve_secret(secret_file=secret_file)
-    relay_server: Server | None = None
-    all_sources: list[Endpoint | str] = list(sources)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    config = _config(
+        listen=listen,
+        ADVERTISE_HOST=advertise,
+        TRANSPORT=transport,
+        CONNECT_TIMEOUT=connect_timeout,
+        STALL_TIMEOUT=stall_timeout,
+        SECRET_FILE=secret_file,
+        TLS_CERT=tls_cert,
+        TLS_KEY=tls_key,
+        TLS_CA=tls_ca,
+        WAVE_DIR=wave_dir,
+    )
+    relay: Relay | None = None
+    all_sources: list[Endpoint] = list(sources)
     if wave_dir is not None:
-        relay_server = api.relay(
-            listen=listen,
-            secret=secret,
-            advertise_host=advertise,
-            stall_timeout=stall_timeout,
-            tls=_server_tls(tls_cert, tls_key),
-        )
-        wave = Wave(wave_dir, fanout=fanout or None)
-        position = wave.join(str(relay_server.address))
-        all_sources = [*wave.sources(position), *all_sources]
+        relay = relay_rank(config, 0)
+        if relay is None:
+            raise click.UsageError(f"--listen {listen}: the port must be 0 or in 1024-65535")
+        position, found = join_wave(config, 0, relay, fanout=fanout or None)
+        all_sources = [*found, *all_sources]
         click.echo(
-            f"netloader: wave member {position} serving on {relay_server.address}, "
+            f"netloader: wave member {position} serving on {relay.address}, "
             f"pulling from {', '.join(map(str, all_sources)) or 'nobody'}"
         )
         stripe = stripe or 1
-    if not all_sources:
-        raise click.UsageError("give SOURCES, or --wave with a seed in it")
-    client = Client(
-        all_sources,
-        secret=secret,
-        transport=transport,
-        connect_timeout=connect_timeout,
-        stall_timeout=stall_timeout,
-        stripe=stripe,
-        tls=_client_tls(tls_ca),
-    )
     try:
+        if not all_sources:
+            raise click.UsageError("give SOURCES, or --wave with a seed in it")
+        client = client_for(config, all_sources, stripe=stripe)
         manifest = client.manifest()
         if model_name is not None and manifest.identity.model != model_name:
             raise NetloaderError(f"server serves {manifest.identity.model!r}, not {model_name!r}")
@@ -269,20 +276,21 @@ def pull(
                 disable=not sys.stderr.isatty(),
             ) as bar,
         ):
-            arrivals = None if relay_server is None else relay_server.holdings
-            assert arrivals is None or isinstance(arrivals, Arrivals)
             report = client.load_into(
-                writer.tensors, manifest.identity, progress=bar.update, arrivals=arrivals
+                writer.tensors,
+                manifest.identity,
+                progress=bar.update,
+                observer=None if relay is None else relay.arrivals,
             )
             path = writer.commit()
             click.echo(f"netloader: pulled {report.summary()} into {path}")
-            if relay_server is not None:
-                click.echo(f"netloader: serving on {relay_server.address} until interrupted")
+            if relay is not None:
+                click.echo(f"netloader: serving on {relay.address} until interrupted")
                 sys.stdout.flush()
                 _wait_for_signal()
     finally:
-        if relay_server is not None:
-            relay_server.close()
+        if relay is not None:
+            relay.close()
 
 
 def _wait_for_signal() -> None:
@@ -295,7 +303,7 @@ def _wait_for_signal() -> None:
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=EndpointParam())
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-@click.option("--connect-timeout", type=float, default=5.0, show_default=True)
+@click.option("--connect-timeout", type=float, default=Timeouts.connect, show_default=True)
 @secret_option
 @tls_ca_option
 @_fail_cleanly
@@ -307,13 +315,8 @@ def inspect(
     tls_ca: Path | None,
 ) -> None:
     """Print a server's manifest: model, layout, and every tensor."""
-    client = Client(
-        sources,
-        secret=resolve_secret(secret_file=secret_file),
-        connect_timeout=connect_timeout,
-        tls=_client_tls(tls_ca),
-    )
-    manifest = client.manifest()
+    config = _config(CONNECT_TIMEOUT=connect_timeout, SECRET_FILE=secret_file, TLS_CA=tls_ca)
+    manifest = client_for(config, sources).manifest()
     if as_json:
         click.echo(json.dumps(manifest.to_json(), indent=1))
         return

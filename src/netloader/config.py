@@ -1,4 +1,5 @@
-"""Configuration: the seed system's fields (DESIGN.md section 1) plus a few of our own.
+"""Configuration: the seed system's fields plus a few of our own (README, "Configuration
+reference").
 
 Sources, lowest priority first: the `NETLOADER_CONFIG` environment variable (JSON), the
 dict or JSON string the caller passes (e.g. vLLM's `--model-loader-extra-config`), then
@@ -16,16 +17,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from netloader import tls
+from netloader import transports
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import ConfigError
+from netloader.settings import Timeouts
+from netloader.transports import tls
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "NETLOADER_CONFIG"
 MIN_PORT, MAX_PORT = 1024, 65535
 CACHE_MODES = ("no", "dram", "hbm")
-TRANSPORTS = ("auto", "tcp", "gloo", "nccl")
 
 MAX_CONFIG_FILE_BYTES = 1 << 20  # a config file is small; this bounds /dev/zero and the like
 
@@ -50,8 +52,8 @@ class NetloaderConfig:
     listen_host: str = "127.0.0.1"
     advertise_host: str | None = None
     transport: str = "auto"
-    connect_timeout: float = 5.0
-    stall_timeout: float = 10.0
+    connect_timeout: float = Timeouts.connect
+    stall_timeout: float = Timeouts.stall
     secret_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -112,6 +114,10 @@ class NetloaderConfig:
         }
         updates = {name: getattr(self, name) for name in keep}
         return replace(from_file, **updates, _given=from_file._given | self._given)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return Timeouts(connect=self.connect_timeout, stall=self.stall_timeout)
 
     def is_set(self, attribute: str) -> bool:
         """Whether a field was given (by any source) rather than left at its default."""
@@ -262,7 +268,7 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "CONFIG_FILE": ("config_file", _str),
     "LISTEN_HOST": ("listen_host", _str),
     "ADVERTISE_HOST": ("advertise_host", _str),
-    "TRANSPORT": ("transport", _choice(TRANSPORTS)),
+    "TRANSPORT": ("transport", _choice(transports.names())),
     "CONNECT_TIMEOUT": ("connect_timeout", _seconds),
     "STALL_TIMEOUT": ("stall_timeout", _seconds),
     "SECRET_FILE": ("secret_file", _str),

@@ -18,6 +18,11 @@ class ConfigError(NetloaderError, ValueError):
         self.problem = problem
 
 
+class UsageError(NetloaderError, ValueError):
+    """The caller asked for something that cannot work (a bad argument, an empty secret,
+    a wave directory that is full): fix the call, retrying will not help."""
+
+
 class ProtocolError(NetloaderError):
     """A peer sent bytes that are not a valid netloader message."""
 
@@ -60,7 +65,8 @@ class ManifestMismatch(TransferError):
 
 
 class IntegrityError(TransferError):
-    """Bytes arrived whose digest differs from the manifest's: they were not accepted."""
+    """Bytes arrived whose digest differs from the manifest's: they were not accepted.
+    `source` names the peer that sent them."""
 
 
 class TransferTimeout(TransferError):
@@ -69,3 +75,7 @@ class TransferTimeout(TransferError):
 
 class PeerClosed(TransferError):
     """The peer closed the connection or died in the middle of the exchange."""
+
+
+class RemoteError(TransferError):
+    """The peer answered with an ERROR frame whose code has no more specific type."""

@@ -18,7 +18,7 @@ import xxhash
 from netloader import tensors as tb
 from netloader.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+MANIFEST_FORMAT = 1  # carried in the JSON field "protocol"
 DIGEST_ALGORITHM = "xxh3_128"
 DEFAULT_CHUNK_BYTES = 16 << 20
 MAX_TENSORS = 1_000_000
@@ -138,7 +138,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         ident = self.identity
         return {
-            "protocol": PROTOCOL_VERSION,
+            "protocol": MANIFEST_FORMAT,
             "digest": DIGEST_ALGORITHM,
             "chunk_bytes": self.chunk_bytes,
             "identity": {
@@ -159,8 +159,8 @@ class Manifest:
         """Decode and validate a manifest from untrusted JSON; raise ProtocolError."""
         v = _Validator("manifest")
         obj = v.mapping(obj)
-        if v.integer(obj.get("protocol"), "protocol") != PROTOCOL_VERSION:
-            raise ProtocolError(f"manifest protocol {obj.get('protocol')!r} != {PROTOCOL_VERSION}")
+        if v.integer(obj.get("protocol"), "protocol") != MANIFEST_FORMAT:
+            raise ProtocolError(f"manifest protocol {obj.get('protocol')!r} != {MANIFEST_FORMAT}")
         if obj.get("digest") != DIGEST_ALGORITHM:
             raise ProtocolError(f"manifest digest algorithm {obj.get('digest')!r} is not supported")
         chunk_bytes = v.integer(obj.get("chunk_bytes"), "chunk_bytes", low=1, high=1 << 32)

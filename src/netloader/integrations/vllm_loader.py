@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 
-from netloader.api import join_wave, load_rank, relay_rank, serve_rank
 from netloader.config import NetloaderConfig
 from netloader.errors import NetloaderError
-from netloader.holdings import Arrivals, LoadedTensors
 from netloader.integrations.weight_capture import Capture, capture, check_intact, kept_bytes
 from netloader.manifest import Identity
-from netloader.server import Server
+from netloader.ranks import join_wave, load_rank, relay_rank, serve_rank
+from netloader.server import Relay, Server
 
 log = logging.getLogger("netloader.vllm")
 
@@ -74,7 +73,7 @@ def _loader_class() -> type:
                 replace_config(load_config, load_format="auto", model_loader_extra_config={})
             )
             self.capture: Capture | None = None
-            self.relay: Server | None = None
+            self.relay: Relay | None = None
 
         def download_model(self, model_config: Any) -> None:
             self.default.download_model(model_config)
@@ -89,8 +88,7 @@ def _loader_class() -> type:
                     "netloader: rank %d loads from disk with the default loader: %s", rank, reason
                 )
                 if self.relay is not None:  # its clients move on to their next source
-                    assert isinstance(self.relay.holdings, Arrivals)
-                    self.relay.holdings.fail(f"it loads from disk: {reason}")
+                    self.relay.arrivals.fail(f"it loads from disk: {reason}")
                 self.default.load_weights(model, model_config)
                 params = {name: p.detach() for name, p in model.named_parameters()}
             self.capture = capture(params, identity, self.config)
@@ -135,7 +133,7 @@ def _with_host_address(config: NetloaderConfig) -> NetloaderConfig:
     return config
 
 
-def _start_relay(config: NetloaderConfig, rank: int) -> Server | None:
+def _start_relay(config: NetloaderConfig, rank: int) -> Relay | None:
     """The server this wave member relays through, listening before it loads."""
     try:
         relay = relay_rank(_with_host_address(config), rank)
@@ -152,7 +150,7 @@ def _load_from_peers(
     identity: Identity,
     config: NetloaderConfig,
     rank: int,
-    relay: Server | None,
+    relay: Relay | None,
 ) -> str | None:
     """Fill `params` from this rank's sources (its wave's, with a relay); None on success,
     else why not."""
@@ -186,7 +184,7 @@ def _load_from_peers(
 
 
 def _serve(
-    model: torch.nn.Module, captured: Capture, config: NetloaderConfig, relay: Server | None
+    model: torch.nn.Module, captured: Capture, config: NetloaderConfig, relay: Relay | None
 ) -> None:
     """After post-processing: check the kept tensors are intact, then serve them (through
     the wave relay, when this instance has one, from now on)."""
@@ -198,15 +196,14 @@ def _serve(
     if unavailable is not None:
         log.error("netloader: rank %d cannot serve its weights: %s", rank, unavailable)
     kept_alive = kept_bytes(captured, {n: p.detach() for n, p in model.named_parameters()})
+    server: Server
     if relay is not None:
         server = relay
-        relay.serve_instead(
-            LoadedTensors(
-                captured.tensors,
-                captured.identity,
-                manifest=captured.manifest,
-                unavailable=unavailable,
-            )
+        relay.finish(
+            captured.tensors,
+            captured.identity,
+            manifest=captured.manifest,
+            unavailable=unavailable,
         )
     else:
         try:

@@ -1,35 +1,40 @@
-"""Moving chunk bytes between a server and a client, once the handshake is done.
-
-Each transport has a `send_chunks` (server side) and a `receive_chunks` (client side);
-both sides speak through the same framed control connection, and neither knows about
-manifests beyond the chunks it is handed.
-"""
+"""Moving bytes. Each transport is one object in `REGISTRY`; the configuration's allowed
+values, the CLI's choices and the server's dispatch all come from it, so a new transport is
+one module plus one line below."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from netloader.errors import UsageError
+from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
+from netloader.transports.process_group import GLOO, NCCL
+from netloader.transports.tcp import TCP
 
-import torch
-
-from netloader.manifest import Chunk
-
-
-class ChunkSource(Protocol):
-    """Server side: the bytes of a chunk, as a 1-D uint8 tensor (a view where possible)."""
-
-    def chunk_bytes(self, chunk: Chunk) -> torch.Tensor: ...
+REGISTRY: dict[str, Transport] = {t.name: t for t in (TCP, GLOO, NCCL)}
+DEFAULT = TCP.name  # chosen by measurement: see README, "Benchmark"
+AUTO = "auto"  # the configuration's word for DEFAULT
 
 
-class ChunkSink(Protocol):
-    """Client side: where a chunk's bytes go, and the check once they are there."""
-
-    def destination(self, chunk: Chunk) -> torch.Tensor: ...
-
-    def received(self, chunk: Chunk, arrived: str | None = None) -> None:
-        """Verify the chunk (raise IntegrityError) and record it as complete. `arrived` is
-        the digest of the bytes as they arrived, where the transport computed it on the
-        way; otherwise the sink hashes the destination."""
+def names() -> tuple[str, ...]:
+    """Every value TRANSPORT / --transport accepts."""
+    return (AUTO, *REGISTRY)
 
 
-ChunkList = Sequence[Chunk]
+def get(name: str) -> Transport:
+    """The transport called `name` ("auto": the default); UsageError if there is none."""
+    transport = REGISTRY.get(DEFAULT if name == AUTO else name)
+    if transport is None:
+        raise UsageError(f"unknown transport {name!r}; known: {', '.join(names())}")
+    return transport
+
+
+__all__ = [
+    "AUTO",
+    "DEFAULT",
+    "REGISTRY",
+    "ChunkList",
+    "ChunkSink",
+    "ChunkSource",
+    "Transport",
+    "get",
+    "names",
+]

@@ -2,8 +2,8 @@
 default group (the seed system's design): gloo between host memories, NCCL between GPUs.
 
 The control connection carries the rendezvous: the server opens a TCPStore on a free port
-of the address the client reached it on, sends GLOO{port}, and both build the group; the
-client confirms with DONE once every chunk is verified.
+of the address the client reached it on, sends GLOO{port, backend}, and both build the
+group; the client confirms with DONE once every chunk is verified.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from typing import Any
 import torch.distributed as dist
 
 from netloader import protocol as p
-from netloader.connection import Connection
 from netloader.errors import PeerClosed, ProtocolError, TransferTimeout
-from netloader.transports import ChunkList, ChunkSink, ChunkSource
+from netloader.manifest import Chunk
+from netloader.settings import Timeouts
+from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
+from netloader.transports.connection import Connection
 
 WINDOW = 4  # chunks in flight: keeps the pipe full without pinning much memory
 SERVER_RANK, CLIENT_RANK = 0, 1
@@ -50,62 +52,75 @@ def _wait(work: Any, peer: str) -> None:
         raise PeerClosed(f"{peer}: process-group transfer failed: {text}", source=peer) from exc
 
 
-def send_chunks(
-    conn: Connection, source: ChunkSource, chunks: ChunkList, *, backend: str, timeout: float
-) -> None:
-    local_host = conn.sock.getsockname()[0]
-    store = dist.TCPStore(  # type: ignore[attr-defined]
-        local_host, 0, 2, True, timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False
-    )
-    conn.send(p.encode(p.MsgType.GLOO, {"port": store.port, "backend": backend}))
-    group = _group(backend, store, SERVER_RANK, local_host, timeout)
-    try:
-        pending: deque[Any] = deque()
-        for chunk in chunks:
-            if chunk.length:
-                pending.append(group.send([source.chunk_bytes(chunk)], CLIENT_RANK, 0))
-            if len(pending) >= WINDOW:
+class ProcessGroupTransport(Transport):
+    """Chunks over a 2-rank group of `backend` ("gloo": host memory; "nccl": GPU memory).
+    TLS cannot cover it: the bytes travel outside the control connection."""
+
+    tls = False
+
+    def __init__(self, backend: str, memory: frozenset[str]) -> None:
+        self.name = backend
+        self.memory = memory
+
+    def send_chunks(
+        self, conn: Connection, source: ChunkSource, chunks: ChunkList, timeouts: Timeouts
+    ) -> None:
+        local_host = conn.sock.getsockname()[0]
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            local_host,
+            0,
+            2,
+            True,
+            timeout=datetime.timedelta(seconds=timeouts.stall),
+            wait_for_workers=False,
+        )
+        conn.send(p.ProcessGroupSetup(store.port, self.name))
+        group = _group(self.name, store, SERVER_RANK, local_host, timeouts.stall)
+        try:
+            pending: deque[Any] = deque()
+            for chunk in chunks:
+                if chunk.length:
+                    pending.append(group.send([source.chunk_bytes(chunk)], CLIENT_RANK, 0))
+                if len(pending) >= WINDOW:
+                    _wait(pending.popleft(), conn.peer)
+            while pending:
                 _wait(pending.popleft(), conn.peer)
-        while pending:
-            _wait(pending.popleft(), conn.peer)
-        conn.recv_message(p.MsgType.DONE)
-    finally:
-        _shutdown(group)
+            conn.expect(p.Done)
+        finally:
+            _shutdown(group)
 
-
-def receive_chunks(
-    conn: Connection, chunks: ChunkList, sink: ChunkSink, *, backend: str, timeout: float
-) -> None:
-    _, body = conn.recv_message(p.MsgType.GLOO)
-    port = body.get("port")
-    if not isinstance(port, int) or not 0 < port < 65536 or body.get("backend") != backend:
-        raise ProtocolError(f"{conn.peer} sent an invalid GLOO setup: {body!r}")
-    host, local_host = conn.sock.getpeername()[0], conn.sock.getsockname()[0]
-    store = dist.TCPStore(  # type: ignore[attr-defined]
-        host, port, 2, False, timeout=datetime.timedelta(seconds=timeout)
-    )
-    group = _group(backend, store, CLIENT_RANK, local_host, timeout)
-    try:
-        pending: deque[tuple[Any, Any]] = deque()
-        for chunk in chunks:
-            if chunk.length:
-                pending.append((group.recv([sink.destination(chunk)], SERVER_RANK, 0), chunk))
-            else:
-                pending.append((None, chunk))
-            if len(pending) >= WINDOW:
+    def receive_chunks(
+        self, conn: Connection, chunks: ChunkList, sink: ChunkSink, timeouts: Timeouts
+    ) -> None:
+        setup = conn.expect(p.ProcessGroupSetup)
+        if setup.backend != self.name:
+            raise ProtocolError(f"{conn.peer} set up a {setup.backend} group, not {self.name}")
+        host, local_host = conn.sock.getpeername()[0], conn.sock.getsockname()[0]
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            host, setup.port, 2, False, timeout=datetime.timedelta(seconds=timeouts.stall)
+        )
+        group = _group(self.name, store, CLIENT_RANK, local_host, timeouts.stall)
+        try:
+            pending: deque[tuple[Any, Chunk]] = deque()
+            for chunk in chunks:
+                work = None
+                if chunk.length:
+                    work = group.recv([sink.destination(chunk)], SERVER_RANK, 0)
+                pending.append((work, chunk))
+                if len(pending) >= WINDOW:
+                    _finish(pending.popleft(), sink, conn.peer)
+            while pending:
                 _finish(pending.popleft(), sink, conn.peer)
-        while pending:
-            _finish(pending.popleft(), sink, conn.peer)
-        conn.send(p.encode(p.MsgType.DONE, {}))
-    finally:
-        _shutdown(group)
+            conn.send(p.Done())
+        finally:
+            _shutdown(group)
 
 
-def _finish(item: tuple[Any, Any], sink: ChunkSink, peer: str) -> None:
+def _finish(item: tuple[Any, Chunk], sink: ChunkSink, peer: str) -> None:
     work, chunk = item
     if work is not None:
         _wait(work, peer)
-    sink.received(chunk)
+    sink.received(chunk, source=peer)
 
 
 def _shutdown(group: Any) -> None:
@@ -114,3 +129,7 @@ def _shutdown(group: Any) -> None:
             group.shutdown()
     except RuntimeError:
         pass
+
+
+GLOO = ProcessGroupTransport("gloo", frozenset({"cpu"}))
+NCCL = ProcessGroupTransport("nccl", frozenset({"cuda"}))

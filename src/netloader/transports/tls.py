@@ -8,11 +8,12 @@ TLS covers the tcp transport only: gloo/nccl would carry the weights outside it.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 from pathlib import Path
 
-from netloader.errors import ConfigError
+from netloader.errors import AuthenticationError, ConfigError, ProtocolError, SourceUnavailable
 
 
 def server_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
@@ -33,6 +34,38 @@ def client_context(ca: str | Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("TLS_CA", f"cannot load {ca}: {exc}") from exc
     return context
+
+
+def start_tls(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    *,
+    peer: str,
+    timeout: float,
+    server_hostname: str | None = None,
+) -> ssl.SSLSocket:
+    """Run the TLS handshake on a connected socket, within `timeout` seconds. A client
+    passes the `server_hostname` it dialled (the certificate must name it); a server
+    passes none. Errors name `peer` and close the socket: a certificate the client cannot
+    trust is an AuthenticationError; a client without TLS a ProtocolError at the server,
+    a server without TLS a SourceUnavailable at the client."""
+    server_side = server_hostname is None
+    sock.settimeout(timeout)
+    try:
+        return context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        raise AuthenticationError(
+            f"TLS: {peer} presented a certificate we cannot trust: {exc.verify_message}",
+            source=peer,
+        ) from exc
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        if server_side:
+            raise ProtocolError(f"TLS handshake failed (a client without TLS?): {exc}") from exc
+        raise SourceUnavailable(
+            f"TLS handshake with {peer} failed (does it use TLS?): {exc}", source=peer
+        ) from exc
 
 
 def self_signed_certificate(directory: Path, hosts: list[str]) -> tuple[Path, Path]:

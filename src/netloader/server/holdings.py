@@ -133,6 +133,12 @@ class Arrivals:
             self._changed.notify_all()
 
     @property
+    def adopted(self) -> Manifest | None:
+        """The manifest the pull adopted, if it got that far."""
+        with self._changed:
+            return self._manifest
+
+    @property
     def complete(self) -> bool:
         with self._changed:
             return self._manifest is not None and len(self._held) == sum(

@@ -1,4 +1,5 @@
-"""A framed netloader connection over a socket: exact reads, timeouts, error mapping."""
+"""A framed netloader connection over a socket: exact reads straight into memory, kernel
+timeouts, and the session (protocol/session.py) deciding which frame may come next."""
 
 from __future__ import annotations
 
@@ -6,43 +7,34 @@ import contextlib
 import socket
 import ssl
 import struct
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 from netloader import protocol as p
 from netloader.errors import (
-    AuthenticationError,
+    NetloaderError,
     PeerClosed,
     ProtocolError,
-    SourceUnavailable,
     TransferError,
     TransferTimeout,
-    VersionMismatch,
 )
 
 HASHED_PIECE = 128 << 10
+M = TypeVar("M", bound=p.Message)
 
 
 class Hasher(Protocol):
     def update(self, data: memoryview) -> None: ...
 
 
-_REMOTE_ERRORS: dict[str, type[TransferError]] = {
-    "version": VersionMismatch,
-    "auth": AuthenticationError,
-    "unavailable": SourceUnavailable,
-    "busy": SourceUnavailable,
-}
-
-
-class RemoteError(TransferError):
-    """The peer answered with an ERROR frame."""
-
-
 class Connection:
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    """One socket and the session that checks what crosses it. `peer` names the other
+    side in every error."""
+
+    def __init__(self, sock: socket.socket, peer: str, session: p.Session) -> None:
         self.sock = sock
         self.peer = peer
         self.host = peer.rpartition(":")[0].strip("[]")
+        self.session = session
         self.timeout: float | None = None
 
     def close(self) -> None:
@@ -72,13 +64,27 @@ class Connection:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
     # ---- sending ------------------------------------------------------------------------
-    def send(self, data: bytes | memoryview) -> None:
+    def send(self, message: p.Message) -> None:
+        self.send_bytes(self.session.send(message))
+
+    def send_data(self, tensor: int, chunk: int, data: memoryview) -> None:
+        self.send_bytes(self.session.send_data_header(tensor, chunk, len(data)))
+        self.send_bytes(data)
+
+    def send_bytes(self, data: bytes | memoryview) -> None:
+        """Raw bytes, already accounted for by the session (a frame it produced)."""
         try:
             self.sock.sendall(data)
         except (TimeoutError, BlockingIOError) as exc:
             raise TransferTimeout(f"{self.peer} stopped reading", source=self.peer) from exc
         except OSError as exc:
             raise PeerClosed(f"connection to {self.peer} lost: {exc}", source=self.peer) from exc
+
+    def try_send(self, message: p.Message, timeout: float = 1.0) -> None:
+        """Best effort (a parting ERROR or BYE): failures are ignored."""
+        with contextlib.suppress(NetloaderError, OSError):
+            self.settimeout(timeout)
+            self.send(message)
 
     # ---- receiving ----------------------------------------------------------------------
     def recv_into(self, view: memoryview, hasher: Hasher | None = None) -> None:
@@ -113,28 +119,31 @@ class Connection:
         return bytes(buf)
 
     def recv_header(self) -> p.FrameHeader:
-        return p.decode_header(self.recv_exact(p.HEADER.size))
+        """The next frame's header, refused unless the session allows it now."""
+        header = p.decode_header(self.recv_exact(p.HEADER.size))
+        self.session.check_header(header)
+        return header
 
-    def recv_message(self, *expected: p.MsgType) -> tuple[p.MsgType, dict[str, Any]]:
-        """Read one control frame; an ERROR frame becomes an exception."""
-        return self.message_from(self.recv_header(), *expected)
-
-    def message_from(
-        self, header: p.FrameHeader, *expected: p.MsgType
-    ) -> tuple[p.MsgType, dict[str, Any]]:
-        """Read the body of a control frame whose header was read already."""
+    def message_from(self, header: p.FrameHeader) -> p.Message:
+        """The body of a control frame whose header was read; an ERROR becomes the
+        exception its code maps to."""
         if header.type is p.MsgType.DATA:
             raise ProtocolError(f"{self.peer} sent tensor data where a control message belongs")
-        body = p.decode_body(self.recv_exact(header.length))
-        if header.type is p.MsgType.ERROR and p.MsgType.ERROR not in expected:
-            code, message = p.describe_error(body)
-            raise _REMOTE_ERRORS.get(code, RemoteError)(
-                f"{self.peer} refused: {message}", source=self.peer
-            )
-        if header.type not in expected:
-            names = "/".join(t.name for t in expected)
-            raise ProtocolError(f"{self.peer} sent {header.type.name}, expected {names}")
-        return header.type, body
+        message = self.session.receive_body(header, self.recv_exact(header.length))
+        if isinstance(message, p.Error):
+            raise message.exception(self.peer)
+        return message
+
+    def receive(self) -> p.Message:
+        """The next control message (whichever the phase allows)."""
+        return self.message_from(self.recv_header())
+
+    def expect(self, kind: type[M]) -> M:
+        """The next control message, which must be a `kind`."""
+        message = self.receive()
+        if not isinstance(message, kind):
+            raise ProtocolError(f"{self.peer} sent {message.TYPE.name}, expected {kind.TYPE.name}")
+        return message
 
 
 def connect(host: str, port: int, timeout: float) -> socket.socket:

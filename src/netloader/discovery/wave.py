@@ -22,6 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from netloader.errors import UsageError
+
 MAX_MEMBERS = 100_000
 
 
@@ -54,7 +56,7 @@ class Wave:
                     return position
                 except FileExistsError:
                     position += 1
-            raise RuntimeError(f"wave {folder} is full ({MAX_MEMBERS} members)")
+            raise UsageError(f"wave {folder} is full ({MAX_MEMBERS} members)")
         finally:
             os.unlink(tmp)
 

@@ -1,0 +1,391 @@
+"""The pulling side: connect and authenticate, adopt a manifest that matches what we
+expect, then fetch chunks from every source at once (as the scheduler hands them out),
+straight into the caller's tensors, each verified against the manifest's digest."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from netloader import protocol as p
+from netloader.client.scheduler import Scheduler
+from netloader.client.sink import VerifyingSink
+from netloader.endpoint import Endpoint, parse_endpoint
+from netloader.errors import (
+    ManifestMismatch,
+    NetloaderError,
+    PeerClosed,
+    ProtocolError,
+    SourceUnavailable,
+    TransferError,
+    UsageError,
+)
+from netloader.manifest import Chunk, Identity, Manifest, expected_manifest
+from netloader.settings import DEFAULT_TIMEOUTS, Timeouts
+from netloader.transports import get as get_transport
+from netloader.transports.connection import Connection, connect
+from netloader.transports.tls import start_tls
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a pull did: who sent how much, over what, how fast; and that it was verified."""
+
+    sources: tuple[str, ...]
+    transport: str
+    tensors: int
+    bytes: int
+    seconds: float
+    verified: bool = True
+    failures: tuple[str, ...] = field(default=())  # sources that failed before another finished
+    bytes_by_source: tuple[tuple[str, int], ...] = field(default=())
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+    def summary(self) -> str:
+        return (
+            f"{self.tensors} tensors, {self.bytes} bytes in {self.seconds:.3f} s "
+            f"({self.gbps:.2f} GB/s) from {', '.join(self.sources)} over {self.transport}, "
+            f"{'verified' if self.verified else 'NOT verified'}"
+        )
+
+
+class PullObserver(Protocol):
+    """Follows a pull as it goes (a relay, serving each chunk on once it is verified)."""
+
+    def begin(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+    def arrived(self, chunk: Chunk) -> None: ...
+
+    def fail(self, reason: str) -> None: ...
+
+
+class Client:
+    """Pulls from `sources`: from `stripe` of them at once (default: all), disjoint parts
+    from each, balanced by their speed. A source that fails or stalls is replaced by the
+    next untried one, and its unreceived chunks move to the others; finished chunks are
+    never fetched twice.
+
+    sources:    "host:port" strings or Endpoints, in order of preference.
+    secret:     the shared secret, when the servers require one (or to require that they
+                prove they know it).
+    transport:  a name from netloader.transports.names() ("auto": the default).
+    timeouts:   connect (connect and handshake) and stall (silence while pulling).
+    huge_pages: ask Linux for 2 MiB pages on never-touched destination memory; off by
+                default (see the README's benchmark section for why).
+    stripe:     how many sources to pull from at once (1: one at a time, in order, the
+                rest as fallbacks: a relay chain).
+    tls:        a client context (netloader.transports.tls.client_context) to require TLS
+                with a verified server certificate.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Endpoint | str],
+        *,
+        secret: bytes | None = None,
+        transport: str = "auto",
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        huge_pages: bool = False,
+        stripe: int | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        try:
+            self.sources = [s if isinstance(s, Endpoint) else parse_endpoint(s) for s in sources]
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        self.secret = secret
+        self.huge_pages = huge_pages
+        self.transport = get_transport(transport)
+        self.timeouts = timeouts
+        if stripe is not None and stripe < 1:
+            raise UsageError(f"stripe must be at least 1, not {stripe}")
+        self.stripe = len(self.sources) if stripe is None else stripe
+        self.tls = tls
+        if tls is not None and not self.transport.tls:
+            raise UsageError(f"TLS cannot cover the {self.transport.name} transport")
+
+    # ---- public -------------------------------------------------------------------------
+    def manifest(self) -> Manifest:
+        """The manifest of the first source that answers with a valid one."""
+        errors: list[str] = []
+        for source in self.sources:
+            conn: Connection | None = None
+            try:
+                conn = self._open(source)
+                return self._fetch_manifest(conn)
+            except (TransferError, ProtocolError) as exc:
+                errors.append(str(_as_transfer_error(exc, source)))
+            finally:
+                if conn is not None:
+                    _bye(conn)
+        raise SourceUnavailable("no source answered: " + "; ".join(errors or ["no sources given"]))
+
+    def load_into(
+        self,
+        dest: Mapping[str, torch.Tensor],
+        identity: Identity,
+        *,
+        progress: Callable[[int], None] | None = None,
+        observer: PullObserver | None = None,
+    ) -> LoadReport:
+        """Fill `dest` (name -> tensor of the right dtype and shape) from the sources.
+
+        dest:     the tensors to fill, in place.
+        identity: the model and layout they belong to (the server's must match).
+        progress: called with the byte count of each verified chunk.
+        observer: told of the adopted manifest and each verified chunk (a relay).
+
+        Raises a TransferError subclass if not every tensor arrived verified; its
+        `completed` names the tensors that did (the others hold undefined bytes).
+        """
+        started = time.perf_counter()
+        pull = _Pull(expected_manifest(identity, dest), dest, self.sources, progress, observer)
+        pull.huge_pages = self.huge_pages
+        # Sources are handed out before any worker starts, so the first to connect knows
+        # it is not alone and leaves work for the others.
+        first = [pull.next_source() for _ in range(min(self.stripe, len(self.sources)))]
+        workers = [
+            threading.Thread(target=self._work, args=(pull, source), name=f"netloader-{source}")
+            for source in first[1:]
+        ]
+        for worker in workers:
+            worker.start()
+        self._work(pull, first[0] if first else None)  # the calling thread is a worker too
+        for worker in workers:
+            worker.join()
+        if not pull.finished():
+            error = pull.error(len(dest))
+            if observer is not None:
+                observer.fail(str(error))
+            raise error
+        assert pull.sink is not None
+        report = LoadReport(
+            sources=tuple(pull.plan.delivered),
+            transport=self.transport.name,
+            tensors=len(dest),
+            bytes=pull.sink.bytes,
+            seconds=time.perf_counter() - started,
+            failures=tuple(pull.plan.failures),
+            bytes_by_source=tuple(pull.plan.delivered.items()),
+        )
+        log.info("netloader: loaded %s", report.summary())
+        return report
+
+    # ---- one worker: a source at a time -------------------------------------------------
+    def _work(self, pull: _Pull, source: Endpoint | None) -> None:
+        while source is not None:
+            conn: Connection | None = None
+            batch: list[Chunk] = []  # in flight; handed back to the queue if the source fails
+            try:
+                conn = self._open(source)
+                sink = pull.adopt(self._fetch_manifest(conn), source)
+                while batch := pull.take(source):
+                    started = time.perf_counter()
+                    conn.send(
+                        p.Fetch(self.transport.name, tuple((c.tensor, c.number) for c in batch))
+                    )
+                    self.transport.receive_chunks(conn, batch, sink, self.timeouts)
+                    pull.done(source, batch, time.perf_counter() - started)
+                pull.leave(source)
+                _bye(conn)  # an idle connection is closed, not held open on the server
+            except Exception as caught:
+                exc = _as_transfer_error(caught, source)
+                if conn is not None:
+                    # Polite goodbye where the stream is still in step (nothing was fetched).
+                    _bye(conn) if isinstance(exc, ManifestMismatch) else conn.close()
+                pull.failed(source, batch, exc)
+                log.warning("netloader: source %s failed: %s", source, exc)
+                source = pull.next_source()
+                continue
+            # Nothing left to take: stay available in case another source fails.
+            if not pull.wait_for_work(source):
+                return
+
+    # ---- one connection -----------------------------------------------------------------
+    def _open(self, source: Endpoint) -> Connection:
+        """Connect, (TLS,) and run the handshake, all within the connect timeout."""
+        peer = str(source)
+        try:
+            sock = connect(source.host, source.port, self.timeouts.connect)
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot connect to {source}: {exc}", source=peer) from exc
+        if self.tls is not None:
+            sock = start_tls(
+                sock,
+                self.tls,
+                peer=peer,
+                timeout=self.timeouts.connect,
+                server_hostname=source.host,
+            )
+        conn = Connection(sock, peer, p.ClientSession(self.secret, peer))
+        try:
+            conn.settimeout(self.timeouts.connect)
+            self._handshake(conn)
+        except BaseException:
+            conn.close()
+            raise
+        conn.settimeout(self.timeouts.stall)
+        return conn
+
+    def _handshake(self, conn: Connection) -> None:
+        session = conn.session
+        assert isinstance(session, p.ClientSession)
+        conn.send_bytes(session.hello())
+        try:
+            conn.expect(p.Welcome)  # the session checks the server's version and proof
+        except PeerClosed as exc:
+            hint = "" if self.tls is not None else " (does it require TLS?)"
+            raise PeerClosed(f"{exc} before its welcome{hint}", source=conn.peer) from exc
+        auth = session.auth()
+        if auth is not None:
+            conn.send_bytes(auth)
+
+    def _fetch_manifest(self, conn: Connection) -> Manifest:
+        conn.send(p.GetManifest())
+        manifest = conn.expect(p.ManifestMessage).manifest
+        if any(not t.digests for t in manifest.tensors):
+            raise ProtocolError(f"{conn.peer} sent a manifest without digests")
+        return manifest
+
+
+class _Pull:
+    """The state one `load_into`'s workers share: the scheduler, the adopted manifest and
+    the sink, under one lock; workers wait on it for work that comes back."""
+
+    def __init__(
+        self,
+        expected: Manifest,
+        dest: Mapping[str, torch.Tensor],
+        sources: Sequence[Endpoint],
+        progress: Callable[[int], None] | None,
+        observer: PullObserver | None,
+    ) -> None:
+        self.expected = expected
+        self.dest = dest
+        self.progress = progress
+        self.observer = observer
+        self.huge_pages = False
+        self.plan = Scheduler(sources)
+        self.changed = threading.Condition()
+        self.reference: Manifest | None = None
+        self.sink: VerifyingSink | None = None
+        self.last_error: TransferError | None = None
+
+    def next_source(self) -> Endpoint | None:
+        with self.changed:
+            return self.plan.next_source()
+
+    def finished(self) -> bool:
+        with self.changed:
+            return self.plan.finished
+
+    def adopt(self, offered: Manifest, source: Endpoint) -> VerifyingSink:
+        """Accept `source`'s manifest if it is the model we expect and, for every source
+        after the first, holds the very same bytes (or the model would mix)."""
+        with self.changed:
+            differences = self.expected.differences(offered)
+            if self.reference is not None and not differences:
+                differences = _digest_differences(self.reference, offered)
+            if differences:
+                raise ManifestMismatch.from_differences(differences, source=str(source))
+            if self.reference is None:
+                self.reference = offered
+                self.sink = VerifyingSink(
+                    offered,
+                    self.dest,
+                    progress=self.progress,
+                    huge_pages=self.huge_pages,
+                    verified=None if self.observer is None else self.observer.arrived,
+                )
+                self.plan.load(offered.chunks())
+                if self.observer is not None:
+                    self.observer.begin(offered, self.dest)
+            assert self.sink is not None
+            return self.sink
+
+    def take(self, source: Endpoint) -> list[Chunk]:
+        with self.changed:
+            return self.plan.take(source)
+
+    def done(self, source: Endpoint, batch: list[Chunk], seconds: float) -> None:
+        with self.changed:
+            self.plan.done(source, batch, seconds)
+            self.changed.notify_all()
+
+    def leave(self, source: Endpoint) -> None:
+        with self.changed:
+            self.plan.leave(source)
+
+    def failed(self, source: Endpoint, batch: list[Chunk], exc: TransferError) -> None:
+        with self.changed:
+            sink = self.sink
+            undelivered = [c for c in batch if sink is None or not sink.is_done(c)]
+            self.plan.failed(source, batch, undelivered, str(exc))
+            self.last_error = exc
+            self.changed.notify_all()
+
+    def wait_for_work(self, source: Endpoint) -> bool:
+        """Block while others are still fetching; True (and `source` is active again) if
+        chunks came back to the queue (a source failed), False once everything has arrived
+        or nobody is fetching."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.plan.has_work or self.plan.in_flight == 0)
+            if self.plan.has_work:
+                self.plan.rejoin(source)
+            return self.plan.has_work
+
+    def error(self, wanted: int) -> TransferError:
+        """The exception for a pull that did not finish: the last source's error type,
+        every source's reason, and the tensors that did arrive."""
+        completed = self.sink.completed() if self.sink is not None else []
+        failures = self.plan.failures
+        message = "; ".join(failures) if failures else "no sources configured"
+        last = self.last_error
+        return (type(last) if last is not None else SourceUnavailable)(
+            f"pull incomplete ({len(completed)} of {wanted} tensors verified): {message}",
+            source=last.source if last else None,
+            completed=completed,
+        )
+
+
+def _as_transfer_error(caught: BaseException, source: Endpoint) -> TransferError:
+    if isinstance(caught, TransferError):
+        return caught
+    if isinstance(caught, ProtocolError):
+        return TransferError(f"{source} broke the protocol: {caught}", source=str(source))
+    # A bug must not leave the other workers waiting for this one: it fails this source.
+    log.error("netloader: pulling from %s failed", source, exc_info=caught)
+    return TransferError(f"{source}: internal error: {caught!r}", source=str(source))
+
+
+def _digest_differences(reference: Manifest, offered: Manifest) -> list[str]:
+    """A later source must hold the very same bytes as the first, or the model would mix."""
+    if reference.chunk_bytes != offered.chunk_bytes:
+        return [f"chunk size {offered.chunk_bytes} differs from the first source's"]
+    theirs = {t.name: t.digests for t in offered.tensors}
+    return [
+        f"tensor {t.name!r} content differs from the first source's"
+        for t in reference.tensors
+        if theirs.get(t.name) != t.digests
+    ]
+
+
+def _bye(conn: Connection) -> None:
+    """Say goodbye where the conversation allows it, then close."""
+    if conn.session.phase is p.Phase.READY:
+        with contextlib.suppress(NetloaderError):
+            conn.send(p.Bye())
+    conn.close()

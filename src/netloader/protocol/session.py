@@ -1,0 +1,300 @@
+"""The conversation as a pure state machine (in the spirit of h11's `_state.py`): which
+message each side may send in each phase, and the mutual authentication, with no I/O.
+
+    client                                  server
+    HELLO{protocol, nonce}          ->
+                                    <-      WELCOME{protocol, auth, nonce, proof}
+    AUTH{proof}                     ->      (only when the server requires a secret)
+    GET_MANIFEST                    ->
+                                    <-      MANIFEST
+    FETCH{transport, chunks}        ->
+                                    <-      DATA ... END          (bytes in band)
+                                    <-      GLOO{port}  ... DONE  (bytes on a process group)
+                               DONE ->
+    BYE                             ->
+    either side may send ERROR instead of what is expected, and close.
+
+A `ClientSession` and a `ServerSession` each track the phase of one connection. `send`
+turns a message into bytes, refusing one its side may not send now; the receiving side
+checks a frame's header against the phase *before* reading its body, so a peer cannot make
+us allocate or parse anything the phase does not allow (before authentication, only the
+handshake's small messages). `receive_data` / `next_event` parse a byte stream in memory,
+which is how the sessions are tested: bytes piped between a client and a server session.
+The socket layer reads headers and DATA bodies itself and uses `check_header` /
+`receive_body`.
+
+Authentication: HMAC-SHA256 over both nonces, bound to the prover's role, so a proof
+cannot be reflected back at its sender. The server proves first (in WELCOME), the client
+second (in AUTH).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from enum import Enum, auto
+
+from netloader.errors import AuthenticationError, ProtocolError, VersionMismatch
+from netloader.protocol.messages import (
+    DATA_PREFIX,
+    HEADER,
+    NONCE_BYTES,
+    PROTOCOL_VERSION,
+    SMALL_BODY,
+    Auth,
+    Data,
+    FrameHeader,
+    Hello,
+    Message,
+    MsgType,
+    Welcome,
+    decode_data_prefix,
+    decode_header,
+    decode_message,
+    encode_data_header,
+)
+
+
+class Role(Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+    @property
+    def other(self) -> Role:
+        return Role.SERVER if self is Role.CLIENT else Role.CLIENT
+
+
+class Phase(Enum):
+    START = auto()  # the client is to say HELLO
+    WELCOMING = auto()  # the server is to answer WELCOME
+    AUTHENTICATING = auto()  # the client is to send AUTH
+    READY = auto()  # the client asks: GET_MANIFEST, FETCH or BYE
+    MANIFEST = auto()  # the server is to send its manifest
+    TRANSFER = auto()  # the server sends DATA... END, or sets up a process group
+    OUT_OF_BAND = auto()  # bytes move on a process group; the client confirms with DONE
+    CLOSED = auto()
+
+
+C, S = Role.CLIENT, Role.SERVER
+# (phase, sender, message type) -> next phase. Anything else is a protocol violation.
+TRANSITIONS: dict[tuple[Phase, Role, MsgType], Phase] = {
+    (Phase.START, C, MsgType.HELLO): Phase.WELCOMING,
+    (Phase.WELCOMING, S, MsgType.WELCOME): Phase.READY,  # AUTHENTICATING with a secret
+    (Phase.AUTHENTICATING, C, MsgType.AUTH): Phase.READY,
+    (Phase.READY, C, MsgType.GET_MANIFEST): Phase.MANIFEST,
+    (Phase.MANIFEST, S, MsgType.MANIFEST): Phase.READY,
+    (Phase.READY, C, MsgType.FETCH): Phase.TRANSFER,
+    (Phase.TRANSFER, S, MsgType.DATA): Phase.TRANSFER,
+    (Phase.TRANSFER, S, MsgType.END): Phase.READY,
+    (Phase.TRANSFER, S, MsgType.GLOO): Phase.OUT_OF_BAND,
+    (Phase.OUT_OF_BAND, C, MsgType.DONE): Phase.READY,
+    (Phase.READY, C, MsgType.BYE): Phase.CLOSED,
+}
+HANDSHAKE = frozenset({Phase.START, Phase.WELCOMING, Phase.AUTHENTICATING})
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def proof(secret: bytes, role: Role, first: bytes, second: bytes) -> str:
+    """`role`'s proof of knowing `secret`: HMAC-SHA256 over the role and both nonces (the
+    verifier's first)."""
+    return hmac.new(secret, role.value.encode() + first + second, hashlib.sha256).hexdigest()
+
+
+def proof_matches(secret: bytes, role: Role, first: bytes, second: bytes, given: object) -> bool:
+    return isinstance(given, str) and hmac.compare_digest(proof(secret, role, first, second), given)
+
+
+class Session:
+    """One side of one connection: the phase, and the checks on each message."""
+
+    role: Role
+
+    def __init__(self, secret: bytes | None, peer: str = "peer") -> None:
+        self.secret = secret
+        self.peer = peer
+        self.phase = Phase.START
+        self._buffer = bytearray()
+
+    # ---- transitions --------------------------------------------------------------------
+    def _advance(self, sender: Role, kind: MsgType) -> None:
+        if kind is MsgType.ERROR:
+            self.phase = Phase.CLOSED
+            return
+        following = TRANSITIONS.get((self.phase, sender, kind))
+        if following is None:
+            raise ProtocolError(self._unexpected(sender, kind))
+        if following is Phase.READY and kind is MsgType.WELCOME and self.secret is not None:
+            following = Phase.AUTHENTICATING
+        self.phase = following
+
+    def _unexpected(self, sender: Role, kind: MsgType) -> str:
+        allowed = [t.name for (ph, who, t) in TRANSITIONS if ph is self.phase and who is sender]
+        expected = "/".join(allowed) or "nothing"
+        who = self.peer if sender is not self.role else f"{self.role.value} (us)"
+        return f"{who} sent {kind.name} in phase {self.phase.name.lower()}, expected {expected}"
+
+    def expects(self, kind: MsgType) -> bool:
+        """Whether the peer may send `kind` now."""
+        return kind is MsgType.ERROR or (self.phase, self.role.other, kind) in TRANSITIONS
+
+    # ---- sending ------------------------------------------------------------------------
+    def send(self, message: Message | Data) -> bytes:
+        """The bytes of `message`, if this side may send it now."""
+        self._advance(self.role, message.TYPE)
+        return message.encode()
+
+    def send_data_header(self, tensor: int, chunk: int, length: int) -> bytes:
+        """The header of a DATA frame whose `length` raw bytes the caller sends itself."""
+        self._advance(self.role, MsgType.DATA)
+        return encode_data_header(tensor, chunk, length)
+
+    # ---- receiving ----------------------------------------------------------------------
+    def check_header(self, header: FrameHeader) -> None:
+        """Refuse a frame the phase does not allow, before its body is read. During the
+        handshake, every body is small (whatever the type's own bound)."""
+        if not self.expects(header.type):
+            raise ProtocolError(self._unexpected(self.role.other, header.type))
+        if self.phase in HANDSHAKE and header.length > SMALL_BODY:
+            raise ProtocolError(
+                f"{self.peer} sent a {header.length}-byte {header.type.name} during the handshake"
+            )
+
+    def receive_body(self, header: FrameHeader, body: bytes) -> Message:
+        """The typed control message of a checked header; an ERROR frame is returned as an
+        `Error` (the phase becomes CLOSED)."""
+        message = decode_message(header.type, body)
+        self._advance(self.role.other, header.type)
+        self._received(message)
+        return message
+
+    def data_received(self) -> None:
+        """A DATA frame was read (by the socket layer, straight into memory)."""
+        self._advance(self.role.other, MsgType.DATA)
+
+    def _received(self, message: Message) -> None:
+        """The handshake's checks on a received message (subclasses)."""
+
+    # ---- in memory (h11 style) ----------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_event(self) -> Message | Data | None:
+        """The next complete message from the buffered bytes; None until one is complete."""
+        if len(self._buffer) < HEADER.size:
+            return None
+        header = decode_header(bytes(self._buffer[: HEADER.size]))
+        self.check_header(header)
+        end = HEADER.size + header.length
+        if len(self._buffer) < end:
+            return None
+        body = bytes(self._buffer[HEADER.size : end])
+        del self._buffer[:end]
+        if header.type is MsgType.DATA:
+            tensor, chunk = decode_data_prefix(body[: DATA_PREFIX.size])
+            self.data_received()
+            return Data(tensor, chunk, body[DATA_PREFIX.size :])
+        return self.receive_body(header, body)
+
+
+class ClientSession(Session):
+    """The client's side: says HELLO, checks the server's proof, proves itself."""
+
+    role = Role.CLIENT
+
+    def __init__(self, secret: bytes | None, peer: str = "server") -> None:
+        super().__init__(secret, peer)
+        self.nonce = new_nonce()
+        self._server_nonce = b""
+
+    def hello(self) -> bytes:
+        return self.send(Hello(PROTOCOL_VERSION, self.nonce))
+
+    def _received(self, message: Message) -> None:
+        if isinstance(message, Welcome):
+            self._check_welcome(message)
+
+    def _check_welcome(self, welcome: Welcome) -> None:
+        """Raises VersionMismatch or AuthenticationError."""
+        if welcome.protocol != PROTOCOL_VERSION:
+            self.phase = Phase.CLOSED
+            raise VersionMismatch(
+                f"{self.peer} speaks protocol {welcome.protocol}, we speak {PROTOCOL_VERSION}",
+                source=self.peer,
+            )
+        if welcome.auth and self.secret is None:
+            self.phase = Phase.CLOSED
+            raise AuthenticationError(
+                f"authentication: {self.peer} requires a secret and none is configured",
+                source=self.peer,
+            )
+        if self.secret is not None and (
+            not welcome.auth
+            or not proof_matches(self.secret, Role.SERVER, self.nonce, welcome.nonce, welcome.proof)
+        ):
+            self.phase = Phase.CLOSED
+            raise AuthenticationError(
+                f"authentication: {self.peer} could not prove it knows the shared secret",
+                source=self.peer,
+            )
+        self._server_nonce = welcome.nonce
+
+    def auth(self) -> bytes | None:
+        """After a good WELCOME: the AUTH frame to send when we hold a secret, else None."""
+        if self.secret is None or self.phase is not Phase.AUTHENTICATING:
+            return None
+        return self.send(Auth(proof(self.secret, Role.CLIENT, self._server_nonce, self.nonce)))
+
+
+class ServerSession(Session):
+    """The server's side: answers HELLO with its proof, then checks the client's."""
+
+    role = Role.SERVER
+
+    def __init__(self, secret: bytes | None, peer: str = "client") -> None:
+        super().__init__(secret, peer)
+        self.nonce = new_nonce()
+        self._client_nonce = b""
+
+    def welcome(self, hello: Hello) -> bytes:
+        """WELCOME for this HELLO. Raises VersionMismatch (answer with an ERROR)."""
+        if hello.protocol != PROTOCOL_VERSION:
+            raise VersionMismatch(
+                f"server speaks protocol {PROTOCOL_VERSION}, client {hello.protocol}",
+                source=self.peer,
+            )
+        self._client_nonce = hello.nonce
+        server_proof = (
+            None
+            if self.secret is None
+            else proof(self.secret, Role.SERVER, hello.nonce, self.nonce)
+        )
+        return self.send(
+            Welcome(PROTOCOL_VERSION, self.secret is not None, self.nonce, server_proof)
+        )
+
+    def _received(self, message: Message) -> None:
+        if isinstance(message, Auth):
+            self._verify(message)
+
+    def _verify(self, auth: Auth) -> None:
+        """AuthenticationError unless the client proved it knows the secret."""
+        assert self.secret is not None  # AUTH is only expected when we hold one
+        if not proof_matches(self.secret, Role.CLIENT, self.nonce, self._client_nonce, auth.proof):
+            self.phase = Phase.CLOSED
+            raise AuthenticationError("authentication failed", source=self.peer)
+
+
+__all__ = [
+    "ClientSession",
+    "Phase",
+    "Role",
+    "ServerSession",
+    "Session",
+    "new_nonce",
+    "proof",
+    "proof_matches",
+]

@@ -1,0 +1,147 @@
+"""Serving and loading per parallel rank, driven by the seed configuration: LISTEN_PORT +
+rank, OUTPUT_PREFIX files, the SOURCE entry for the rank, and WAVE_DIR waves. This is the
+layer the vLLM integration (and any engine's) stands on."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypedDict
+
+from netloader.api import Tensors, tensors_of
+from netloader.client import Client, LoadReport
+from netloader.config import NetloaderConfig
+from netloader.discovery.wave import Wave
+from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_address_file
+from netloader.errors import SourceUnavailable, UsageError
+from netloader.manifest import Identity, Manifest
+from netloader.server import LoadedTensors, Relay, Server
+from netloader.settings import Timeouts, resolve_secret
+
+log = logging.getLogger(__name__)
+
+
+def serve_rank(
+    model: Tensors,
+    identity: Identity,
+    config: NetloaderConfig,
+    rank: int,
+    *,
+    secret: bytes | None = None,
+    manifest: Manifest | None = None,
+    unavailable: str | None = None,
+) -> Server | None:
+    """Serve `model` for `rank` on LISTEN_PORT + rank (a free port when unset) and write
+    OUTPUT_PREFIX's file. `manifest`: digests already computed over these tensors;
+    `unavailable`: tell clients this reason instead of serving. Returns None when the port
+    is outside 1024-65535 (logged): this rank does not serve."""
+    port = config.listen_port_for(rank)
+    if port is None:
+        return None
+    holdings = LoadedTensors(
+        tensors_of(model), identity, manifest=manifest, unavailable=unavailable
+    )
+    server = Server(holdings, **_server_options(config, port, secret))
+    _publish(config, rank, server)
+    return server
+
+
+def relay_rank(config: NetloaderConfig, rank: int, *, secret: bytes | None = None) -> Relay | None:
+    """Like `serve_rank`, for a model about to be loaded: listening now, serving each chunk
+    once `load_rank(..., relay=it)` has it verified; `relay.finish(...)` serves the loaded
+    model from then on."""
+    port = config.listen_port_for(rank)
+    if port is None:
+        return None
+    relay = Relay(**_server_options(config, port, secret))
+    _publish(config, rank, relay)
+    return relay
+
+
+def join_wave(
+    config: NetloaderConfig, rank: int, relay: Server, *, fanout: int | None = 1
+) -> tuple[int, list[Endpoint]]:
+    """Join WAVE_DIR's wave for `rank` as the member that `relay` serves. Returns its
+    position and its sources, in order: the member before it (its parent in a tree of
+    `fanout`; 1: a chain, None: everyone pulls from the seeds), that member's predecessors
+    (fallbacks), the wave's seeds, then SOURCE's entries for `rank`."""
+    if config.wave_dir is None:
+        raise UsageError("join_wave needs WAVE_DIR")
+    wave = Wave(Path(config.wave_dir), rank=rank, fanout=fanout)
+    position = wave.join(str(relay.address))
+    found: list[Endpoint] = []
+    for text in wave.sources(position):
+        try:
+            found.append(parse_endpoint(text))
+        except ValueError as exc:  # a stray or broken file: not a source, not a failure
+            log.warning("netloader: wave %s: ignoring %r: %s", config.wave_dir, text, exc)
+    return position, [*found, *config.sources_for(rank)]
+
+
+def load_rank(
+    model: Tensors,
+    identity: Identity,
+    config: NetloaderConfig,
+    rank: int,
+    *,
+    secret: bytes | None = None,
+    sources: Sequence[Endpoint] | None = None,
+    relay: Relay | None = None,
+) -> LoadReport:
+    """Load from the sources SOURCE lists for `rank` (or from `sources`, one at a time in
+    order, e.g. a wave's from `join_wave`), relaying each chunk through `relay` (from
+    `relay_rank`) when given. Raises SourceUnavailable when there are no sources (the
+    caller's cue to use its default loader) and TransferError on failure."""
+    in_order = sources is not None
+    sources = config.sources_for(rank) if sources is None else tuple(sources)
+    if not sources:
+        raise SourceUnavailable(f"no sources for rank {rank}" + ("" if in_order else " in SOURCE"))
+    client = client_for(config, sources, stripe=1 if in_order else None, secret=secret)
+    return client.load_into(
+        tensors_of(model), identity, observer=None if relay is None else relay.arrivals
+    )
+
+
+def client_for(
+    config: NetloaderConfig,
+    sources: Sequence[Endpoint],
+    *,
+    stripe: int | None = None,
+    secret: bytes | None = None,
+) -> Client:
+    """A Client for `sources` with the configuration's secret, transport, timeouts and TLS."""
+    return Client(
+        sources,
+        secret=resolve_secret(secret, config.secret_file),
+        transport=config.transport,
+        timeouts=config.timeouts,
+        stripe=stripe,
+        tls=config.client_tls(),
+    )
+
+
+class _ServerOptions(TypedDict):
+    listen: Endpoint
+    advertise_host: str
+    secret: bytes | None
+    timeouts: Timeouts
+    tls: ssl.SSLContext | None
+
+
+def _server_options(config: NetloaderConfig, port: int, secret: bytes | None) -> _ServerOptions:
+    return {
+        "listen": Endpoint(config.listen_host, port),
+        "advertise_host": advertised_host(config.listen_host, config.advertise_host),
+        "secret": resolve_secret(secret, config.secret_file),
+        "timeouts": config.timeouts,
+        "tls": config.server_tls(),
+    }
+
+
+def _publish(config: NetloaderConfig, rank: int, server: Server) -> None:
+    """OUTPUT_PREFIX's file for `rank`, once listening."""
+    path = config.output_file_for(rank)
+    if path is not None:
+        write_address_file(path, server.address)

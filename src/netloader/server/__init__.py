@@ -1,0 +1,8 @@
+"""The serving side: `Server` (listener, caps, a thread per connection), `Relay` (a server
+for a model still arriving), the per-connection `Conversation`, and what they serve
+(`Holdings`: `LoadedTensors` or `Arrivals`)."""
+
+from netloader.server.holdings import Arrivals, Holdings, LoadedTensors
+from netloader.server.server import Relay, Server
+
+__all__ = ["Arrivals", "Holdings", "LoadedTensors", "Relay", "Server"]

@@ -1,0 +1,161 @@
+"""One client's conversation with a server: TLS, handshake, then answering GET_MANIFEST
+and FETCH until BYE. Runs in that connection's own thread; every failure ends this
+conversation only, with an ERROR frame saying why where the peer can still read one."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+
+import torch
+
+from netloader import protocol as p
+from netloader.errors import (
+    AuthenticationError,
+    NetloaderError,
+    ProtocolError,
+    SourceUnavailable,
+    VersionMismatch,
+)
+from netloader.manifest import Chunk, Manifest
+from netloader.server.holdings import Holdings
+from netloader.settings import Timeouts
+from netloader.tensors import flat_bytes
+from netloader.transports import REGISTRY
+from netloader.transports.connection import Connection
+from netloader.transports.tls import start_tls
+
+log = logging.getLogger(__name__)
+
+# Waits for a relay's chunks end before the client's own stall timeout would give up on us.
+ANSWER_WITHIN = 0.8
+
+
+class HeldChunks:
+    """ChunkSource over a server's holdings: views into the tensors' memory, no copies for
+    contiguous CPU tensors (others are made contiguous on the host, one tensor at a time).
+    Waits, at most `wait` seconds, for chunks a relay has not received yet."""
+
+    def __init__(self, holdings: Holdings, wait: float) -> None:
+        self.holdings = holdings
+        self.tensors = holdings.tensors()
+        self.wait = wait
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def chunk_bytes(self, chunk: Chunk) -> torch.Tensor:
+        self.holdings.wait_for(chunk, self.wait)
+        if self._last is None or self._last[0] != chunk.tensor:
+            self._last = (chunk.tensor, flat_bytes(self.tensors[chunk.tensor]).cpu())
+        return self._last[1][chunk.offset : chunk.offset + chunk.length]
+
+
+class Conversation:
+    """What a server says to one connected client.
+
+    conn:      the accepted connection (its session a ServerSession).
+    holdings:  what to offer (fixed for this conversation: see Server.serve_instead).
+    timeouts:  handshake (for TLS and the handshake), stall (afterwards).
+    transfers: the server's semaphore of transfers in progress.
+    tls:       a server context, to require TLS before anything else.
+    closing:   set when the server is shutting down (quieter logs).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        holdings: Holdings,
+        *,
+        timeouts: Timeouts,
+        transfers: threading.BoundedSemaphore,
+        max_transfers: int,
+        tls: ssl.SSLContext | None,
+        closing: threading.Event,
+    ) -> None:
+        self.conn = conn
+        self.holdings = holdings
+        self.timeouts = timeouts
+        self.transfers = transfers
+        self.max_transfers = max_transfers
+        self.tls = tls
+        self.closing = closing
+
+    def run(self) -> None:
+        """Converse until BYE or a failure; never raises."""
+        conn = self.conn
+        try:
+            self._converse()
+        except SourceUnavailable as exc:  # nothing (more) to offer this client: say why
+            log.info("netloader: told %s: %s", conn.peer, exc)
+            conn.try_send(p.Error(p.ErrorCode.UNAVAILABLE, str(exc)))
+        except VersionMismatch as exc:
+            log.warning("netloader: %s: %s; refused", conn.peer, exc)
+            conn.try_send(p.Error(p.ErrorCode.VERSION, str(exc)))
+        except AuthenticationError:
+            log.warning("netloader: %s failed authentication", conn.peer)
+            conn.try_send(p.Error(p.ErrorCode.AUTH, "authentication failed"))
+        except (NetloaderError, OSError) as exc:
+            level = logging.DEBUG if self.closing.is_set() else logging.WARNING
+            log.log(level, "netloader: connection from %s ended: %s", conn.peer, exc)
+            if isinstance(exc, ProtocolError):
+                conn.try_send(p.Error(p.ErrorCode.BAD_REQUEST, str(exc)))
+        except Exception:  # a bug in one connection must never reach the host process
+            log.exception("netloader: connection from %s failed", conn.peer)
+            conn.try_send(p.Error(p.ErrorCode.INTERNAL, "internal server error"))
+        finally:
+            conn.close()
+
+    def _converse(self) -> None:
+        conn = self.conn
+        session = conn.session
+        assert isinstance(session, p.ServerSession)
+        if self.tls is not None:
+            conn.sock = start_tls(
+                conn.sock, self.tls, peer=conn.peer, timeout=self.timeouts.handshake
+            )
+        conn.settimeout(self.timeouts.handshake)
+        conn.send_bytes(session.welcome(conn.expect(p.Hello)))
+        if session.secret is not None:
+            conn.expect(p.Auth)  # the session checks the proof
+        conn.settimeout(self.timeouts.stall)
+        answer_within = ANSWER_WITHIN * self.timeouts.stall
+        manifest = self.holdings.manifest(answer_within)
+        while True:
+            message = conn.receive()
+            if isinstance(message, p.Bye):
+                return
+            if isinstance(message, p.GetManifest):
+                conn.send(p.ManifestMessage(manifest))
+            elif isinstance(message, p.Fetch):
+                self._fetch(message.validate(manifest), manifest, answer_within)
+
+    def _fetch(self, fetch: p.Fetch, manifest: Manifest, answer_within: float) -> None:
+        transport = REGISTRY.get(fetch.transport)
+        if transport is None:
+            raise ProtocolError(f"unknown transport {fetch.transport!r}")
+        if self.tls is not None and not transport.tls:
+            raise ProtocolError(f"this server uses TLS: transport {fetch.transport!r} refused")
+        if not self.transfers.acquire(blocking=False):
+            raise SourceUnavailable(
+                f"server busy: {self.max_transfers} transfers in progress (limit)"
+            )
+        try:
+            chunks = [manifest.chunk(t, c) for t, c in fetch.chunks]
+            started = time.perf_counter()
+            transport.send_chunks(
+                self.conn, HeldChunks(self.holdings, answer_within), chunks, self.timeouts
+            )
+        finally:
+            self.transfers.release()
+        seconds = time.perf_counter() - started
+        sent = sum(c.length for c in chunks)
+        log.info(
+            "netloader: sent %d chunks, %d bytes to %s over %s in %.3f s (%.2f GB/s)",
+            len(chunks),
+            sent,
+            self.conn.peer,
+            transport.name,
+            seconds,
+            sent / max(seconds, 1e-9) / 1e9,
+        )

@@ -1,0 +1,230 @@
+"""The serving side: a listener whose background threads hand out a model's tensors,
+verified by digest, to any number of clients at once, without disturbing the host
+process. `Relay` is a server for a model that is still arriving."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+
+import torch
+
+from netloader import protocol as p
+from netloader.endpoint import Endpoint
+from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
+from netloader.server.conversation import Conversation
+from netloader.server.holdings import Arrivals, Holdings, LoadedTensors
+from netloader.settings import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, Limits, Timeouts
+from netloader.transports.connection import Connection
+
+log = logging.getLogger(__name__)
+
+ACCEPT_POLL = 0.2
+LOOPBACK_ANY_PORT = Endpoint("127.0.0.1", 0)
+
+
+class Server:
+    """Serves `holdings` (a loaded model, or one still arriving at a relay). Construction
+    binds the listener and returns at once; everything else happens in background threads.
+    Call `close()` (or use it as a context manager) to stop.
+
+    listen:         address to bind ("host", port 0 picks a free port).
+    advertise_host: the host `address` names (default: the bound host); choose it with
+                    netloader.endpoint.advertised_host when binding a wildcard.
+    secret:         require clients to prove they know it (HMAC); None serves anyone.
+    timeouts:       handshake (a new connection's) and stall (silence afterwards).
+    limits:         connection and transfer caps.
+    tls:            a server context (netloader.transports.tls.server_context).
+    """
+
+    def __init__(
+        self,
+        holdings: Holdings,
+        *,
+        listen: Endpoint = LOOPBACK_ANY_PORT,
+        advertise_host: str | None = None,
+        secret: bytes | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        limits: Limits = DEFAULT_LIMITS,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.holdings = holdings
+        self.timeouts = timeouts
+        self.limits = limits
+        self._tls = tls
+        self._secret = secret
+        self._transfers = threading.BoundedSemaphore(limits.max_transfers)
+        self._closing = threading.Event()
+        self._connections: dict[Connection, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+        self._listener = socket.create_server(
+            (listen.host, listen.port), family=_family(listen.host), reuse_port=False
+        )
+        self._listener.settimeout(ACCEPT_POLL)
+        bound_host, bound_port = self._listener.getsockname()[:2]
+        self.address = Endpoint(advertise_host or bound_host, bound_port)
+        if secret is None:
+            log.warning(
+                "netloader: serving on %s without a secret: any peer that reaches this port "
+                "can read the weights",
+                self.address,
+            )
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="netloader-accept", daemon=True
+        )
+        self._accept_thread.start()
+        log.info("netloader: serving on %s", self.address)
+
+    # ---- public -------------------------------------------------------------------------
+    def manifest(self, timeout: float | None = None) -> Manifest:
+        """The served manifest, once its digests are computed (or, at a relay, adopted)."""
+        return self.holdings.manifest(timeout if timeout is not None else 1e9)
+
+    def serve_instead(self, holdings: Holdings) -> None:
+        """Offer `holdings` to connections from now on; connections already open keep what
+        they were offered."""
+        self.holdings = holdings
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def close(self) -> None:
+        """Stop accepting, end every connection, and wait (briefly) for their threads."""
+        self._closing.set()
+        self._accept_thread.join(timeout=5)
+        self._listener.close()
+        with self._lock:
+            active = dict(self._connections)
+        for conn in active:
+            conn.abort()
+        for thread in active.values():
+            thread.join(timeout=5)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- background work ----------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._closing.is_set():
+                    return
+                log.warning("netloader: accept failed: %s", exc)
+                time.sleep(ACCEPT_POLL)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = str(Endpoint(addr[0], addr[1]))
+            conn = Connection(sock, peer, p.ServerSession(self._secret, peer))
+            refusal = self._over_limit(addr[0])
+            if refusal is not None:
+                log.warning("netloader: refused %s: %s", conn.peer, refusal)
+                conn.try_send(p.Error(p.ErrorCode.BUSY, refusal), timeout=0.2)
+                conn.close()
+                continue
+            conversation = Conversation(
+                conn,
+                self.holdings,  # one connection, one set of holdings (see serve_instead)
+                timeouts=self.timeouts,
+                transfers=self._transfers,
+                max_transfers=self.limits.max_transfers,
+                tls=self._tls,
+                closing=self._closing,
+            )
+            thread = threading.Thread(
+                target=self._run, args=(conversation,), name=f"netloader-{peer}", daemon=True
+            )
+            with self._lock:
+                self._connections[conn] = thread
+            thread.start()
+
+    def _run(self, conversation: Conversation) -> None:
+        try:
+            conversation.run()
+        finally:
+            with self._lock:
+                self._connections.pop(conversation.conn, None)
+
+    def _over_limit(self, host: str) -> str | None:
+        with self._lock:
+            total = len(self._connections)
+            from_peer = sum(1 for c in self._connections if c.host == host)
+        if total >= self.limits.max_connections:
+            return f"server busy: {total} connections open (limit {self.limits.max_connections})"
+        if from_peer >= self.limits.max_connections_per_peer:
+            return (
+                f"too many connections from {host} (limit {self.limits.max_connections_per_peer})"
+            )
+        return None
+
+
+class Relay(Server):
+    """A server for a model about to be loaded: listening now, so its address can be handed
+    to the instances that start after this one; serving each chunk as soon as the pull it
+    observes (`Client.load_into(..., observer=relay.arrivals)`, or `netloader.load(...,
+    relay=relay)`) has it verified; and, after `finish`, the loaded model. Takes the same
+    keyword arguments as Server."""
+
+    def __init__(
+        self,
+        *,
+        listen: Endpoint = LOOPBACK_ANY_PORT,
+        advertise_host: str | None = None,
+        secret: bytes | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        limits: Limits = DEFAULT_LIMITS,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.arrivals = Arrivals()
+        super().__init__(
+            self.arrivals,
+            listen=listen,
+            advertise_host=advertise_host,
+            secret=secret,
+            timeouts=timeouts,
+            limits=limits,
+            tls=tls,
+        )
+
+    def finish(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        identity: Identity,
+        *,
+        manifest: Manifest | None = None,
+        unavailable: str | None = None,
+        chunk_bytes: int | None = None,
+    ) -> None:
+        """Serve the loaded model from now on (the pulled tensors, or the same model loaded
+        otherwise after a failed pull). `manifest`: digests already computed over these very
+        tensors; `unavailable`: tell every client this reason instead; `chunk_bytes`: by
+        default the pulled manifest's, so the relay and its upstream can be striped."""
+        if chunk_bytes is None:
+            pulled = self.arrivals.adopted
+            chunk_bytes = DEFAULT_CHUNK_BYTES if pulled is None else pulled.chunk_bytes
+        self.serve_instead(
+            LoadedTensors(
+                tensors,
+                identity,
+                manifest=manifest,
+                unavailable=unavailable,
+                chunk_bytes=chunk_bytes,
+            )
+        )
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET

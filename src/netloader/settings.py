@@ -1,0 +1,82 @@
+"""The knobs every layer shares, one object per kind of setting (as httpx's `Timeout` and
+`Limits`): `Client`, `Server`, the configuration, the API and the CLI all take these, so a
+default lives in exactly one place."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from netloader.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds before a silent peer is given up on.
+
+    connect:   a client's TCP connect, then again its handshake with the server.
+    stall:     silence in the middle of an exchange (either side), once connected.
+    handshake: a server's patience with a new connection that has not finished its
+               handshake (a client that connects and says nothing).
+    """
+
+    connect: float = 5.0
+    stall: float = 10.0
+    handshake: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "stall", "handshake"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value <= 86400 or math.isnan(value):
+                raise UsageError(f"timeout {name!r} must be in (0, 86400] seconds, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a server grants at once. Each connection is a thread, so the caps keep a flood
+    of connections (or one greedy peer) from growing the server without bound; each
+    transfer streams at link speed, so more transfers at once would only share it."""
+
+    max_connections: int = 128
+    max_connections_per_peer: int = 16
+    max_transfers: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_connections_per_peer", "max_transfers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"limit {name!r} must be a positive integer, not {value!r}")
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+DEFAULT_LIMITS = Limits()
+
+SECRET_ENV = "NETLOADER_SECRET"
+MAX_SECRET_BYTES = 4096
+
+
+def resolve_secret(
+    secret: bytes | str | None = None, secret_file: str | Path | None = None
+) -> bytes | None:
+    """The shared secret: `secret` itself, else the contents of `secret_file` (surrounding
+    whitespace stripped), else $NETLOADER_SECRET, else None (no authentication).
+    UsageError for an empty secret, an unreadable or oversized file."""
+    if secret is not None:
+        value = secret.encode() if isinstance(secret, str) else secret
+    elif secret_file is not None:
+        try:
+            with open(secret_file, "rb") as f:
+                value = f.read(MAX_SECRET_BYTES + 1).strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read the secret file {secret_file}: {exc.strerror}") from None
+        if len(value) > MAX_SECRET_BYTES:
+            raise UsageError(f"secret file {secret_file} is over {MAX_SECRET_BYTES} bytes")
+    elif os.environ.get(SECRET_ENV):
+        value = os.environ[SECRET_ENV].encode()
+    else:
+        return None
+    if not value:
+        raise UsageError("the netloader secret is empty")
+    return value
