@@ -10,6 +10,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -75,9 +76,7 @@ def serve(
         limits=limits,
         tls=tls,
     )
-    if output_file is not None:
-        write_address_file(Path(output_file), server.address)
-    return server
+    return _published(server, output_file)
 
 
 def load(
@@ -147,6 +146,13 @@ def relay(
         limits=limits,
         tls=tls,
     )
+    return _published(server, output_file)
+
+
+S = TypeVar("S", bound=Server)
+
+
+def _published(server: S, output_file: str | Path | None) -> S:
     if output_file is not None:
         write_address_file(Path(output_file), server.address)
     return server

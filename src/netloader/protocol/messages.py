@@ -27,13 +27,14 @@ from netloader.errors import (
 )
 from netloader.manifest import Manifest
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: control frames after an authenticated handshake carry a tag
 MAGIC = b"NLDR"
 HEADER = struct.Struct("!4sB3xQ")
 DATA_PREFIX = struct.Struct("!II")
 NONCE_BYTES = 32
 MAX_DATA_BYTES = 1 << 32
 MAX_ERROR_TEXT = 2000
+TAG_BYTES = 32  # HMAC-SHA256 session tag after a control body (session.py)
 
 
 class MsgType(IntEnum):
@@ -101,7 +102,7 @@ def decode_header(data: bytes) -> FrameHeader:
         msg_type = MsgType(kind)
     except ValueError:
         raise ProtocolError(f"unknown message type {kind}") from None
-    if length > MAX_BODY[msg_type]:
+    if length > MAX_BODY[msg_type] + TAG_BYTES:
         raise ProtocolError(f"{msg_type.name} body of {length} bytes exceeds {MAX_BODY[msg_type]}")
     if msg_type is MsgType.DATA and length < DATA_PREFIX.size:
         raise ProtocolError("DATA frame shorter than its prefix")
@@ -249,10 +250,6 @@ class Auth(Message):
 class GetManifest(Message):
     TYPE: ClassVar[MsgType] = MsgType.GET_MANIFEST
 
-    @classmethod
-    def decode(cls, body: dict[str, Any]) -> GetManifest:
-        return cls()
-
 
 @dataclass(frozen=True)
 class ManifestMessage(Message):
@@ -325,10 +322,6 @@ class End(Message):
 
     TYPE: ClassVar[MsgType] = MsgType.END
 
-    @classmethod
-    def decode(cls, body: dict[str, Any]) -> End:
-        return cls()
-
 
 @dataclass(frozen=True)
 class ProcessGroupSetup(Message):
@@ -354,10 +347,6 @@ class Done(Message):
     """Client: every chunk received over the process group is verified."""
 
     TYPE: ClassVar[MsgType] = MsgType.DONE
-
-    @classmethod
-    def decode(cls, body: dict[str, Any]) -> Done:
-        return cls()
 
 
 @dataclass(frozen=True)
@@ -391,10 +380,6 @@ class Bye(Message):
     """Client: done with this connection."""
 
     TYPE: ClassVar[MsgType] = MsgType.BYE
-
-    @classmethod
-    def decode(cls, body: dict[str, Any]) -> Bye:
-        return cls()
 
 
 MESSAGES: dict[MsgType, type[Message]] = {

@@ -25,7 +25,13 @@ The socket layer reads headers and DATA bodies itself and uses `check_header` /
 
 Authentication: HMAC-SHA256 over both nonces, bound to the prover's role, so a proof
 cannot be reflected back at its sender. The server proves first (in WELCOME), the client
-second (in AUTH).
+second (in AUTH). Then both derive a session key from the secret and both nonces, and
+every control frame after the handshake carries a tag: HMAC-SHA256 under that key over
+the sender's role, a per-direction sequence number, the type and the body. A relay in the
+middle that does not know the secret can pass the handshake through, but it can neither
+forge nor reorder a message after it: it can only pass the genuine manifest on (whose
+digests then protect the data) or break the connection. DATA frames carry no tag: their
+bytes are checked against the manifest's digests.
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ from netloader.errors import AuthenticationError, ProtocolError, VersionMismatch
 from netloader.protocol.messages import (
     DATA_PREFIX,
     HEADER,
+    MAGIC,
     NONCE_BYTES,
     PROTOCOL_VERSION,
     SMALL_BODY,
+    TAG_BYTES,
     Auth,
     Data,
     FrameHeader,
@@ -108,6 +116,12 @@ def proof_matches(secret: bytes, role: Role, first: bytes, second: bytes, given:
     return isinstance(given, str) and hmac.compare_digest(proof(secret, role, first, second), given)
 
 
+def session_key(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    return hmac.new(
+        secret, b"netloader session" + client_nonce + server_nonce, hashlib.sha256
+    ).digest()
+
+
 class Session:
     """One side of one connection: the phase, and the checks on each message."""
 
@@ -118,6 +132,20 @@ class Session:
         self.peer = peer
         self.phase = Phase.START
         self._buffer = bytearray()
+        self._key: bytes | None = None  # once authenticated: every control frame is tagged
+        self._sequence = {Role.CLIENT: 0, Role.SERVER: 0}
+
+    @property
+    def keyed(self) -> bool:
+        return self._key is not None
+
+    def _tag(self, sender: Role, kind: MsgType, body: bytes) -> bytes:
+        assert self._key is not None
+        number = self._sequence[sender]
+        self._sequence[sender] = number + 1
+        mac = hmac.new(self._key, sender.value.encode(), hashlib.sha256)
+        mac.update(number.to_bytes(8, "big") + bytes([kind]) + body)
+        return mac.digest()
 
     # ---- transitions --------------------------------------------------------------------
     def _advance(self, sender: Role, kind: MsgType) -> None:
@@ -143,9 +171,14 @@ class Session:
 
     # ---- sending ------------------------------------------------------------------------
     def send(self, message: Message | Data) -> bytes:
-        """The bytes of `message`, if this side may send it now."""
+        """The bytes of `message`, if this side may send it now (tagged once keyed)."""
         self._advance(self.role, message.TYPE)
-        return message.encode()
+        frame = message.encode()
+        if self._key is None or message.TYPE is MsgType.DATA:
+            return frame
+        body = frame[HEADER.size :]
+        tag = self._tag(self.role, message.TYPE, body)
+        return HEADER.pack(MAGIC, message.TYPE, len(body) + TAG_BYTES) + body + tag
 
     def send_data_header(self, tensor: int, chunk: int, length: int) -> bytes:
         """The header of a DATA frame whose `length` raw bytes the caller sends itself."""
@@ -166,6 +199,16 @@ class Session:
     def receive_body(self, header: FrameHeader, body: bytes) -> Message:
         """The typed control message of a checked header; an ERROR frame is returned as an
         `Error` (the phase becomes CLOSED)."""
+        if self._key is not None:
+            body, tag = body[:-TAG_BYTES], body[-TAG_BYTES:]
+            expected = self._tag(self.role.other, header.type, body)
+            if len(tag) != TAG_BYTES or not hmac.compare_digest(tag, expected):
+                self.phase = Phase.CLOSED
+                raise AuthenticationError(
+                    f"a {header.type.name} from {self.peer} failed its session check: "
+                    "tampered with, or sent by a relay that does not know the secret",
+                    source=self.peer,
+                )
         message = decode_message(header.type, body)
         self._advance(self.role.other, header.type)
         self._received(message)
@@ -246,7 +289,9 @@ class ClientSession(Session):
         """After a good WELCOME: the AUTH frame to send when we hold a secret, else None."""
         if self.secret is None or self.phase is not Phase.AUTHENTICATING:
             return None
-        return self.send(Auth(proof(self.secret, Role.CLIENT, self._server_nonce, self.nonce)))
+        frame = self.send(Auth(proof(self.secret, Role.CLIENT, self._server_nonce, self.nonce)))
+        self._key = session_key(self.secret, self.nonce, self._server_nonce)
+        return frame
 
 
 class ServerSession(Session):
@@ -286,6 +331,7 @@ class ServerSession(Session):
         if not proof_matches(self.secret, Role.CLIENT, self.nonce, self._client_nonce, auth.proof):
             self.phase = Phase.CLOSED
             raise AuthenticationError("authentication failed", source=self.peer)
+        self._key = session_key(self.secret, self._client_nonce, self.nonce)
 
 
 __all__ = [
