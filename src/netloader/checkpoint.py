@@ -7,6 +7,8 @@ import contextlib
 import json
 import mmap
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import TracebackType
 
@@ -33,7 +35,15 @@ def checkpoint_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise NetloaderError(f"{index} is not a valid safetensors index: {exc}") from exc
-        return [path / name for name in sorted(set(weight_map.values()))]
+        files = []
+        for name in sorted(set(weight_map.values())):
+            file = path / str(name)
+            if Path(str(name)).name != str(name) or not file.resolve().is_relative_to(
+                path.resolve()
+            ):
+                raise NetloaderError(f"{index} names {name!r}, outside {path}: refused")
+            files.append(file)
+        return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise NetloaderError(f"no *.safetensors files in {path}")
@@ -47,7 +57,11 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     not change, or get read back from disk, if the file is rewritten or evicted."""
     tensors: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(path):
-        for name, tensor in load_file(file).items():
+        try:
+            loaded = load_file(file)
+        except Exception as exc:  # safetensors raises its own error types, and OSError
+            raise NetloaderError(f"{file} is not a readable safetensors file: {exc}") from None
+        for name, tensor in loaded.items():
             if name in tensors:
                 raise NetloaderError(f"tensor {name!r} appears in more than one file of {path}")
             tensors[name] = tensor.clone()
@@ -58,21 +72,34 @@ class CheckpointWriter:
     """Lays out `manifest` as a safetensors file `<dir>/model.safetensors`, maps it, and
     hands out tensors over the mapping so a pull receives straight into the file.
 
-    The file is written as a hidden `.partial` and renamed only by `commit()`, so an
-    interrupted pull never leaves a file that looks complete.
+    The file is written under a fresh hidden name (`.model.safetensors.*.partial`) and
+    renamed only by `commit()`, so an interrupted pull never leaves a file that looks
+    complete.
     """
 
     def __init__(self, out_dir: Path, manifest: Manifest) -> None:
         self.final = out_dir / SINGLE_NAME
-        self.partial = out_dir / f".{SINGLE_NAME}.partial"
         out_dir.mkdir(parents=True, exist_ok=True)
+        if "__metadata__" in {t.name for t in manifest.tensors}:
+            raise NetloaderError("a tensor named '__metadata__' cannot be stored in safetensors")
         header, data_offsets = _header(manifest)
         total = len(header) + manifest.total_bytes
-        with open(self.partial, "wb") as f:
-            f.write(header)
-            f.truncate(total)
-        self._file = open(self.partial, "r+b")  # noqa: SIM115 - lives until commit/abort
-        self._map = mmap.mmap(self._file.fileno(), total) if total else None
+        free = shutil.disk_usage(out_dir).free
+        if total > free:
+            raise NetloaderError(f"{out_dir} has {free} bytes free; the model needs {total}")
+        # A fresh name, created exclusively: nothing already there (a planted symlink, a
+        # stale partial) is followed, reused or overwritten.
+        fd, name = tempfile.mkstemp(dir=out_dir, prefix=f".{SINGLE_NAME}.", suffix=".partial")
+        self.partial = Path(name)
+        self._file = os.fdopen(fd, "r+b")
+        try:
+            self._file.write(header)
+            self._file.truncate(total)
+            self._map = mmap.mmap(self._file.fileno(), total) if total else None
+        except OSError as exc:
+            self._file.close()
+            self.partial.unlink(missing_ok=True)
+            raise NetloaderError(f"cannot lay out {total} bytes in {out_dir}: {exc}") from exc
         self._committed = False
         self.tensors: dict[str, torch.Tensor] = {}
         for entry, start in zip(manifest.tensors, data_offsets, strict=True):

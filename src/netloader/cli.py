@@ -17,6 +17,7 @@ from tqdm import tqdm
 from netloader import transports
 from netloader.checkpoint import CheckpointWriter, load_checkpoint
 from netloader.config import NetloaderConfig
+from netloader.discovery.wave import Wave
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import NetloaderError
 from netloader.manifest import Identity, Manifest
@@ -246,7 +247,11 @@ def pull(
         TLS_CA=tls_ca,
         WAVE_DIR=wave_dir,
     )
+    # SIGTERM unwinds like an error, so an interrupted pull removes its partial file.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     relay: Relay | None = None
+    position: int | None = None
+    pulled = False
     all_sources: list[Endpoint] = list(sources)
     if wave_dir is not None:
         relay = relay_rank(config, 0)
@@ -283,6 +288,7 @@ def pull(
                 observer=None if relay is None else relay.arrivals,
             )
             path = writer.commit()
+            pulled = True
             click.echo(f"netloader: pulled {report.summary()} into {path}")
             if relay is not None:
                 click.echo(f"netloader: serving on {relay.address} until interrupted")
@@ -290,7 +296,13 @@ def pull(
                 _wait_for_signal()
     finally:
         if relay is not None:
+            if not pulled and position is not None and wave_dir is not None:
+                Wave(wave_dir, rank=0).leave(position)  # later members must not pick us
             relay.close()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _wait_for_signal() -> None:

@@ -43,6 +43,10 @@ class SourceUnavailable(TransferError):
     """No connection could be made to a source, or it refused us before any bytes moved."""
 
 
+class ServerBusy(SourceUnavailable):
+    """The server is at a connection cap; it may have room again in a moment."""
+
+
 class VersionMismatch(TransferError):
     """The peer speaks another protocol version."""
 

@@ -25,6 +25,7 @@ MAX_TENSORS = 1_000_000
 MAX_NAME_LENGTH = 1024
 MAX_DIMS = 16
 MAX_TENSOR_BYTES = 1 << 44  # 16 TiB: bounds every length a manifest may claim
+MAX_CHUNK_BYTES = 1 << 28  # a chunk is received (and its memory prefaulted) in one piece
 
 
 def digest(data: memoryview | bytes) -> str:
@@ -163,7 +164,7 @@ class Manifest:
             raise ProtocolError(f"manifest protocol {obj.get('protocol')!r} != {MANIFEST_FORMAT}")
         if obj.get("digest") != DIGEST_ALGORITHM:
             raise ProtocolError(f"manifest digest algorithm {obj.get('digest')!r} is not supported")
-        chunk_bytes = v.integer(obj.get("chunk_bytes"), "chunk_bytes", low=1, high=1 << 32)
+        chunk_bytes = v.integer(obj.get("chunk_bytes"), "chunk_bytes", low=1, high=MAX_CHUNK_BYTES)
         ident = v.mapping(obj.get("identity"), "identity")
         attributes = v.mapping(ident.get("attributes", {}), "identity.attributes")
         identity = Identity(

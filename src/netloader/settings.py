@@ -4,7 +4,6 @@ default lives in exactly one place."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +18,27 @@ class Timeouts:
     connect:   a client's TCP connect, then again its handshake with the server.
     stall:     silence in the middle of an exchange (either side), once connected.
     handshake: a server's patience with a new connection that has not finished its
-               handshake (a client that connects and says nothing).
+               handshake (a client that connects and says nothing), in all.
+    min_rate:  bytes per second below which a transfer counts as stalled even if bytes
+               trickle in: each chunk must move within stall + its size / min_rate.
     """
 
     connect: float = 5.0
     stall: float = 10.0
     handshake: float = 10.0
+    min_rate: float = 1e6
 
     def __post_init__(self) -> None:
-        for name in ("connect", "stall", "handshake"):
+        for name in ("connect", "stall", "handshake", "min_rate"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0 < value <= 86400 or math.isnan(value):
-                raise UsageError(f"timeout {name!r} must be in (0, 86400] seconds, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise UsageError(f"timeout {name!r} must be a positive number, not {value!r}")
+            if name != "min_rate" and value > 86400:
+                raise UsageError(f"timeout {name!r} must be at most 86400 seconds, not {value}")
+
+    def for_chunk(self, nbytes: int) -> float:
+        """The most one chunk of `nbytes` may take, however steadily it trickles."""
+        return self.stall + nbytes / self.min_rate
 
 
 @dataclass(frozen=True)

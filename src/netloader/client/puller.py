@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import ssl
 import threading
 import time
@@ -24,6 +25,7 @@ from netloader.errors import (
     NetloaderError,
     PeerClosed,
     ProtocolError,
+    ServerBusy,
     SourceUnavailable,
     TransferError,
     UsageError,
@@ -158,7 +160,10 @@ class Client:
         # it is not alone and leaves work for the others.
         first = [pull.next_source() for _ in range(min(self.stripe, len(self.sources)))]
         workers = [
-            threading.Thread(target=self._work, args=(pull, source), name=f"netloader-{source}")
+            # Daemon threads: a caller that gives up (a signal) need not wait for them.
+            threading.Thread(
+                target=self._work, args=(pull, source), name=f"netloader-{source}", daemon=True
+            )
             for source in first[1:]
         ]
         for worker in workers:
@@ -216,10 +221,25 @@ class Client:
 
     # ---- one connection -----------------------------------------------------------------
     def _open(self, source: Endpoint) -> Connection:
-        """Connect, (TLS,) and run the handshake, all within the connect timeout."""
+        """Connect, (TLS,) and run the handshake, all within the connect timeout. A busy
+        server (at a connection cap) is asked again after a jittered pause, while the
+        connect timeout lasts."""
+        deadline = time.monotonic() + self.timeouts.connect
+        pause = 0.05
+        while True:
+            try:
+                return self._open_once(source, deadline)
+            except ServerBusy:
+                pause = min(pause * 2, 1.0)
+                wait = pause * random.uniform(0.5, 1.5)
+                if time.monotonic() + wait >= deadline:
+                    raise
+                time.sleep(wait)
+
+    def _open_once(self, source: Endpoint, deadline: float) -> Connection:
         peer = str(source)
         try:
-            sock = connect(source.host, source.port, self.timeouts.connect)
+            sock = connect(source.host, source.port, max(deadline - time.monotonic(), 1e-3))
         except OSError as exc:
             raise SourceUnavailable(f"cannot connect to {source}: {exc}", source=peer) from exc
         if self.tls is not None:
@@ -233,7 +253,9 @@ class Client:
         conn = Connection(sock, peer, p.ClientSession(self.secret, peer))
         try:
             conn.settimeout(self.timeouts.connect)
-            self._handshake(conn)
+            left = max(deadline - time.monotonic(), 1e-3)
+            with conn.within(left, "connecting and the handshake"):
+                self._handshake(conn)
         except BaseException:
             conn.close()
             raise

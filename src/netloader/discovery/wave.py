@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,11 @@ class Wave:
         finally:
             os.unlink(tmp)
 
+    def leave(self, position: int) -> None:
+        """Remove the record of the member at `position` (it failed, or stopped serving), so
+        later members do not pick it."""
+        (self.directory / f"rank{self.rank}" / f"{position:05d}.txt").unlink(missing_ok=True)
+
     def member(self, position: int) -> str | None:
         return _read(self.directory / f"rank{self.rank}" / f"{position:05d}.txt")
 
@@ -83,8 +89,27 @@ class Wave:
         return chain + self.seeds()
 
 
+MAX_RECORD_BYTES = 512  # "host:port\n" with room to spare
+
+
 def _read(path: Path) -> str | None:
+    """A record's text, if it is a small regular file; anything else (a symlink to
+    /dev/zero, a FIFO, a directory, an oversized or undecodable file) is no record. Never
+    blocks and never reads more than MAX_RECORD_BYTES."""
     try:
-        return path.read_text().strip() or None
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RECORD_BYTES:
+            return None
+        data = os.read(fd, MAX_RECORD_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("ascii").strip() or None
+    except UnicodeDecodeError:
         return None

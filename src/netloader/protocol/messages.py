@@ -21,6 +21,7 @@ from netloader.errors import (
     AuthenticationError,
     ProtocolError,
     RemoteError,
+    ServerBusy,
     SourceUnavailable,
     TransferError,
     VersionMismatch,
@@ -81,7 +82,7 @@ _EXCEPTIONS: dict[ErrorCode, type[TransferError]] = {
     ErrorCode.VERSION: VersionMismatch,
     ErrorCode.AUTH: AuthenticationError,
     ErrorCode.UNAVAILABLE: SourceUnavailable,
-    ErrorCode.BUSY: SourceUnavailable,
+    ErrorCode.BUSY: ServerBusy,
 }
 
 

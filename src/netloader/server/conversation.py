@@ -22,7 +22,6 @@ from netloader.errors import (
 from netloader.manifest import Chunk, Manifest
 from netloader.server.holdings import Holdings
 from netloader.settings import Timeouts
-from netloader.tensors import flat_bytes
 from netloader.transports import REGISTRY
 from netloader.transports.connection import Connection
 from netloader.transports.tls import start_tls
@@ -34,21 +33,17 @@ ANSWER_WITHIN = 0.8
 
 
 class HeldChunks:
-    """ChunkSource over a server's holdings: views into the tensors' memory, no copies for
-    contiguous CPU tensors (others are made contiguous on the host, one tensor at a time).
-    Waits, at most `wait` seconds, for chunks a relay has not received yet."""
+    """ChunkSource over a server's holdings: views into the tensors' host memory (see
+    HostBytes). Waits, at most `wait` seconds, for chunks a relay has not received yet."""
 
     def __init__(self, holdings: Holdings, wait: float) -> None:
         self.holdings = holdings
-        self.tensors = holdings.tensors()
         self.wait = wait
-        self._last: tuple[int, torch.Tensor] | None = None
 
     def chunk_bytes(self, chunk: Chunk) -> torch.Tensor:
         self.holdings.wait_for(chunk, self.wait)
-        if self._last is None or self._last[0] != chunk.tensor:
-            self._last = (chunk.tensor, flat_bytes(self.tensors[chunk.tensor]).cpu())
-        return self._last[1][chunk.offset : chunk.offset + chunk.length]
+        data = self.holdings.tensor_bytes(chunk.tensor)
+        return data[chunk.offset : chunk.offset + chunk.length]
 
 
 class Conversation:
@@ -80,6 +75,8 @@ class Conversation:
         self.max_transfers = max_transfers
         self.tls = tls
         self.closing = closing
+        self.opened = time.monotonic()
+        self.authenticated = threading.Event()  # handshake done: no longer shed first
 
     def run(self) -> None:
         """Converse until BYE or a failure; never raises."""
@@ -115,9 +112,11 @@ class Conversation:
                 conn.sock, self.tls, peer=conn.peer, timeout=self.timeouts.handshake
             )
         conn.settimeout(self.timeouts.handshake)
-        conn.send_bytes(session.welcome(conn.expect(p.Hello)))
-        if session.secret is not None:
-            conn.expect(p.Auth)  # the session checks the proof
+        with conn.within(self.timeouts.handshake, "the handshake"):
+            conn.send_bytes(session.welcome(conn.expect(p.Hello)))
+            if session.secret is not None:
+                conn.expect(p.Auth)  # the session checks the proof
+        self.authenticated.set()
         conn.settimeout(self.timeouts.stall)
         answer_within = ANSWER_WITHIN * self.timeouts.stall
         manifest = self.holdings.manifest(answer_within)

@@ -19,20 +19,44 @@ import torch
 
 from netloader.errors import SourceUnavailable
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Chunk, Identity, Manifest, build_manifest
+from netloader.tensors import flat_bytes
 
 log = logging.getLogger(__name__)
 
 
 class Holdings(Protocol):
+    def prepare(self) -> None:
+        """Begin any background work (called once the server is listening)."""
+
     def manifest(self, timeout: float) -> Manifest:
         """The manifest to offer; SourceUnavailable if there is none to offer (in time)."""
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors in manifest order (call after `manifest`)."""
+    def tensor_bytes(self, index: int) -> torch.Tensor:
+        """The bytes of the manifest's tensor `index` in host memory, flat (call after
+        `manifest`, and for a chunk of it only once `wait_for` returned)."""
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         """Return once `chunk`'s bytes are held and verified; SourceUnavailable if they
         will not be (in time)."""
+
+
+class HostBytes:
+    """Tensors' bytes in host memory, flat: a view of a contiguous CPU tensor; for any
+    other (non-contiguous, or on a device), one copy made on first use and shared by every
+    connection, so concurrent clients never multiply it."""
+
+    def __init__(self) -> None:
+        self._copies: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def bytes_of(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "cpu" and tensor.is_contiguous():
+            return flat_bytes(tensor)
+        with self._lock:
+            copy = self._copies.get(index)
+            if copy is None:
+                copy = self._copies[index] = flat_bytes(tensor).cpu()
+            return copy
 
 
 class LoadedTensors:
@@ -56,11 +80,21 @@ class LoadedTensors:
         self._unavailable = unavailable
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        if manifest is None:
-            # Not joined anywhere: it is finite and holds no socket.
-            threading.Thread(target=self._digest, name="netloader-digest", daemon=True).start()
-        else:
+        self._started = threading.Lock()
+        self._host = HostBytes()
+        self._digesting = False
+        if manifest is not None:
             self._ready.set()
+
+    def prepare(self) -> None:
+        """Start computing the digests in the background (once). A Server calls this once
+        it is listening, so a failed start leaves no thread behind."""
+        with self._started:
+            if self._ready.is_set() or self._digesting:
+                return
+            self._digesting = True
+        # Not joined anywhere: it is finite and holds no socket.
+        threading.Thread(target=self._digest, name="netloader-digest", daemon=True).start()
 
     @property
     def model(self) -> str:
@@ -72,6 +106,7 @@ class LoadedTensors:
     def manifest(self, timeout: float | None = None) -> Manifest:
         if self._unavailable is not None:
             raise SourceUnavailable(self._unavailable)
+        self.prepare()
         # Digests are finite work; waiting for them is bounded by the caller only on request.
         if not self._ready.wait(timeout):
             raise SourceUnavailable("manifest digests are still being computed")
@@ -79,9 +114,9 @@ class LoadedTensors:
             raise SourceUnavailable(f"cannot serve: {self._error}")
         return self._manifest
 
-    def tensors(self) -> list[torch.Tensor]:
+    def tensor_bytes(self, index: int) -> torch.Tensor:
         assert self._manifest is not None
-        return [self._tensors[t.name] for t in self._manifest.tensors]
+        return self._host.bytes_of(index, self._tensors[self._manifest.tensors[index].name])
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         return None  # everything is here
@@ -113,6 +148,7 @@ class Arrivals:
         self._tensors: list[torch.Tensor] = []
         self._held: set[tuple[int, int]] = set()
         self._failure: str | None = None
+        self._host = HostBytes()
 
     # ---- the receiving side ---------------------------------------------------------------
     def begin(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -146,6 +182,9 @@ class Arrivals:
             )
 
     # ---- Holdings -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        return None
+
     def manifest(self, timeout: float) -> Manifest:
         with self._changed:
             if not self._changed.wait_for(
@@ -156,8 +195,8 @@ class Arrivals:
                 raise SourceUnavailable(f"relay failed before its first chunk: {self._failure}")
             return self._manifest
 
-    def tensors(self) -> list[torch.Tensor]:
-        return self._tensors
+    def tensor_bytes(self, index: int) -> torch.Tensor:
+        return self._host.bytes_of(index, self._tensors[index])
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         key = (chunk.tensor, chunk.number)

@@ -60,6 +60,7 @@ class Server:
         self._transfers = threading.BoundedSemaphore(limits.max_transfers)
         self._closing = threading.Event()
         self._connections: dict[Connection, threading.Thread] = {}
+        self._conversations: dict[Connection, Conversation] = {}
         self._lock = threading.Lock()
 
         self._listener = socket.create_server(
@@ -78,6 +79,7 @@ class Server:
             target=self._accept_loop, name="netloader-accept", daemon=True
         )
         self._accept_thread.start()
+        holdings.prepare()
         log.info("netloader: serving on %s", self.address)
 
     # ---- public -------------------------------------------------------------------------
@@ -88,6 +90,7 @@ class Server:
     def serve_instead(self, holdings: Holdings) -> None:
         """Offer `holdings` to connections from now on; connections already open keep what
         they were offered."""
+        holdings.prepare()
         self.holdings = holdings
 
     @property
@@ -129,7 +132,7 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = str(Endpoint(addr[0], addr[1]))
             conn = Connection(sock, peer, p.ServerSession(self._secret, peer))
-            refusal = self._over_limit(addr[0])
+            refusal = self._make_room(addr[0])
             if refusal is not None:
                 log.warning("netloader: refused %s: %s", conn.peer, refusal)
                 conn.try_send(p.Error(p.ErrorCode.BUSY, refusal), timeout=0.2)
@@ -149,6 +152,7 @@ class Server:
             )
             with self._lock:
                 self._connections[conn] = thread
+                self._conversations[conn] = conversation
             thread.start()
 
     def _run(self, conversation: Conversation) -> None:
@@ -157,18 +161,33 @@ class Server:
         finally:
             with self._lock:
                 self._connections.pop(conversation.conn, None)
+                self._conversations.pop(conversation.conn, None)
 
-    def _over_limit(self, host: str) -> str | None:
+    def _make_room(self, host: str) -> str | None:
+        """None if a new connection from `host` may start, else why it is refused. Where a
+        cap is reached, the oldest connection still in its handshake is shed to make room,
+        so connections that never finish their handshake cannot lock everyone out."""
         with self._lock:
-            total = len(self._connections)
-            from_peer = sum(1 for c in self._connections if c.host == host)
-        if total >= self.limits.max_connections:
-            return f"server busy: {total} connections open (limit {self.limits.max_connections})"
-        if from_peer >= self.limits.max_connections_per_peer:
-            return (
-                f"too many connections from {host} (limit {self.limits.max_connections_per_peer})"
-            )
+            everyone = list(self._conversations.values())
+        mine = [c for c in everyone if c.conn.host == host]
+        total_cap = self.limits.max_connections
+        peer_cap = self.limits.max_connections_per_peer
+        if len(everyone) >= total_cap and not self._shed(everyone):
+            return f"server busy: {len(everyone)} connections open (limit {total_cap})"
+        if len(mine) >= peer_cap and not self._shed(mine):
+            return f"too many connections from {host} (limit {peer_cap})"
         return None
+
+    def _shed(self, group: list[Conversation]) -> bool:
+        waiting = [c for c in group if not c.authenticated.is_set()]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda c: c.opened)
+        log.warning("netloader: shed %s, still in its handshake, to make room", oldest.conn.peer)
+        oldest.conn.abort()
+        with self._lock:
+            self._conversations.pop(oldest.conn, None)
+        return True
 
 
 class Relay(Server):

@@ -7,6 +7,8 @@ import contextlib
 import socket
 import ssl
 import struct
+import time
+from collections.abc import Iterator
 from typing import Protocol, TypeVar
 
 from netloader import protocol as p
@@ -36,6 +38,10 @@ class Connection:
         self.host = peer.rpartition(":")[0].strip("[]")
         self.session = session
         self.timeout: float | None = None
+        self._deadline: float | None = None  # monotonic; see `within`
+        self._deadline_what = ""
+        self._deadline_seconds = 0.0
+        self._applied: float | None = None  # the timeout the socket has now
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -52,6 +58,40 @@ class Connection:
         (SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket) rather than by Python's timeout mode,
         which would add a poll() before each of the many recv calls of a transfer."""
         self.timeout = seconds
+        self._apply_timeout(seconds)
+
+    @contextlib.contextmanager
+    def within(self, seconds: float, what: str) -> Iterator[None]:
+        """Bound everything sent and received inside the block by `seconds` in all, not
+        only by silence: a peer that drips a byte now and then is cut off too."""
+        self._deadline = time.monotonic() + seconds
+        self._deadline_what, self._deadline_seconds = what, seconds
+        try:
+            yield
+        finally:
+            self._deadline = None
+            if self.timeout is not None:
+                self._apply_timeout(self.timeout)
+
+    def _before_io(self) -> None:
+        """Under a deadline: fail once it has passed, else wait at most until it."""
+        if self._deadline is None:
+            return
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransferTimeout(
+                f"{self.peer}: {self._deadline_what} took longer than {self._deadline_seconds:g} s",
+                source=self.peer,
+            )
+        if self.timeout is None or remaining < self.timeout:
+            self._apply_timeout(remaining)
+        elif self._applied != self.timeout:
+            self._apply_timeout(self.timeout)
+
+    def _apply_timeout(self, seconds: float) -> None:
+        if seconds == self._applied:
+            return
+        self._applied = seconds
         if isinstance(self.sock, ssl.SSLSocket):
             # OpenSSL would retry a read that SO_RCVTIMEO interrupted, forever: use
             # Python's timeout mode on TLS sockets (its poll() is small beside the crypto).
@@ -74,8 +114,16 @@ class Connection:
     def send_bytes(self, data: bytes | memoryview) -> None:
         """Raw bytes, already accounted for by the session (a frame it produced)."""
         try:
-            self.sock.sendall(data)
+            if self._deadline is None:
+                self.sock.sendall(data)
+                return
+            view, sent = memoryview(data).cast("B"), 0
+            while sent < len(view):
+                self._before_io()
+                sent += self.sock.send(view[sent:])
         except (TimeoutError, BlockingIOError) as exc:
+            if self._deadline is not None:
+                self._before_io()  # says "took longer than" once the deadline is the cause
             raise TransferTimeout(f"{self.peer} stopped reading", source=self.peer) from exc
         except OSError as exc:
             raise PeerClosed(f"connection to {self.peer} lost: {exc}", source=self.peer) from exc
@@ -95,6 +143,7 @@ class Connection:
         piece = HASHED_PIECE if hasher is not None else size
         try:
             while got < size:
+                self._before_io()
                 n = self.sock.recv_into(view[got : got + piece])
                 if hasher is not None:
                     hasher.update(view[got : got + n])
@@ -105,6 +154,8 @@ class Connection:
                     )
                 got += n
         except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO expired
+            if self._deadline is not None:
+                self._before_io()
             raise TransferTimeout(
                 f"{self.peer} sent nothing for {self.timeout} s", source=self.peer
             ) from exc

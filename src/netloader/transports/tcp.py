@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from netloader import protocol as p
 from netloader.errors import ProtocolError
-from netloader.manifest import new_hasher
+from netloader.manifest import Chunk, new_hasher
 from netloader.settings import Timeouts
 from netloader.tensors import byte_view
 from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
@@ -22,31 +22,39 @@ class TcpTransport(Transport):
         self, conn: Connection, source: ChunkSource, chunks: ChunkList, timeouts: Timeouts
     ) -> None:
         for chunk in chunks:
-            conn.send_data(chunk.tensor, chunk.number, byte_view(source.chunk_bytes(chunk)))
+            data = byte_view(source.chunk_bytes(chunk))
+            with conn.within(
+                timeouts.for_chunk(chunk.length), f"sending chunk {chunk.tensor}/{chunk.number}"
+            ):
+                conn.send_data(chunk.tensor, chunk.number, data)
         conn.send(p.End())
 
     def receive_chunks(
         self, conn: Connection, chunks: ChunkList, sink: ChunkSink, timeouts: Timeouts
     ) -> None:
         for chunk in chunks:
-            header = conn.recv_header()
-            if header.type is not p.MsgType.DATA:
-                conn.message_from(header)  # raises if it is the peer's ERROR
-                raise ProtocolError(
-                    f"{conn.peer} sent {header.type.name} where tensor data belongs"
-                )
-            tensor, index = p.decode_data_prefix(conn.recv_exact(p.DATA_PREFIX.size))
-            length = header.length - p.DATA_PREFIX.size
-            if (tensor, index, length) != (chunk.tensor, chunk.number, chunk.length):
-                raise ProtocolError(
-                    f"{conn.peer} sent chunk {tensor}/{index} of {length} bytes, "
-                    f"expected {chunk.tensor}/{chunk.number} of {chunk.length}"
-                )
-            hasher = new_hasher()
-            conn.recv_into(byte_view(sink.destination(chunk)), hasher)
-            conn.session.data_received()
-            sink.received(chunk, hasher.hexdigest(), conn.peer)
+            with conn.within(
+                timeouts.for_chunk(chunk.length), f"chunk {chunk.tensor}/{chunk.number}"
+            ):
+                self._receive_one(conn, chunk, sink)
         conn.expect(p.End)
+
+    def _receive_one(self, conn: Connection, chunk: Chunk, sink: ChunkSink) -> None:
+        header = conn.recv_header()
+        if header.type is not p.MsgType.DATA:
+            conn.message_from(header)  # raises if it is the peer's ERROR
+            raise ProtocolError(f"{conn.peer} sent {header.type.name} where tensor data belongs")
+        tensor, index = p.decode_data_prefix(conn.recv_exact(p.DATA_PREFIX.size))
+        length = header.length - p.DATA_PREFIX.size
+        if (tensor, index, length) != (chunk.tensor, chunk.number, chunk.length):
+            raise ProtocolError(
+                f"{conn.peer} sent chunk {tensor}/{index} of {length} bytes, "
+                f"expected {chunk.tensor}/{chunk.number} of {chunk.length}"
+            )
+        hasher = new_hasher()
+        conn.recv_into(byte_view(sink.destination(chunk)), hasher)
+        conn.session.data_received()
+        sink.received(chunk, hasher.hexdigest(), conn.peer)
 
 
 TCP = TcpTransport()
