@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,7 +24,7 @@ from netloader.errors import NetloaderError
 from netloader.manifest import Identity, Manifest
 from netloader.ranks import client_for, join_wave, relay_rank, serve_rank
 from netloader.server import Relay
-from netloader.settings import Timeouts
+from netloader.settings import Timeouts, new_secret
 
 
 class EndpointParam(click.ParamType):  # type: ignore[type-arg]
@@ -333,6 +334,21 @@ def inspect(
         click.echo(json.dumps(manifest.to_json(), indent=1))
         return
     click.echo(_describe(manifest))
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@_fail_cleanly
+def secret(path: Path | None) -> None:
+    """Make a random shared secret: print it, or write it to PATH (readable by you only)."""
+    value = new_secret()
+    if path is None:
+        click.echo(value)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    click.echo(f"netloader: wrote a new secret to {path}")
 
 
 def _describe(manifest: Manifest) -> str:

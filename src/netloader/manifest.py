@@ -91,6 +91,10 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @property
+    def chunk_total(self) -> int:
+        return sum(self.chunk_count(t) for t in range(len(self.tensors)))
+
     def chunk_count(self, tensor: int) -> int:
         return max(1, math.ceil(self.tensors[tensor].nbytes / self.chunk_bytes))
 

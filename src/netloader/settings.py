@@ -5,6 +5,7 @@ default lives in exactly one place."""
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,10 @@ DEFAULT_LIMITS = Limits()
 
 SECRET_ENV = "NETLOADER_SECRET"
 MAX_SECRET_BYTES = 4096
+# A server's proof of the secret goes to anyone who connects, so a guessable secret can be
+# attacked offline; these floors rule out words and short passwords, not bad randomness.
+MIN_SECRET_BYTES = 16
+MIN_SECRET_SYMBOLS = 8
 
 
 def resolve_secret(
@@ -87,4 +92,14 @@ def resolve_secret(
         return None
     if not value:
         raise UsageError("the netloader secret is empty")
+    if len(value) < MIN_SECRET_BYTES or len(set(value)) < MIN_SECRET_SYMBOLS:
+        raise UsageError(
+            f"the netloader secret is too weak: it needs at least {MIN_SECRET_BYTES} bytes "
+            f"and {MIN_SECRET_SYMBOLS} different characters (`netloader secret` makes one)"
+        )
     return value
+
+
+def new_secret() -> str:
+    """A random secret: 32 bytes, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)

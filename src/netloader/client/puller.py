@@ -196,7 +196,8 @@ class Client:
             batch: list[Chunk] = []  # in flight; handed back to the queue if the source fails
             try:
                 conn = self._open(source)
-                sink = pull.adopt(self._fetch_manifest(conn), source)
+                offered = self._fetch_manifest(conn, len(pull.expected.tensors))
+                sink = pull.adopt(offered, source)
                 while batch := pull.take(source):
                     started = time.perf_counter()
                     conn.send(
@@ -275,7 +276,10 @@ class Client:
         if auth is not None:
             conn.send_bytes(auth)
 
-    def _fetch_manifest(self, conn: Connection) -> Manifest:
+    def _fetch_manifest(self, conn: Connection, tensors: int | None = None) -> Manifest:
+        """The server's manifest; `tensors`: how many it should list (bounds its size)."""
+        if tensors is not None:
+            conn.session.expect_manifest(tensors)
         conn.send(p.GetManifest())
         manifest = conn.expect(p.ManifestMessage).manifest
         if any(not t.digests for t in manifest.tensors):

@@ -110,8 +110,24 @@ def decode_header(data: bytes) -> FrameHeader:
     return FrameHeader(msg_type, length)
 
 
-def decode_body(data: bytes) -> dict[str, Any]:
-    """A control body: one JSON object."""
+# Most JSON arrays and objects a body may hold, by type (a manifest's and a FETCH's depend
+# on the model: the sessions tighten them). Counted before parsing, because parsing is
+# where a hostile body costs memory: 256 MiB of "{}," is 85 million dicts.
+MAX_CONTAINERS: dict[MsgType, int] = {t: 8 for t in MsgType}
+MAX_CONTAINERS[MsgType.MANIFEST] = 4 + 3 * 1_000_000  # top, identity, attributes; 3 per tensor
+MAX_CONTAINERS[MsgType.FETCH] = 2 + (MAX_BODY[MsgType.FETCH] // 6)
+
+
+def containers_within(data: bytes, limit: int) -> bool:
+    """Whether `data` opens at most `limit` arrays and objects (brackets inside strings
+    count too: a conservative over-estimate, with slack for them)."""
+    return data.count(b"[") + data.count(b"{") <= limit + len(data) // 256
+
+
+def decode_body(data: bytes, max_containers: int = MAX_CONTAINERS[MsgType.HELLO]) -> dict[str, Any]:
+    """A control body: one JSON object holding at most `max_containers` arrays/objects."""
+    if not containers_within(data, max_containers):
+        raise ProtocolError(f"control message holds more than {max_containers} arrays/objects")
     try:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -401,8 +417,9 @@ MESSAGES: dict[MsgType, type[Message]] = {
 }
 
 
-def decode_message(kind: MsgType, body: bytes) -> Message:
+def decode_message(kind: MsgType, body: bytes, max_containers: int | None = None) -> Message:
     """The typed control message of a frame of type `kind` (not DATA) with `body`."""
     if kind is MsgType.DATA:
         raise ProtocolError("DATA is not a control message")
-    return MESSAGES[kind].decode(decode_body(body))
+    limit = MAX_CONTAINERS[kind] if max_containers is None else max_containers
+    return MESSAGES[kind].decode(decode_body(body, limit))

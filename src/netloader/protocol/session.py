@@ -46,6 +46,8 @@ from netloader.protocol.messages import (
     DATA_PREFIX,
     HEADER,
     MAGIC,
+    MAX_BODY,
+    MAX_CONTAINERS,
     NONCE_BYTES,
     PROTOCOL_VERSION,
     SMALL_BODY,
@@ -133,6 +135,9 @@ class Session:
         self.phase = Phase.START
         self._buffer = bytearray()
         self._key: bytes | None = None  # once authenticated: every control frame is tagged
+        # What the peer may send, tightened once the model is known (`expect_*`).
+        self.max_body = dict(MAX_BODY)
+        self.max_containers = dict(MAX_CONTAINERS)
         self._sequence = {Role.CLIENT: 0, Role.SERVER: 0}
 
     @property
@@ -195,6 +200,21 @@ class Session:
             raise ProtocolError(
                 f"{self.peer} sent a {header.length}-byte {header.type.name} during the handshake"
             )
+        bound = self.max_body[header.type] + (TAG_BYTES if self._key is not None else 0)
+        if header.length > bound:
+            raise ProtocolError(
+                f"{self.peer} sent a {header.length}-byte {header.type.name}; at most {bound} "
+                "expected here"
+            )
+
+    def expect_manifest(self, tensors: int) -> None:
+        """The peer's manifest should list `tensors` tensors: bound its structure to that."""
+        self.max_containers[MsgType.MANIFEST] = 4 + 3 * tensors
+
+    def expect_fetches(self, chunks: int) -> None:
+        """The model has `chunks` chunks: bound a FETCH to naming each at most once."""
+        self.max_containers[MsgType.FETCH] = 2 + chunks
+        self.max_body[MsgType.FETCH] = min(MAX_BODY[MsgType.FETCH], 64 + 24 * chunks)
 
     def receive_body(self, header: FrameHeader, body: bytes) -> Message:
         """The typed control message of a checked header; an ERROR frame is returned as an
@@ -209,7 +229,7 @@ class Session:
                     "tampered with, or sent by a relay that does not know the secret",
                     source=self.peer,
                 )
-        message = decode_message(header.type, body)
+        message = decode_message(header.type, body, self.max_containers[header.type])
         self._advance(self.role.other, header.type)
         self._received(message)
         return message

@@ -120,6 +120,7 @@ class Conversation:
         conn.settimeout(self.timeouts.stall)
         answer_within = ANSWER_WITHIN * self.timeouts.stall
         manifest = self.holdings.manifest(answer_within)
+        session.expect_fetches(manifest.chunk_total)
         while True:
             message = conn.receive()
             if isinstance(message, p.Bye):
