@@ -1,7 +1,8 @@
 """Scale-out on an emulated cluster (network namespaces with rate-limited links, see
-netloader.testbed): waves of N clients from one seed by unicast, chain and tree; one
-client striping over 1 vs 4 seeds; a seed killed mid-transfer; and the seed's memory
-with 1 and 16 concurrent clients. Needs root.
+netloader.testing.cluster): waves of N clients from one seed by unicast, chain and tree;
+one client striping over 1 vs 4 seeds; a seed killed mid-transfer; and the seed's memory
+with 1 and 16 concurrent clients (scenarios: netloader.testing.cluster_scenarios). Needs
+root.
 
     .venv/bin/python benchmarks/bench_cluster.py --json runs/bench_cluster.json \
         --plot docs/scaleout.png
@@ -13,178 +14,12 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from netloader.testbed import Cluster, Link
-
-WORKER = str(Path(__file__).with_name("cluster_worker.py"))
-PYTHON = sys.executable
-SEED_PORT = 7000
-
-
-@dataclass
-class Proc:
-    popen: subprocess.Popen[str]
-
-    def line(self, timeout: float = 120) -> dict[str, Any]:
-        assert self.popen.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.popen.stdout.readline()
-            if not text:
-                raise RuntimeError(f"worker exited with {self.popen.wait()}")
-            if text.startswith("{"):
-                return json.loads(text)  # type: ignore[no-any-return]
-        raise TimeoutError("worker said nothing in time")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-
-
-def start(cluster: Cluster, host: int, *args: str) -> Proc:
-    argv = [PYTHON, WORKER, *args, "--ip", cluster.address(host)]
-    return Proc(cluster.popen(host, argv, stdout=subprocess.PIPE, text=True))
-
-
-def wave(
-    cluster: Cluster, clients: int, fanout: int, size_mib: int, chunk_kib: int
-) -> dict[str, Any]:
-    """Seed on host 0, clients on hosts 1..N, all starting at one instant."""
-    with tempfile.TemporaryDirectory() as tmp:
-        wave_dir, start_file = Path(tmp) / "wave", Path(tmp) / "start"
-        wave_dir.mkdir()
-        common = ["--size-mib", str(size_mib), "--chunk-kib", str(chunk_kib)]
-        seed_args = ["seed", "--port", str(SEED_PORT), "--wave", str(wave_dir), *common]
-        procs = [start(cluster, 0, *seed_args)]
-        try:
-            procs[0].line()
-            for i in range(clients):
-                procs.append(
-                    start(
-                        cluster,
-                        1 + i,
-                        "client",
-                        "--wave",
-                        str(wave_dir),
-                        "--fanout",
-                        str(fanout),
-                        "--start-file",
-                        str(start_file),
-                        *common,
-                    )
-                )
-                procs[-1].line()  # joined: positions follow host order
-            began = time.time()
-            start_file.touch()
-            results = [p.line() for p in procs[1:]]
-        finally:
-            for p in procs:
-                p.stop()
-    assert all(r["identical"] for r in results), results
-    return {
-        "clients": clients,
-        "fanout": fanout,
-        "seconds": max(r["end"] for r in results) - began,
-        "per_client": sorted(r["end"] - began for r in results),
-        "sources": [r["sources"] for r in sorted(results, key=lambda r: r["position"])],
-    }
-
-
-def striping(
-    cluster: Cluster, seeds: int, size_mib: int, chunk_kib: int, kill_after: float | None = None
-) -> dict[str, Any]:
-    """Seeds on hosts 0..seeds-1, one client on the last host pulling from all of them."""
-    client_host = len(cluster.links) - 1
-    with tempfile.TemporaryDirectory() as tmp:
-        start_file = Path(tmp) / "start"
-        common = ["--size-mib", str(size_mib), "--chunk-kib", str(chunk_kib)]
-        procs = [start(cluster, h, "seed", "--port", str(SEED_PORT), *common) for h in range(seeds)]
-        try:
-            for p in procs:
-                p.line()
-            sources = ",".join(f"{cluster.address(h)}:{SEED_PORT}" for h in range(seeds))
-            puller = start(
-                cluster,
-                client_host,
-                "client",
-                "--sources",
-                sources,
-                "--start-file",
-                str(start_file),
-                *common,
-            )
-            procs.append(puller)
-            puller.line()
-            began = time.time()
-            start_file.touch()
-            if kill_after is not None:
-                time.sleep(kill_after)
-                procs[1].popen.kill()
-            result = puller.line()
-        finally:
-            for p in procs:
-                p.stop()
-    return {
-        "seeds": seeds,
-        "seconds": result["end"] - began,
-        "identical": result["identical"],
-        "bytes_by_source": result["bytes_by_source"],
-        "failures": result["failures"],
-    }
-
-
-def seed_memory(size_mib: int, clients: list[int]) -> dict[int, dict[str, int]]:
-    """The seed's resident memory (kB) after serving k concurrent clients, on loopback."""
-    seed = Proc(
-        subprocess.Popen(
-            [PYTHON, WORKER, "seed", "--size-mib", str(size_mib)], stdout=subprocess.PIPE, text=True
-        )
-    )
-    out: dict[int, dict[str, int]] = {}
-    try:
-        address = seed.line()["ready"]
-        out[0] = _memory(seed.popen.pid)
-        for k in clients:
-            subprocess.run(
-                [
-                    PYTHON,
-                    WORKER,
-                    "many-clients",
-                    "--clients",
-                    str(k),
-                    "--sources",
-                    address,
-                    "--size-mib",
-                    str(size_mib),
-                ],
-                check=True,
-                capture_output=True,
-            )
-            out[k] = _memory(seed.popen.pid)
-    finally:
-        seed.stop()
-    return out
-
-
-def _memory(pid: int) -> dict[str, int]:
-    fields = {}
-    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = row.partition(":")
-        if key in ("VmRSS", "VmHWM", "Threads"):
-            fields[key] = int(value.split()[0])
-    fields["fds"] = len(list(Path(f"/proc/{pid}/fd").iterdir()))
-    return fields
+from netloader.testing.cluster import Cluster, Link
+from netloader.testing.cluster_scenarios import seed_memory, striping, wave
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

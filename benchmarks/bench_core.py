@@ -36,11 +36,8 @@ import datetime
 import gc
 import itertools
 import json
-import math
-import multiprocessing as mp
 import os
 import platform
-import queue
 import re
 import shutil
 import socket
@@ -49,49 +46,57 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection as PipeEnd
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import xxhash
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
 
-from netloader.client import Client
-from netloader.manifest import Identity
+from common import (
+    Result,
+    best_raw,
+    drop_page_cache,
+    interleaved,
+    median_result,
+    progress,
+    serve_checkpoint,
+    start_child,
+    stop_child,
+    table,
+    timed,
+    verdict,
+)
+from netloader import Client, Identity
+from netloader.testing.models import (
+    TensorSpec,
+    checkpoint_specs,
+    llama_like,
+    read_safetensors_header,
+    write_checkpoint,
+)
+from netloader.testing.processes import netloader_command
 
 CHUNK_BYTES = 16 << 20  # the chunk size of the raw paths (netloader's default chunk too)
 GLOO_WINDOW = 4  # outstanding send/recv ops on the raw gloo path
 RECV_PIECE = 128 << 10  # the bounded-recv variant of raw TCP reads at most this per call
 ALIGN = 64  # byte alignment of each tensor inside a fresh destination region
 MODEL_NAME = "bench-model"  # checkpoint directory name, which `netloader serve` serves as
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
-CHILD_START_TIMEOUT = 120.0  # a raw sender loads and pre-faults the checkpoint first
-SERVER_START_TIMEOUT = 300.0
 SUBPROCESS_TIMEOUT = 600.0
 IO_TIMEOUT = 60.0  # socket / store / process-group timeout on the raw paths
 PULL_SUMMARY = re.compile(
     r"netloader: pulled (\d+) tensors, (\d+) bytes in ([0-9.]+) s \(([0-9.]+) GB/s\)"
 )
-SERVING_LINE = re.compile(r"netloader: serving (\S+) \(.*\) on (\S+):(\d+)\s*$")
 
 
 # ---- the checkpoint -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -122,74 +127,8 @@ class Layout:
         return out
 
 
-def llama_like_specs(target_bytes: int) -> list[TensorSpec]:
-    """A decoder-only model's tensors (GQA attention with qkv biases, gated MLP, norms in
-    fp32, embeddings in bf16, an fp32 lm_head), with layers added until `target_bytes`."""
-    hidden, inter, kv, rot = 2048, 5632, 512, 64
-    # Keep the vocabulary matrices under ~40% of small targets so layers still appear.
-    vocab = max(256, min(32000, int(0.4 * target_bytes / (hidden * 6))))
-    bf16, fp32 = torch.bfloat16, torch.float32
-
-    def spec(name: str, dtype: torch.dtype, *shape: int) -> TensorSpec:
-        return TensorSpec(name, dtype, shape, math.prod(shape) * dtype.itemsize)
-
-    specs = [spec("model.embed_tokens.weight", bf16, vocab, hidden)]
-    tail = [spec("model.norm.weight", fp32, hidden), spec("lm_head.weight", fp32, vocab, hidden)]
-    layer = 0
-    while sum(s.nbytes for s in specs + tail) < target_bytes:
-        p = f"model.layers.{layer}."
-        specs += [
-            spec(p + "input_layernorm.weight", fp32, hidden),
-            spec(p + "self_attn.q_proj.weight", bf16, hidden, hidden),
-            spec(p + "self_attn.q_proj.bias", bf16, hidden),
-            spec(p + "self_attn.k_proj.weight", bf16, kv, hidden),
-            spec(p + "self_attn.k_proj.bias", bf16, kv),
-            spec(p + "self_attn.v_proj.weight", bf16, kv, hidden),
-            spec(p + "self_attn.v_proj.bias", bf16, kv),
-            spec(p + "self_attn.o_proj.weight", bf16, hidden, hidden),
-            spec(p + "self_attn.rotary_emb.inv_freq", fp32, rot),
-            spec(p + "post_attention_layernorm.weight", fp32, hidden),
-            spec(p + "mlp.gate_proj.weight", bf16, inter, hidden),
-            spec(p + "mlp.up_proj.weight", bf16, inter, hidden),
-            spec(p + "mlp.down_proj.weight", bf16, hidden, inter),
-        ]
-        layer += 1
-    return specs + tail
-
-
-def write_checkpoint(model_dir: Path, target_bytes: int, seed: int = 0) -> Path:
-    """Random weights of a realistic shape mix, saved as `<model_dir>/model.safetensors`."""
-    model_dir.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {
-        s.name: torch.randn(s.shape, generator=generator, dtype=s.dtype) * 0.02
-        for s in llama_like_specs(target_bytes)
-    }
-    path = model_dir / "model.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return path
-
-
-def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(length of the header block including its 8-byte size, header JSON)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
-
-
 def read_layout(path: Path) -> Layout:
-    _, header = read_header(path)
-    entries = sorted(
-        ((k, v) for k, v in header.items() if k != "__metadata__"),
-        key=lambda kv: kv[1]["data_offsets"][0],
-    )
-    specs = []
-    for name, entry in entries:
-        start, end = entry["data_offsets"]
-        specs.append(
-            TensorSpec(name, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), end - start)
-        )
-    return Layout(tuple(specs))
+    return Layout(tuple(checkpoint_specs(path)))
 
 
 def flat_u8(tensor: torch.Tensor) -> torch.Tensor:
@@ -219,38 +158,13 @@ def fresh_tensors(layout: Layout) -> dict[str, torch.Tensor]:
 def prefault(tensors: dict[str, torch.Tensor]) -> None:
     """Read every byte once (the netloader server does the same when it digests)."""
     for t in tensors.values():
-        xxhash.xxh3_64_intdigest(memoryview(flat_u8(t).numpy()))
+        xxhash.xxh3_64_intdigest(flat_u8(t).numpy().data)
 
 
 def check_flat(dest: torch.Tensor, source: dict[str, torch.Tensor], layout: Layout) -> None:
     for t, off in zip(layout.tensors, layout.offsets(), strict=True):
         if not torch.equal(dest[off : off + t.nbytes], flat_u8(source[t.name])):
             raise RuntimeError(f"received bytes of {t.name} differ from the source")
-
-
-# ---- results ------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    section: str  # "a", "b" or "c"
-    path: str
-    seconds: float | None  # the representative time (median or single); None if skipped
-    samples: list[float] = field(default_factory=list)
-    raw: bool = False  # an inter-process raw path, eligible as "best raw path"
-    note: str = ""
-
-
-def median_result(section: str, path: str, samples: list[float], **kw: Any) -> Result:
-    note = kw.pop("note", "")
-    spread = f"median of {len(samples)}, min {min(samples):.3f} max {max(samples):.3f}"
-    return Result(section, path, statistics.median(samples), samples, note=f"{spread}{note}", **kw)
-
-
-def timed(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 # ---- (a) memcpy ---------------------------------------------------------------------------
@@ -290,7 +204,7 @@ def _source_views(path: str) -> tuple[dict[str, torch.Tensor], list[memoryview]]
     tensors = load_file(path)
     prefault(tensors)
     layout = read_layout(Path(path))
-    whole = [memoryview(flat_u8(tensors[t.name]).numpy()) for t in layout.tensors]
+    whole = [flat_u8(tensors[t.name]).numpy().data for t in layout.tensors]
     views = [whole[i][start : start + n] for i, start, _, n in layout.chunks()]
     return tensors, views
 
@@ -317,47 +231,6 @@ def tcp_sender(path: str, rounds: int, pipe: PipeEnd) -> None:
         raise
 
 
-def _start_child(target: Callable[..., None], *args: Any) -> tuple[Any, PipeEnd, int]:
-    ctx = mp.get_context("spawn")
-    parent_end, child_end = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(*args, child_end), daemon=True)
-    proc.start()
-    child_end.close()
-    if not parent_end.poll(CHILD_START_TIMEOUT):
-        raise RuntimeError(f"{target.__name__} did not start in {CHILD_START_TIMEOUT} s")
-    status, value = parent_end.recv()
-    if status != "ready":
-        raise RuntimeError(f"{target.__name__} failed:\n{value}")
-    return proc, parent_end, int(value)
-
-
-def _stop_child(proc: Any, pipe: PipeEnd, ok: bool) -> None:
-    """Let a child that finished its rounds exit; end one that did not at once."""
-    proc.join(IO_TIMEOUT if ok else 1)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(5)
-    with contextlib.suppress(EOFError, OSError):
-        while pipe.poll(0):  # a child's error report, if it sent one before exiting
-            status, value = pipe.recv()
-            if status == "error":
-                print(f"warning: raw sender failed:\n{value}", file=sys.stderr)
-    pipe.close()
-
-
-def interleaved(rounds: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
-    """Time each variant `repeat` times, alternating variants, so that slow drift of a
-    noisy machine hits every variant alike."""
-    samples: dict[str, list[float]] = {name: [] for name in rounds}
-    for _ in range(repeat):
-        for name, fn in rounds.items():
-            samples[name].append(timed(fn))
-    return samples
-
-
 def bench_raw_tcp(
     ckpt: Path, source: dict[str, torch.Tensor], layout: Layout, repeat: int
 ) -> list[Result]:
@@ -367,14 +240,14 @@ def bench_raw_tcp(
     netloader does), and each piece hashed by a streaming xxh3-128 right after it arrives,
     while its bytes are still in cache."""
     variants = ("whole", "pieces", "verify", "stream")
-    proc, pipe, port = _start_child(tcp_sender, str(ckpt), 1 + len(variants) * repeat)
+    proc, pipe, port = start_child(tcp_sender, str(ckpt), 1 + len(variants) * repeat)
     ok = False
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
             sock.settimeout(None)
             _set_io_timeouts(sock, IO_TIMEOUT)
             dest = fresh_region(layout.total_bytes)
-            view = memoryview(dest.numpy())
+            view = dest.numpy().data
             chunks = layout.chunks()
 
             def receive(into: memoryview, piece: int, hasher: Any = None) -> None:
@@ -415,7 +288,7 @@ def bench_raw_tcp(
         ok = True
         check_flat(dest, source, layout)
     finally:
-        _stop_child(proc, pipe, ok)
+        stop_child(proc, pipe, ok)
     piece = f"{RECV_PIECE >> 10} KiB"
     return [
         median_result(
@@ -442,10 +315,11 @@ def bench_raw_tcp(
 
 
 def _gloo_group(store: Any, rank: int) -> Any:
-    opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    gloo: Any = ProcessGroupGloo  # its stub lacks the _Options this torch has
+    opts = gloo._Options()
+    opts._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
     opts._timeout = datetime.timedelta(seconds=IO_TIMEOUT)
-    return dist.ProcessGroupGloo(dist.PrefixStore("raw/", store), rank, 2, opts)
+    return gloo(PrefixStore("raw/", store), rank, 2, opts)
 
 
 def _shutdown_group(group: Any) -> None:
@@ -461,7 +335,7 @@ def gloo_sender(path: str, rounds: int, pipe: PipeEnd) -> None:
         layout = read_layout(Path(path))
         flats = [flat_u8(tensors[t.name]) for t in layout.tensors]
         chunks = [flats[i][start : start + n] for i, start, _, n in layout.chunks()]
-        store = dist.TCPStore(  # type: ignore[attr-defined]
+        store = TCPStore(
             "127.0.0.1",
             0,
             2,
@@ -492,11 +366,11 @@ def gloo_sender(path: str, rounds: int, pipe: PipeEnd) -> None:
 def bench_raw_gloo(
     ckpt: Path, source: dict[str, torch.Tensor], layout: Layout, repeat: int
 ) -> list[Result]:
-    proc, pipe, port = _start_child(gloo_sender, str(ckpt), 1 + 2 * repeat)
+    proc, pipe, port = start_child(gloo_sender, str(ckpt), 1 + 2 * repeat)
     group = None
     ok = False
     try:
-        store = dist.TCPStore(  # type: ignore[attr-defined]
+        store = TCPStore(
             "127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=IO_TIMEOUT)
         )
         group = _gloo_group(store, 1)
@@ -505,14 +379,14 @@ def bench_raw_gloo(
         rounds = itertools.count()
 
         def one_round(verify: bool = False) -> None:
-            store.set(f"go{next(rounds)}", b"1")
+            store.set(f"go{next(rounds)}", "1")
             pending: deque[tuple[Any, torch.Tensor]] = deque()
 
             def finish() -> None:
                 work, target = pending.popleft()
                 work.wait()
                 if verify:
-                    xxhash.xxh3_128_hexdigest(memoryview(target.numpy()))
+                    xxhash.xxh3_128_hexdigest(target.numpy().data)
 
             for target in targets:
                 pending.append((group.recv([target], 0, 0), target))
@@ -523,13 +397,13 @@ def bench_raw_gloo(
 
         first = timed(one_round)
         warm = interleaved({"plain": one_round, "verify": lambda: one_round(True)}, repeat)
-        store.set("done", b"1")
+        store.set("done", "1")
         ok = True
         check_flat(dest, source, layout)
     finally:
         if group is not None:
             _shutdown_group(group)
-        _stop_child(proc, pipe, ok)
+        stop_child(proc, pipe, ok)
     return [
         median_result(
             "a",
@@ -545,78 +419,6 @@ def bench_raw_gloo(
 
 
 # ---- (b) netloader ------------------------------------------------------------------------
-
-
-def netloader_exe() -> str:
-    beside = Path(sys.executable).parent / "netloader"
-    found = str(beside) if beside.exists() else shutil.which("netloader")
-    if not found:
-        raise RuntimeError("the `netloader` command is not installed next to this Python")
-    return found
-
-
-class ServerProcess:
-    """`netloader serve DIR --listen 127.0.0.1:0` as a subprocess; its address comes from
-    the "netloader: serving ... on HOST:PORT" line it prints."""
-
-    def __init__(
-        self,
-        model_dir: Path,
-        log_path: Path,
-        extra_args: Sequence[str] = (),
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [netloader_exe(), "serve", str(model_dir), "--listen", "127.0.0.1:0", *extra_args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            env=env,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        try:
-            self.model, self.address = self._wait_for_address()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _wait_for_address(self) -> tuple[str, str]:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                raise RuntimeError(f"netloader serve exited early: {self.log_tail()}")
-            if match := SERVING_LINE.match(line.strip()):
-                return match[1], f"{match[2]}:{match[3]}"
-        raise RuntimeError(f"netloader serve printed no address: {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-2000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: the CLI stops its server cleanly
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
 
 
 def bench_netloader_pulls(
@@ -667,7 +469,8 @@ class FileCheck:
 def compare_checkpoints(src: Path, pulled: Path) -> FileCheck:
     """Bit-compare the pulled file with the source; if the files differ, say where."""
     same_file = src.stat().st_size == pulled.stat().st_size and _same_bytes(src, pulled)
-    (src_len, src_hdr), (dst_len, dst_hdr) = read_header(src), read_header(pulled)
+    src_len, src_hdr = read_safetensors_header(src)
+    dst_len, dst_hdr = read_safetensors_header(pulled)
     meta_src, meta_dst = src_hdr.pop("__metadata__", {}), dst_hdr.pop("__metadata__", {})
     same_headers = src_hdr == dst_hdr
     same_data = same_headers and _same_bytes(src, pulled, src_len, dst_len)
@@ -698,7 +501,7 @@ def bench_cli_pull(
     walls: list[float] = []
     reported: list[float] = []
     check: FileCheck | None = None
-    cmd = [netloader_exe(), "pull", address, "--out", str(out_dir), "--transport", transport]
+    cmd = [netloader_command(), "pull", address, "--out", str(out_dir), "--transport", transport]
     try:
         for _ in range(repeat):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -724,18 +527,6 @@ def bench_cli_pull(
 
 
 # ---- (c) safetensors from disk ------------------------------------------------------------
-
-
-def drop_page_cache() -> str | None:
-    """Empty the page cache; returns why it cannot, or None once done."""
-    if os.geteuid() != 0:
-        return "skipped: not root"
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError as exc:
-        return f"skipped: cannot write /proc/sys/vm/drop_caches ({exc.strerror})"
-    return None
 
 
 def bench_load_file(ckpt: Path, layout: Layout, repeat: int) -> list[Result]:
@@ -788,51 +579,6 @@ def bench_load_file(ckpt: Path, layout: Layout, repeat: int) -> list[Result]:
 # ---- report -------------------------------------------------------------------------------
 
 
-def best_raw(results: Sequence[Result]) -> Result:
-    candidates = [r for r in results if r.raw and r.seconds]
-    if not candidates:
-        raise RuntimeError("no raw path was measured")
-    return min(candidates, key=lambda r: r.seconds or math.inf)
-
-
-def table(results: Sequence[Result], nbytes: int) -> Iterator[str]:
-    best = best_raw(results)
-    assert best.seconds is not None
-    yield f"{nbytes} bytes ({nbytes / 2**30:.2f} GiB) per transfer; % = of {best.path}\n"
-    yield "| part | path | seconds | GB/s | % of best raw | note |"
-    yield "|---|---|---:|---:|---:|---|"
-    for r in results:
-        if r.seconds is None:
-            yield f"| {r.section} | {r.path} | - | - | - | {r.note} |"
-            continue
-        gbps = nbytes / r.seconds / 1e9
-        pct = 100 * best.seconds / r.seconds
-        yield (f"| {r.section} | {r.path} | {r.seconds:.3f} | {gbps:.2f} | {pct:.0f}% | {r.note} |")
-
-
-def verdict(results: Sequence[Result]) -> tuple[bool, str]:
-    best = best_raw(results)
-    assert best.seconds is not None
-    pulls = [r for r in results if r.path.startswith("netloader ") and "repeated pulls" in r.path]
-    if not pulls:
-        return False, "netloader in-memory pull: not measured"
-    top = min(pulls, key=lambda r: r.seconds or math.inf)
-    assert top.seconds is not None
-    pct = 100 * best.seconds / top.seconds
-    reached = pct >= 90
-    firsts = ", ".join(
-        f"{r.path.split(':')[0]} first pull {100 * best.seconds / r.seconds:.0f}%"
-        for r in results
-        if r.path.startswith("netloader ") and "first pull" in r.path and r.seconds
-    )
-    line = (
-        f"RESULT: netloader's in-memory pull {'REACHED' if reached else 'did NOT reach'} 90% "
-        f"of the best raw path: {top.path} at {pct:.0f}% of {best.path} "
-        f"({firsts}; first pulls go into untouched memory)"
-    )
-    return reached, line
-
-
 # ---- main ---------------------------------------------------------------------------------
 
 
@@ -860,7 +606,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     progress(f"writing a {args.size_gib} GiB checkpoint under {workdir} ...")
-    ckpt = write_checkpoint(workdir / MODEL_NAME, int(args.size_gib * 2**30))
+    ckpt = write_checkpoint(workdir / MODEL_NAME, llama_like(int(args.size_gib * 2**30)))
     layout = read_layout(ckpt)
     source = load_file(ckpt)
     prefault(source)
@@ -874,13 +620,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         results += raw_benches[transport](ckpt, source, layout, args.repeat)
         gc.collect()
 
-    server = ServerProcess(ckpt.parent, workdir / "server.log")
+    server = serve_checkpoint(ckpt.parent, workdir / "server.log")
     checks: dict[str, FileCheck] = {}
     try:
         for transport in args.transports:
             progress(f"(b) netloader {transport} in memory ...")
             results += bench_netloader_pulls(
-                server.address, server.model, source, layout, transport, args.repeat
+                server.address, server.ready["model"], source, layout, transport, args.repeat
             )
             gc.collect()
         for transport in args.transports:
@@ -942,10 +688,6 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "netloader_reached_90pct": reached,
         "verdict": line,
     }
-
-
-def progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,11 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import drop_page_cache
+from netloader.testing.processes import ChildProcess, read_address_file
+from netloader.testing.vllm import PROMPTS, VllmInstance, make_weightless_dir
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "vllm"))
-
-from harness import PROMPTS, VllmInstance, make_weightless_dir, read_address  # noqa: E402
-
 MODEL_NAME = "llama1g"
 VLLM_WEIGHTS = re.compile(r"Loading weights took ([\d.]+) seconds")
 NETLOADER_LOADED = re.compile(r"netloader: loaded \d+ tensors, (\d+) bytes in ([\d.]+) s")
@@ -53,17 +53,6 @@ def run_setup(cmd: list[str], timeout: float) -> str:
     if done.returncode != 0:
         sys.exit(f"{cmd[1]} failed:\n{done.stderr[-3000:]}")
     return done.stdout.strip().splitlines()[-1]
-
-
-def drop_caches() -> bool:
-    """Empty the page cache; False where this process may not."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        return False
-    return True
 
 
 def warm_page_cache(model_dir: Path) -> None:
@@ -140,19 +129,17 @@ def pull_loop(address: str, seconds: float, out: str) -> None:
 def latency_under_load(seed: VllmInstance, address: str, seconds: float, max_tokens: int,
                        logs: Path) -> dict[str, Any]:  # fmt: skip
     out = logs / "pull_loop.json"
-    child = subprocess.Popen(
+    child = ChildProcess(
         [sys.executable, __file__, "--pull-loop", address, "--latency-seconds", str(seconds),
          "--json", str(out)],
-        stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        child.expect(r"^ready$")
         latencies = time_completions(seed, seconds, max_tokens)
-        child.wait(timeout=seconds + 120)
+        child.proc.wait(timeout=seconds + 120)
     finally:
-        if child.poll() is None:
+        if child.proc.poll() is None:
             child.kill()
-            child.wait()
     pulls = json.loads(out.read_text())
     pulled = pulls["bytes"] * pulls["pulls"]
     return {"latencies_s": latencies, "pulls": pulls["pulls"], "pull_seconds": pulls["seconds"],
@@ -197,16 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     seed_config = {"MODEL": MODEL_NAME, "OUTPUT_PREFIX": str(logs / "seed_")}
     with VllmInstance(python, model, seed_config, workdir=logs, name="seed",
                       ready_timeout=300) as seed:  # fmt: skip
-        address = read_address(logs / "seed_0.txt")
+        address = read_address_file(logs / "seed_0.txt")
         results["seed_ready_s"] = seed.ready_seconds
         expected = seed.complete("The cat", max_tokens=4)
         for rep in range(args.repeat):
             for cache in ("warm", "cold") if cold else ("warm",):
                 for how in ("netloader", "disk") if rep % 2 == 0 else ("disk", "netloader"):
-                    if cache == "cold" and not drop_caches():
-                        sys.exit("bench_vllm: cannot write /proc/sys/vm/drop_caches")
-                    else:
+                    if cache == "warm":
                         warm_page_cache(model)
+                    elif (why := drop_page_cache()) is not None:
+                        sys.exit(f"bench_vllm: cannot drop the page cache: {why}")
                     name = f"{how}-{cache}-{rep}"
                     row = start_instance(python, how, model, weightless, address, logs, name)
                     row.update(how=how, cache=cache, rep=rep)

@@ -42,9 +42,11 @@ def one_input(data: bytes) -> None:
         decoder = {
             p.MsgType.HELLO: p.Hello.decode,
             p.MsgType.WELCOME: p.Welcome.decode,
-            p.MsgType.FETCH: lambda b: p.Fetch.decode(b, MANIFEST),
+            p.MsgType.FETCH: lambda b: p.Fetch.decode(b).validate(MANIFEST),
             p.MsgType.MANIFEST: Manifest.from_json,
-            p.MsgType.ERROR: p.describe_error,
+            p.MsgType.ERROR: p.Error.decode,
+            p.MsgType.AUTH: p.Auth.decode,
+            p.MsgType.GLOO: p.ProcessGroupSetup.decode,
         }.get(header.type)
         if decoder is not None:
             decoder(body)

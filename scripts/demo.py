@@ -12,55 +12,36 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import netloader
+from netloader.testing.models import (
+    checkpoint_specs,
+    differing,
+    empty_like,
+    llama_like,
+    write_checkpoint,
+)
+from netloader.testing.processes import ServerProcess, netloader_command
 
-NETLOADER = str(Path(sys.executable).with_name("netloader"))
+NETLOADER = netloader_command()
 
 
 def build_checkpoint(directory: Path, size_mib: int) -> Path:
-    """A transformer-shaped bf16 checkpoint of about `size_mib`, made locally (no hub)."""
+    """A Llama-shaped checkpoint of about `size_mib` (netloader.testing.models.llama_like),
+    made locally (no hub) and kept for the next run."""
     path = directory / "model.safetensors"
-    stamp = directory / "size_mib"
-    if path.exists() and stamp.exists() and stamp.read_text() == str(size_mib):
+    stamp, made = directory / "made", f"llama_like {size_mib} MiB"
+    if path.exists() and stamp.exists() and stamp.read_text() == made:
         return path
-    directory.mkdir(parents=True, exist_ok=True)
-    width = 2048
-    layer_bytes = 12 * width * width * 2  # qkv+o (4 w^2) + mlp (8 w^2), bf16
-    layers = max(1, (size_mib << 20) // layer_bytes)
-    g = torch.Generator().manual_seed(0)
-    tensors = {"embed_tokens.weight": torch.randn(8000, width, generator=g).bfloat16()}
-    for i in range(layers):
-        p = f"layers.{i}."
-        tensors[p + "self_attn.qkv_proj.weight"] = torch.randn(
-            3 * width, width, generator=g
-        ).bfloat16()
-        tensors[p + "self_attn.o_proj.weight"] = torch.randn(width, width, generator=g).bfloat16()
-        tensors[p + "mlp.gate_up_proj.weight"] = torch.randn(
-            8 * width, width // 2, generator=g
-        ).bfloat16()
-        tensors[p + "mlp.down_proj.weight"] = torch.randn(width, 4 * width, generator=g).bfloat16()
-        tensors[p + "input_layernorm.weight"] = torch.ones(width, dtype=torch.bfloat16)
-    tensors["norm.weight"] = torch.ones(width, dtype=torch.bfloat16)
-    save_file(tensors, path)
-    stamp.write_text(str(size_mib))
+    write_checkpoint(directory, llama_like(size_mib << 20))
+    stamp.write_text(made)
     return path
 
 
 def empty_model(path: Path) -> dict[str, torch.Tensor]:
     """What a loader has before loading: tensors of the right dtype and shape, no data."""
-    with safe_open(path, "pt") as f:
-        return {
-            name: torch.empty(f.get_slice(name).get_shape(), dtype=_dtype(f, name))
-            for name in f.keys()  # noqa: SIM118 - safe_open is not a dict
-        }
-
-
-def _dtype(f: object, name: str) -> torch.dtype:
-    code = f.get_slice(name).get_dtype()  # type: ignore[attr-defined]
-    return {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}[code]
+    return empty_like(checkpoint_specs(path))
 
 
 def main() -> None:
@@ -76,24 +57,20 @@ def main() -> None:
         f"built in {time.perf_counter() - started:.1f} s"
     )
 
-    server = subprocess.Popen(
+    server = ServerProcess(
         [NETLOADER, "-v", "serve", str(ckpt.parent), "--model", "demo"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        log=args.workdir / "server.log",
     )
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline().strip()
-        print(f"server process {server.pid}: {line}")
-        address = line.rsplit(" on ", 1)[1]
+        print(f"server process {server.pid}: {server.ready.string.strip()}")
+        address = server.address
 
         results: dict[str, float] = {}
         for transport in ("tcp", "gloo"):
             dest = empty_model(ckpt)
-            report = netloader.load(dest, [address], model_name="demo", transport=transport)
+            report = netloader.load(dest, [address], "demo", transport=transport)
             results[f"netloader pull over {transport}, into fresh memory"] = report.seconds
-            report = netloader.load(dest, [address], model_name="demo", transport=transport)
+            report = netloader.load(dest, [address], "demo", transport=transport)
             results[f"netloader pull over {transport}, into loaded memory"] = report.seconds
             print(f"client: {report.summary()}")
 
@@ -106,9 +83,7 @@ def main() -> None:
         results["safetensors from disk into fresh memory (warm page cache)"] = (
             time.perf_counter() - t0
         )
-        identical = all(
-            torch.equal(model[n].view(torch.int16), t.view(torch.int16)) for n, t in dest.items()
-        )
+        identical = not differing(dest, model)
         print(f"bit-identical to the checkpoint on disk: {identical}")
 
         t0 = time.perf_counter()
@@ -130,8 +105,7 @@ def main() -> None:
         if not identical:
             sys.exit("demo: pulled weights differ from the checkpoint")
     finally:
-        server.terminate()
-        server.wait(timeout=20)
+        server.stop(timeout=20)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,16 @@
 """Scale-out on an emulated cluster of network namespaces with rate-limited links (see
-netloader.testbed), driven by the benchmark's own scenario code. Skipped where the
-machine cannot build one (not root, no `ip`/`tc`). No timing assertions: the benchmark
-reports the times."""
+netloader.testing.cluster), driven by the scenario code benchmarks/bench_cluster.py times
+(netloader.testing.cluster_scenarios). Skipped where the machine cannot build one (not
+root, no `ip`/`tc`). No timing assertions: the benchmark reports the times."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-
-from bench_cluster import striping, wave
-
-from netloader.testbed import Cluster, Link
+from netloader.testing.cluster import Cluster, Link
+from netloader.testing.cluster_scenarios import striping, wave
 
 pytestmark = pytest.mark.skipif(
     Cluster.unavailable() is not None, reason=f"no emulated cluster: {Cluster.unavailable()}"

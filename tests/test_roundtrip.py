@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+from multiprocessing.queues import Queue
 
 import pytest
 import torch
-from tensorsets import all_dtypes, empty_like_set, model_like, same_bytes
 
 import netloader
 from netloader import Client, Identity
+from netloader.testing.models import all_dtypes, same_bytes, transformer_like
+from support.servers import StartServer
+from support.tensors import empty_like_set
 
 
 @pytest.mark.parametrize("transport", ["tcp", "gloo"])
-def test_all_dtypes_round_trip_bit_identical(start_server, transport: str) -> None:
+def test_all_dtypes_round_trip_bit_identical(start_server: StartServer, transport: str) -> None:
     server = start_server("all_dtypes", "--model", "m", "--chunk-bytes", str(256 << 10))
     expected = all_dtypes()
     dest = empty_like_set(expected)
@@ -27,7 +30,7 @@ def test_all_dtypes_round_trip_bit_identical(start_server, transport: str) -> No
     assert any("float8" in name for name in expected) == hasattr(torch, "float8_e4m3fn")
 
 
-def test_non_contiguous_destinations_are_filled(start_server) -> None:
+def test_non_contiguous_destinations_are_filled(start_server: StartServer) -> None:
     server = start_server("all_dtypes", "--model", "m")
     expected = all_dtypes()
     dest = empty_like_set(expected)
@@ -37,9 +40,9 @@ def test_non_contiguous_destinations_are_filled(start_server) -> None:
     assert same_bytes(dest["transposed"], expected["transposed"])
 
 
-def test_module_api_round_trip(start_server) -> None:
-    server = start_server("model_like", "--model", "tiny")
-    expected = model_like()
+def test_module_api_round_trip(start_server: StartServer) -> None:
+    server = start_server("transformer_like", "--model", "tiny")
+    expected = transformer_like()
     module = torch.nn.Module()
     for name, t in expected.items():  # an "empty model": parameters of the right shape
         holder = module
@@ -51,15 +54,15 @@ def test_module_api_round_trip(start_server) -> None:
         holder.register_parameter(
             leaf, torch.nn.Parameter(torch.empty_like(t), requires_grad=False)
         )
-    report = netloader.load(module, [server.address], model_name="tiny")
+    report = netloader.load(module, [server.address], identity="tiny")
     assert report.bytes == sum(t.nbytes for t in expected.values())
     for name, t in module.state_dict().items():
         assert same_bytes(t, expected[name]), name
 
 
-def _pull_in_child(address: str, queue: mp.Queue) -> None:  # type: ignore[type-arg]
+def _pull_in_child(address: str, queue: Queue[bool | str]) -> None:
     try:
-        expected = model_like()
+        expected = transformer_like()
         dest = empty_like_set(expected)
         Client([address]).load_into(dest, Identity("m"))
         queue.put(all(same_bytes(dest[n], t) for n, t in expected.items()))
@@ -67,10 +70,10 @@ def _pull_in_child(address: str, queue: mp.Queue) -> None:  # type: ignore[type-
         queue.put(repr(exc))
 
 
-def test_eight_client_processes_at_once(start_server) -> None:
-    server = start_server("model_like", "--model", "m")
+def test_eight_client_processes_at_once(start_server: StartServer) -> None:
+    server = start_server("transformer_like", "--model", "m")
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue: Queue[bool | str] = ctx.Queue()
     clients = [ctx.Process(target=_pull_in_child, args=(server.address, queue)) for _ in range(8)]
     for c in clients:
         c.start()

@@ -8,22 +8,25 @@ import signal
 import threading
 
 import pytest
-from tensorsets import big, empty_like_set, same_bytes
+import torch
 
 import netloader
 from netloader import Client, Identity, SourceUnavailable
+from netloader.testing.models import blocks, differing
+from support.servers import MakeProxy, StartServer
+from support.tensors import empty_like_set
 
 MIB = 1 << 20
 
 
-def _all_same(dest: dict, expected: dict) -> None:
-    bad = [name for name in expected if not same_bytes(dest[name], expected[name])]
+def _all_same(dest: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    bad = differing(dest, expected)
     assert not bad, f"tensors differ: {bad}"
 
 
-def test_stripes_across_every_source(start_server) -> None:
-    servers = [start_server("big", "--model", "m") for _ in range(3)]
-    expected = big()
+def test_stripes_across_every_source(start_server: StartServer) -> None:
+    servers = [start_server("blocks", "--model", "m") for _ in range(3)]
+    expected = blocks()
     dest = empty_like_set(expected)
     report = Client([s.address for s in servers]).load_into(dest, Identity("m"))
     _all_same(dest, expected)
@@ -32,11 +35,11 @@ def test_stripes_across_every_source(start_server) -> None:
     assert not report.failures
 
 
-def test_faster_source_delivers_more(start_server, proxy) -> None:
-    server = start_server("big", "--model", "m")
+def test_faster_source_delivers_more(start_server: StartServer, proxy: MakeProxy) -> None:
+    server = start_server("blocks", "--model", "m")
     fast = proxy(server.address, rate=60 * MIB)
     slow = proxy(server.address, rate=10 * MIB)
-    expected = big()
+    expected = blocks()
     dest = empty_like_set(expected)
     report = Client([slow.address, fast.address]).load_into(dest, Identity("m"))
     _all_same(dest, expected)
@@ -44,18 +47,20 @@ def test_faster_source_delivers_more(start_server, proxy) -> None:
     assert delivered[fast.address] > 2 * delivered.get(slow.address, 0), delivered
 
 
-def test_source_killed_mid_transfer_others_finish(start_server, proxy) -> None:
-    servers = [start_server("big", "--model", "m") for _ in range(3)]
+def test_source_killed_mid_transfer_others_finish(
+    start_server: StartServer, proxy: MakeProxy
+) -> None:
+    servers = [start_server("blocks", "--model", "m") for _ in range(3)]
     throttled = [proxy(s.address, rate=20 * MIB) for s in servers]
     victim, victim_proxy = servers[0], throttled[0]
-    expected = big()
+    expected = blocks()
     dest = empty_like_set(expected)
 
     def kill_victim_midway(_: int) -> None:
         if victim.proc.poll() is None and victim_proxy.forwarded > 4 * MIB:
             victim.proc.send_signal(signal.SIGKILL)
 
-    report = Client([p.address for p in throttled], stall_timeout=3).load_into(
+    report = Client([p.address for p in throttled], timeouts=netloader.Timeouts(stall=3)).load_into(
         dest, Identity("m"), progress=kill_victim_midway
     )
     assert victim.proc.poll() is not None, "the victim was not killed mid-transfer"
@@ -64,36 +69,40 @@ def test_source_killed_mid_transfer_others_finish(start_server, proxy) -> None:
     assert sum(n for _, n in report.bytes_by_source) == 64 * MIB  # nothing fetched twice
 
 
-def test_frozen_source_is_replaced_by_the_others(start_server, proxy) -> None:
-    servers = [start_server("big", "--model", "m") for _ in range(2)]
+def test_frozen_source_is_replaced_by_the_others(
+    start_server: StartServer, proxy: MakeProxy
+) -> None:
+    servers = [start_server("blocks", "--model", "m") for _ in range(2)]
     frozen = proxy(servers[0].address, freeze_after=6 * MIB)
     healthy = proxy(servers[1].address, rate=30 * MIB)
-    expected = big()
+    expected = blocks()
     dest = empty_like_set(expected)
-    report = Client([frozen.address, healthy.address], stall_timeout=1.5).load_into(
-        dest, Identity("m")
-    )
+    report = Client(
+        [frozen.address, healthy.address], timeouts=netloader.Timeouts(stall=1.5)
+    ).load_into(dest, Identity("m"))
     _all_same(dest, expected)
     assert "sent nothing for 1.5 s" in report.failures[0]
 
 
-def test_stripe_one_uses_sources_in_order(start_server) -> None:
-    servers = [start_server("big", "--model", "m") for _ in range(2)]
-    dest = empty_like_set(big())
+def test_stripe_one_uses_sources_in_order(start_server: StartServer) -> None:
+    servers = [start_server("blocks", "--model", "m") for _ in range(2)]
+    dest = empty_like_set(blocks())
     report = Client([s.address for s in servers], stripe=1).load_into(dest, Identity("m"))
     assert report.sources == (servers[0].address,)
 
 
-def test_relay_serves_chunks_while_still_receiving(start_server, proxy) -> None:
-    seed = start_server("big", "--model", "m")
+def test_relay_serves_chunks_while_still_receiving(
+    start_server: StartServer, proxy: MakeProxy
+) -> None:
+    seed = start_server("blocks", "--model", "m")
     upstream = proxy(seed.address, rate=40 * MIB)  # the relay's own pull takes ~1.6 s
-    expected = big()
+    expected = blocks()
     relay_dest, client_dest = empty_like_set(expected), empty_like_set(expected)
     with netloader.relay() as relay_server:
         relay_report: list[netloader.LoadReport] = []
         relaying = threading.Thread(
             target=lambda: relay_report.append(
-                netloader.load(relay_dest, [upstream.address], model_name="m", relay=relay_server)
+                netloader.load(relay_dest, [upstream.address], identity="m", relay=relay_server)
             )
         )
         relaying.start()
@@ -114,18 +123,24 @@ def test_relay_serves_chunks_while_still_receiving(start_server, proxy) -> None:
     assert relay_report[0].sources == (upstream.address,)
 
 
-def test_relay_whose_upstream_dies_sends_its_clients_elsewhere(start_server, proxy) -> None:
-    seed = start_server("big", "--model", "m")
-    backup = start_server("big", "--model", "m")
+def test_relay_whose_upstream_dies_sends_its_clients_elsewhere(
+    start_server: StartServer, proxy: MakeProxy
+) -> None:
+    seed = start_server("blocks", "--model", "m")
+    backup = start_server("blocks", "--model", "m")
     upstream = proxy(seed.address, rate=30 * MIB)
-    expected = big()
+    expected = blocks()
     relay_dest, client_dest = empty_like_set(expected), empty_like_set(expected)
     relay_error: list[BaseException] = []
 
     def relay_pull(server: netloader.Server) -> None:
         try:
             netloader.load(
-                relay_dest, [upstream.address], model_name="m", relay=server, stall_timeout=2
+                relay_dest,
+                [upstream.address],
+                identity="m",
+                relay=server,
+                timeouts=netloader.Timeouts(stall=2),
             )
         except netloader.TransferError as exc:
             relay_error.append(exc)
@@ -149,7 +164,7 @@ def test_relay_whose_upstream_dies_sends_its_clients_elsewhere(start_server, pro
 
 def test_relay_without_upstream_manifest_says_so() -> None:
     with (
-        netloader.relay(stall_timeout=1) as relay_server,
+        netloader.relay(timeouts=netloader.Timeouts(stall=1)) as relay_server,
         pytest.raises(SourceUnavailable, match="no manifest from upstream"),
     ):
-        Client([relay_server.address], stall_timeout=2).manifest()
+        Client([relay_server.address], timeouts=netloader.Timeouts(stall=2)).manifest()

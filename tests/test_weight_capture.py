@@ -1,46 +1,21 @@
 """What an engine instance serves after post-processing (INT8_CACHE semantics), on plain
-torch modules with post-processing steps that behave like vLLM's."""
+torch modules with post-processing steps that behave like vLLM's (support.engine)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from netloader import Identity, LoadedTensors, NetloaderConfig, Server, SourceUnavailable
+from netloader import Server, SourceUnavailable
 from netloader.api import load, tensors_of
 from netloader.integrations.weight_capture import capture, check_intact, kept_bytes
-
-IDENT = Identity("tiny", attributes={"weights": "before-post-processing"})
-
-
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 32)
-    )
-
-
-def replace_linear_weights(model: torch.nn.Module) -> None:
-    """Like vLLM's CPU path: pack the weight elsewhere, leave an empty Parameter behind."""
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            layer.packed = layer.weight.detach().t().contiguous()  # type: ignore[assignment]
-            layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-
-
-def modify_in_place(model: torch.nn.Module) -> None:
-    """Like a repacking quantization method: the same tensor, new contents."""
-    with torch.no_grad():
-        model[0].bias.mul_(2)  # type: ignore[index]
-
-
-def config(**fields: object) -> NetloaderConfig:
-    return NetloaderConfig.load(dict(fields), environ={})
+from netloader.server import LoadedTensors
+from support.engine import IDENT, config, make_model, modify_in_place, replace_linear_weights
 
 
 def pull_into_fresh_model(server: Server) -> torch.nn.Module:
     fresh = make_model(seed=99)
-    load(fresh, [str(server.address)], model_name="tiny", attributes=IDENT.attributes)
+    load(fresh, [str(server.address)], IDENT)
     return fresh
 
 
@@ -72,7 +47,7 @@ def test_in_place_change_is_refused_naming_the_setting() -> None:
         fresh = make_model(seed=99)
         before = {k: v.clone() for k, v in fresh.state_dict().items()}
         with pytest.raises(SourceUnavailable, match="INT8_CACHE=dram"):
-            load(fresh, [str(server.address)], model_name="tiny", attributes=IDENT.attributes)
+            load(fresh, [str(server.address)], IDENT)
         assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
 
 
@@ -90,10 +65,3 @@ def test_int8_cache_keeps_copies_of_selected_parameters(mode: str) -> None:
         fresh = pull_into_fresh_model(server)
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, original[name]), name
-
-
-def test_untouched_model_costs_nothing() -> None:
-    model = make_model()
-    captured = capture(tensors_of(model), IDENT, config())
-    assert check_intact(captured) is None
-    assert kept_bytes(captured, dict(model.named_parameters())) == 0

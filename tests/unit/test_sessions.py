@@ -22,9 +22,9 @@ def pipe(sender: p.Session, receiver: p.Session, data: bytes) -> p.Message | p.D
     return event
 
 
-def handshake(client_secret: bytes | None, server_secret: bytes | None) -> tuple[
-    p.ClientSession, p.ServerSession
-]:
+def handshake(
+    client_secret: bytes | None, server_secret: bytes | None
+) -> tuple[p.ClientSession, p.ServerSession]:
     client, server = p.ClientSession(client_secret), p.ServerSession(server_secret)
     hello = pipe(client, server, client.hello())
     assert isinstance(hello, p.Hello)
@@ -148,7 +148,7 @@ def test_a_large_frame_is_refused_from_its_header_before_authentication() -> Non
     assert isinstance(hello, p.Hello)
     server.welcome(hello)
     server.receive_data(p.HEADER.pack(p.MAGIC, p.MsgType.AUTH, 1 << 20))
-    with pytest.raises(ProtocolError, match="exceeds|during the handshake"):
+    with pytest.raises(ProtocolError, match=r"exceeds|during the handshake"):
         server.next_event()
 
 
@@ -161,7 +161,7 @@ def test_a_side_cannot_send_out_of_turn() -> None:
 
 
 def test_a_server_that_answers_out_of_turn_is_refused() -> None:
-    client, server = handshake(None, None)
+    client, _server = handshake(None, None)
     client.send(p.GetManifest())
     client.receive_data(p.Data(0, 0, b"").encode())
     with pytest.raises(ProtocolError, match="sent DATA in phase manifest, expected MANIFEST"):
@@ -202,14 +202,14 @@ def test_after_the_handshake_every_control_frame_is_tagged() -> None:
 def test_a_relay_without_the_secret_cannot_feed_a_forged_manifest() -> None:
     """The relaying attack: HELLO, WELCOME and AUTH passed through, then the relay answers
     the client itself with a manifest whose digests match its own forged tensors."""
-    client, server = relayed_handshake()
+    client, _ = relayed_handshake()
     client.send(p.GetManifest())
     forged = build_manifest(Identity("m"), {"a": torch.zeros(10)}, chunk_bytes=16)
     client.receive_data(p.ManifestMessage(forged).encode())  # untagged: refused
     with pytest.raises(AuthenticationError, match="failed its session check"):
         client.next_event()
     # Nor with a tag made up, nor with the genuine tag of another message.
-    client, server = relayed_handshake()
+    client, _server = relayed_handshake()
     client.send(p.GetManifest())
     frame = p.ManifestMessage(forged).encode()
     body = frame[p.HEADER.size :]

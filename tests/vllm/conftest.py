@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from harness import make_weightless_dir
+from netloader.testing.vllm import make_weightless_dir
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "runs" / "models"

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import PROMPTS, VllmInstance, read_address
 
 from netloader import Client
+from netloader.testing.processes import read_address_file
+from netloader.testing.vllm import PROMPTS, VllmInstance
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
@@ -50,7 +51,7 @@ class Starter:
     def source(self, name: str, rank: int = 0) -> dict[str, Any]:
         return {
             "device_id": rank,
-            "sources": [read_address(Path(f"{self.prefix(name)}{rank}.txt"))],
+            "sources": [read_address_file(Path(f"{self.prefix(name)}{rank}.txt"))],
         }
 
 
@@ -209,7 +210,7 @@ class TestFloat32SeedAndClients:
         self, start: Starter, seed32: VllmInstance, tiny_model: Path, reference32: dict[str, str],
         case: str, reason: str,
     ) -> None:  # fmt: skip
-        config: dict[str, Any] = {
+        configs: dict[str, dict[str, Any]] = {
             "wrong_model": {"MODEL": "other-model", "SOURCE": [start.source("seed32")]},
             "unreachable": {
                 "MODEL": "tiny",
@@ -217,8 +218,8 @@ class TestFloat32SeedAndClients:
             },
             "no_sources": {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": []}]},
             "wave_without_seed": {"MODEL": "tiny", "WAVE_DIR": str(start.logs / "empty_wave")},
-        }[case]
-        with start(f"fallback_{case}", tiny_model, config, dtype="float32") as instance:
+        }
+        with start(f"fallback_{case}", tiny_model, configs[case], dtype="float32") as instance:
             reasons = fallback_reasons(instance)
             assert len(reasons) == 1 and reason in reasons[0], instance.netloader_lines()
             assert loaded_lines(instance) == []
@@ -226,7 +227,7 @@ class TestFloat32SeedAndClients:
             # Loaded from disk, it serves the next instance all the same (a wave member
             # through the relay that refused while it had nothing).
             manifest = Client([serve_line(instance).group(4)]).manifest()
-            assert manifest.identity.model == config["MODEL"]
+            assert manifest.identity.model == configs[case]["MODEL"]
             assert manifest.total_bytes == int(serve_line(seed32).group(3))
 
     def test_dtype_mismatch_falls_back_and_bfloat16_round_trip(

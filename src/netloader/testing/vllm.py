@@ -1,7 +1,9 @@
 """Start and drive a real vLLM OpenAI server (CPU) with `--load-format netloader`.
 
-Standard library only: the tests and the benchmark run in netloader's own venv and start
-vLLM with the vLLM venv's python (scripts/setup_vllm.sh prints it).
+Standard library only: the tests (tests/vllm) and the benchmark (benchmarks/bench_vllm.py)
+run in netloader's own venv and start vLLM with the vLLM venv's python
+(scripts/setup_vllm.sh prints it). A server's netloader address is in its OUTPUT_PREFIX
+file: `netloader.testing.processes.read_address_file`.
 """
 
 from __future__ import annotations
@@ -232,13 +234,3 @@ class VllmInstance:
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def read_address(path: Path, timeout: float = 10.0) -> str:
-    """The `IP:Port` a server wrote to its OUTPUT_PREFIX file."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise VllmError(f"{path} was not written")
-        time.sleep(0.1)
-    return path.read_text().strip()

@@ -1,5 +1,8 @@
-"""A real netloader server process for tests: serves one of tensorsets.SETS and prints
-`ADDR host:port` on stdout once listening. Killed by the test when done."""
+"""A real netloader server process for tests: serves one of netloader.testing.models.SETS
+and prints `ADDR host:port` on stdout once listening; stops on SIGTERM.
+
+    python tests/support/peer.py transformer_like --model m --chunk-bytes 1048576
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,11 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from tensorsets import SETS
 
 import netloader
+from netloader.testing.models import SETS
 
 
 def main() -> None:
@@ -39,16 +39,15 @@ def main() -> None:
         victim = tensors[args.mutate].clone()
         victim.reshape(-1).view(torch.uint8)[0] ^= 0xFF
         tensors[args.mutate] = victim
-    server = netloader.serve(
-        tensors,
-        model_name=args.model,
-        listen=args.listen,
-        secret=args.secret,
+    identity = netloader.Identity(
+        args.model,
         tp_size=args.tp_size,
         tp_rank=args.tp_rank,
         pp_size=args.pp_size,
         pp_rank=args.pp_rank,
-        chunk_bytes=args.chunk_bytes,
+    )
+    server = netloader.serve(
+        tensors, identity, listen=args.listen, secret=args.secret, chunk_bytes=args.chunk_bytes
     )
     server.manifest()  # digests ready before we announce ourselves
     print(f"ADDR {server.address}", flush=True)

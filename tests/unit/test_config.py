@@ -1,10 +1,13 @@
-"""Configuration: the seed fields and their semantics (DESIGN.md section 1)."""
+"""Configuration: the seed fields and their semantics (DESIGN.md section 1). TLS fields,
+which need a certificate, are in tests/test_tls.py."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -47,7 +50,7 @@ def test_defaults() -> None:
     assert cfg.wave_dir is None  # no wave: pull from SOURCE, serve once loaded
 
 
-def test_json_string_and_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_json_string_and_environment() -> None:
     env = {"NETLOADER_CONFIG": json.dumps({"MODEL": "from-env", "LISTEN_PORT": 2000})}
     cfg = NetloaderConfig.load('{"MODEL": "explicit"}', environ=env)
     assert cfg.model == "explicit"  # explicit wins over the environment
@@ -68,7 +71,9 @@ def test_json_string_and_environment(monkeypatch) -> None:  # type: ignore[no-un
         (-5, 0, None),
     ],
 )
-def test_listen_port_range_per_rank(port: int, rank: int, expected: int | None, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_listen_port_range_per_rank(
+    port: int, rank: int, expected: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = NetloaderConfig.load({"LISTEN_PORT": port}, environ={})
     with caplog.at_level(logging.WARNING):
         assert cfg.listen_port_for(rank) == expected
@@ -76,7 +81,7 @@ def test_listen_port_range_per_rank(port: int, rank: int, expected: int | None, 
         assert f"rank {rank} opens no listener" in caplog.text
 
 
-def test_config_file_source_wins_other_fields_explicit_win(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_config_file_source_wins_other_fields_explicit_win(tmp_path: Path) -> None:
     path = tmp_path / "nl.json"
     path.write_text(
         json.dumps(
@@ -101,7 +106,7 @@ def test_config_file_source_wins_other_fields_explicit_win(tmp_path) -> None:  #
     assert cfg.listen_port == 7000 and cfg.output_prefix == "/tmp/f_"  # file fills the rest
 
 
-def test_config_file_without_source_keeps_explicit_source(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_config_file_without_source_keeps_explicit_source(tmp_path: Path) -> None:
     path = tmp_path / "nl.json"
     path.write_text(json.dumps({"MODEL": "m"}))
     cfg = NetloaderConfig.load({"CONFIG_FILE": str(path), "SOURCE": SOURCE}, environ={})
@@ -139,7 +144,7 @@ def test_config_file_without_source_keeps_explicit_source(tmp_path) -> None:  # 
         ({"CONFIG_FILE": "/nonexistent/x.json"}, "CONFIG_FILE", "cannot read"),
     ],
 )
-def test_bad_fields_name_the_field(raw: dict, field: str, text: str) -> None:  # type: ignore[type-arg]
+def test_bad_fields_name_the_field(raw: dict[str, Any], field: str, text: str) -> None:
     with pytest.raises(ConfigError) as info:
         NetloaderConfig.load(raw, environ={})
     assert info.value.field == field
@@ -155,7 +160,7 @@ def test_bad_json(text: str) -> None:
         NetloaderConfig.load(None, environ={"NETLOADER_CONFIG": text})
 
 
-def test_config_file_with_bad_content(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_config_file_with_bad_content(tmp_path: Path) -> None:
     path = tmp_path / "nl.json"
     path.write_text('{"LISTEN_PORT": "x"}')
     with pytest.raises(ConfigError, match="LISTEN_PORT"):
@@ -186,7 +191,7 @@ _values = st.recursive(
 
 @settings(max_examples=400, deadline=None)
 @given(st.dictionaries(st.sampled_from(_FIELDS), _values, max_size=6))
-def test_any_fields_give_a_config_or_a_config_error(raw: dict) -> None:  # type: ignore[type-arg]
+def test_any_fields_give_a_config_or_a_config_error(raw: dict[str, Any]) -> None:
     try:
         config = NetloaderConfig.load(raw, environ={})
     except ConfigError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -63,7 +65,7 @@ def test_manifest_report_is_precise() -> None:
         lambda m: m["identity"].update(model=None),
     ],
 )
-def test_manifest_validation(mutate) -> None:  # type: ignore[no-untyped-def]
+def test_manifest_validation(mutate: Callable[[dict[str, Any]], object]) -> None:
     obj = json.loads(json.dumps(MANIFEST.to_json()))
     mutate(obj)
     with pytest.raises(ProtocolError):
@@ -80,21 +82,22 @@ def test_frame_bounds() -> None:
 
 
 def test_fetch_validated_against_manifest() -> None:
-    ok = p.Fetch.decode({"transport": "tcp", "chunks": [[0, 2], [2, 0]]}, MANIFEST)
+    ok = p.Fetch.decode({"transport": "tcp", "chunks": [[0, 2], [2, 0]]}).validate(MANIFEST)
     assert ok.chunks == ((0, 2), (2, 0))
     for chunks in ([[0, 3]], [[3, 0]], [[0, 0], [0, 0]], [[0, True]], [["0", 0]], [[0]]):
         with pytest.raises(ProtocolError):
-            p.Fetch.decode({"transport": "tcp", "chunks": chunks}, MANIFEST)
+            p.Fetch.decode({"transport": "tcp", "chunks": chunks}).validate(MANIFEST)
 
 
 def test_hmac_proofs_are_bound_to_role_and_nonces() -> None:
     a, b = p.new_nonce(), p.new_nonce()
-    proof = p.proof(b"k", "client", a, b)
-    assert p.proof_matches(b"k", "client", a, b, proof)
-    assert not p.proof_matches(b"k", "server", a, b, proof)
-    assert not p.proof_matches(b"k", "client", b, a, proof)
-    assert not p.proof_matches(b"other", "client", a, b, proof)
-    assert not p.proof_matches(b"k", "client", a, b, None)
+    client, server = p.Role.CLIENT, p.Role.SERVER
+    proof = p.proof(b"k", client, a, b)
+    assert p.proof_matches(b"k", client, a, b, proof)
+    assert not p.proof_matches(b"k", server, a, b, proof)
+    assert not p.proof_matches(b"k", client, b, a, proof)
+    assert not p.proof_matches(b"other", client, a, b, proof)
+    assert not p.proof_matches(b"k", client, a, b, None)
 
 
 json_values = st.recursive(
@@ -121,7 +124,10 @@ def test_typed_messages_on_any_json(value: object) -> None:
     for decode in (
         p.Hello.decode,
         p.Welcome.decode,
-        lambda b: p.Fetch.decode(b, MANIFEST),
+        lambda b: p.Fetch.decode(b).validate(MANIFEST),
+        p.Auth.decode,
+        p.Error.decode,
+        p.ProcessGroupSetup.decode,
         Manifest.from_json,
     ):
         with contextlib.suppress(ProtocolError):

@@ -1,6 +1,10 @@
 """A TCP proxy for fault injection between a client and a real server: it can throttle,
 flip one byte, freeze, hang up (cleanly or with a reset) at a given offset, record, or
-report how many bytes went by (server -> client direction)."""
+report how many bytes went by (server -> client direction).
+
+    slow = FaultyProxy(server.address, rate=8 << 20)   # "host:port" or (host, port)
+    Client([slow.address]).load_into(...)
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,18 @@ import threading
 import time
 
 
+def host_port(address: str | tuple[str, int]) -> tuple[str, int]:
+    """(host, port) of "host:port", "[v6]:port" or an Endpoint."""
+    if isinstance(address, str):
+        host, port = address.rsplit(":", 1)
+        return host.strip("[]"), int(port)
+    return address[0], address[1]
+
+
 class FaultyProxy:
     def __init__(
         self,
-        upstream: tuple[str, int],
+        upstream: str | tuple[str, int],
         *,
         flip_at: int | None = None,
         freeze_after: int | None = None,
@@ -23,7 +35,7 @@ class FaultyProxy:
         reset: bool = False,
         record: bool = False,
     ) -> None:
-        self.upstream = upstream
+        self.upstream = host_port(upstream)
         self.flip_at = flip_at  # offset in the server->client stream whose byte is inverted
         self.freeze_after = freeze_after  # stop forwarding (but keep sockets open) after this
         self.rate = rate  # bytes per second, server->client

@@ -1,42 +1,31 @@
-"""One host's process in bench_cluster.py: a seed that serves a deterministic model, or a
-client that joins a wave, waits for the common start signal, pulls (relaying what it
-receives), prints its timings as JSON and keeps serving until SIGTERM."""
+"""One host's process in a cluster scenario (`cluster_scenarios`): a seed that serves a
+deterministic model, or a client that joins a wave, waits for the common start signal,
+pulls (relaying what it receives), prints its timings as JSON and keeps serving until
+SIGTERM; or many concurrent pulls from one process.
+
+    python -m netloader.testing.cluster_worker seed --size-mib 96 --ip 10.1.2.1 --port 7000
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
-import torch
-
 import netloader
-from netloader.wave import Wave
+from netloader.discovery.wave import Wave
+from netloader.testing.models import Tensors, blocks, differing, empty_like
 
 MODEL = "bench-model"
 TENSOR_MIB = 4
 
 
-def model(size_mib: int) -> dict[str, torch.Tensor]:
-    """`size_mib` of deterministic fp16 tensors, the same in every process."""
-    g = torch.Generator().manual_seed(1234)
-    count = max(1, size_mib // TENSOR_MIB)
-    return {
-        f"layers.{i}.weight": torch.randint(
-            0, 256, (TENSOR_MIB << 20,), dtype=torch.uint8, generator=g
-        )
-        .view(torch.float16)
-        .reshape(1024, -1)
-        for i in range(count)
-    }
-
-
-def empty_model(size_mib: int) -> dict[str, torch.Tensor]:
-    return {name: torch.empty_like(t) for name, t in model(size_mib).items()}
+def model(size_mib: int) -> Tensors:
+    """`size_mib` of deterministic tensors of 4 MiB each, the same in every process."""
+    return blocks(size_mib, count=max(1, size_mib // TENSOR_MIB))
 
 
 def wait_for_sigterm() -> None:
@@ -48,7 +37,7 @@ def wait_for_sigterm() -> None:
 def seed(args: argparse.Namespace) -> None:
     server = netloader.serve(
         model(args.size_mib),
-        model_name=MODEL,
+        MODEL,
         listen=f"{args.ip}:{args.port}",
         chunk_bytes=args.chunk_kib << 10,
         output_file=None if args.wave is None else Path(args.wave) / f"seed-{args.name}-0.txt",
@@ -60,7 +49,7 @@ def seed(args: argparse.Namespace) -> None:
 
 
 def client(args: argparse.Namespace) -> None:
-    dest = empty_model(args.size_mib)
+    dest = empty_like(model(args.size_mib))
     relay = netloader.relay(listen=f"{args.ip}:0")
     if args.sources:
         position, sources, stripe = 0, args.sources.split(","), None
@@ -73,13 +62,10 @@ def client(args: argparse.Namespace) -> None:
     while not start.exists():
         time.sleep(0.002)
     report = netloader.load(
-        dest, sources, model_name=MODEL, stripe=stripe, relay=relay, stall_timeout=5
+        dest, sources, MODEL, stripe=stripe, relay=relay, timeouts=netloader.Timeouts(stall=5)
     )
     end = time.time()
-    expected = model(args.size_mib)
-    identical = all(
-        torch.equal(dest[n].view(torch.uint8), t.view(torch.uint8)) for n, t in expected.items()
-    )
+    identical = not differing(dest, model(args.size_mib))
     print(
         json.dumps(
             {
@@ -100,16 +86,13 @@ def client(args: argparse.Namespace) -> None:
 
 def many_clients(args: argparse.Namespace) -> None:
     """`--clients` concurrent pulls from one process (for the seed's memory figure)."""
-    dests = [empty_model(args.size_mib) for _ in range(args.clients)]
+    dests = [empty_like(model(args.size_mib)) for _ in range(args.clients)]
     reports: list[netloader.LoadReport] = []
-    threads = [
-        threading.Thread(
-            target=lambda d=d: reports.append(
-                netloader.load(d, args.sources.split(","), model_name=MODEL)
-            )
-        )
-        for d in dests
-    ]
+
+    def pull(dest: Tensors) -> None:
+        reports.append(netloader.load(dest, args.sources.split(","), MODEL))
+
+    threads = [threading.Thread(target=pull, args=(d,)) for d in dests]
     for t in threads:
         t.start()
     for t in threads:
@@ -135,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
