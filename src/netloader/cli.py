@@ -93,6 +93,8 @@ def _listen_options(listen_help: str) -> list[Callable[[Any], Any]]:
 def _config(**fields: Any) -> NetloaderConfig:
     """The options of one command as a NetloaderConfig (rank 0), so the CLI sets up
     listeners, TLS, secrets and waves exactly as the configuration-driven API does."""
+    if (fields.get("TLS_CERT") is None) != (fields.get("TLS_KEY") is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     listen: Endpoint | None = fields.pop("listen", None)
     if listen is not None:
         fields["LISTEN_HOST"] = listen.host
@@ -149,8 +151,6 @@ def serve(
     tls_key: Path | None,
 ) -> None:
     """Load a safetensors checkpoint into memory and serve it until interrupted."""
-    if (tls_cert is None) != (tls_key is None):
-        raise click.UsageError("--tls-cert and --tls-key go together")
     config = _config(
         listen=listen,
         ADVERTISE_HOST=advertise,
@@ -234,8 +234,6 @@ def pull(
 ) -> None:
     """Fetch every tensor from SOURCES (all at once, disjoint parts from each) into a
     safetensors checkpoint; or, with --wave, from the wave's seeds and members."""
-    if (tls_cert is None) != (tls_key is None):
-        raise click.UsageError("--tls-cert and --tls-key go together")
     config = _config(
         listen=listen,
         ADVERTISE_HOST=advertise,

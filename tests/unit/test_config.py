@@ -1,5 +1,5 @@
-"""Configuration: the seed fields and their semantics (DESIGN.md section 1). TLS fields,
-which need a certificate, are in tests/test_tls.py."""
+"""Configuration: the seed fields and their semantics (README, "Configuration reference").
+TLS fields, which need a certificate, are in tests/test_tls.py."""
 
 from __future__ import annotations
 

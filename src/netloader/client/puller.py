@@ -12,13 +12,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from netloader import protocol as p
-from netloader.client.scheduler import Scheduler
-from netloader.client.sink import VerifyingSink
+from netloader.client.shared import PullObserver, SharedPull
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import (
     ManifestMismatch,
@@ -62,16 +60,6 @@ class LoadReport:
             f"({self.gbps:.2f} GB/s) from {', '.join(self.sources)} over {self.transport}, "
             f"{'verified' if self.verified else 'NOT verified'}"
         )
-
-
-class PullObserver(Protocol):
-    """Follows a pull as it goes (a relay, serving each chunk on once it is verified)."""
-
-    def begin(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> None: ...
-
-    def arrived(self, chunk: Chunk) -> None: ...
-
-    def fail(self, reason: str) -> None: ...
 
 
 class Client:
@@ -154,7 +142,7 @@ class Client:
         `completed` names the tensors that did (the others hold undefined bytes).
         """
         started = time.perf_counter()
-        pull = _Pull(expected_manifest(identity, dest), dest, self.sources, progress, observer)
+        pull = SharedPull(expected_manifest(identity, dest), dest, self.sources, progress, observer)
         pull.huge_pages = self.huge_pages
         # Sources are handed out before any worker starts, so the first to connect knows
         # it is not alone and leaves work for the others.
@@ -190,7 +178,7 @@ class Client:
         return report
 
     # ---- one worker: a source at a time -------------------------------------------------
-    def _work(self, pull: _Pull, source: Endpoint | None) -> None:
+    def _work(self, pull: SharedPull, source: Endpoint | None) -> None:
         while source is not None:
             conn: Connection | None = None
             batch: list[Chunk] = []  # in flight; handed back to the queue if the source fails
@@ -287,106 +275,6 @@ class Client:
         return manifest
 
 
-class _Pull:
-    """The state one `load_into`'s workers share: the scheduler, the adopted manifest and
-    the sink, under one lock; workers wait on it for work that comes back."""
-
-    def __init__(
-        self,
-        expected: Manifest,
-        dest: Mapping[str, torch.Tensor],
-        sources: Sequence[Endpoint],
-        progress: Callable[[int], None] | None,
-        observer: PullObserver | None,
-    ) -> None:
-        self.expected = expected
-        self.dest = dest
-        self.progress = progress
-        self.observer = observer
-        self.huge_pages = False
-        self.plan = Scheduler(sources)
-        self.changed = threading.Condition()
-        self.reference: Manifest | None = None
-        self.sink: VerifyingSink | None = None
-        self.last_error: TransferError | None = None
-
-    def next_source(self) -> Endpoint | None:
-        with self.changed:
-            return self.plan.next_source()
-
-    def finished(self) -> bool:
-        with self.changed:
-            return self.plan.finished
-
-    def adopt(self, offered: Manifest, source: Endpoint) -> VerifyingSink:
-        """Accept `source`'s manifest if it is the model we expect and, for every source
-        after the first, holds the very same bytes (or the model would mix)."""
-        with self.changed:
-            differences = self.expected.differences(offered)
-            if self.reference is not None and not differences:
-                differences = _digest_differences(self.reference, offered)
-            if differences:
-                raise ManifestMismatch.from_differences(differences, source=str(source))
-            if self.reference is None:
-                self.reference = offered
-                self.sink = VerifyingSink(
-                    offered,
-                    self.dest,
-                    progress=self.progress,
-                    huge_pages=self.huge_pages,
-                    verified=None if self.observer is None else self.observer.arrived,
-                )
-                self.plan.load(offered.chunks())
-                if self.observer is not None:
-                    self.observer.begin(offered, self.dest)
-            assert self.sink is not None
-            return self.sink
-
-    def take(self, source: Endpoint) -> list[Chunk]:
-        with self.changed:
-            return self.plan.take(source)
-
-    def done(self, source: Endpoint, batch: list[Chunk], seconds: float) -> None:
-        with self.changed:
-            self.plan.done(source, batch, seconds)
-            self.changed.notify_all()
-
-    def leave(self, source: Endpoint) -> None:
-        with self.changed:
-            self.plan.leave(source)
-
-    def failed(self, source: Endpoint, batch: list[Chunk], exc: TransferError) -> None:
-        with self.changed:
-            sink = self.sink
-            undelivered = [c for c in batch if sink is None or not sink.is_done(c)]
-            self.plan.failed(source, batch, undelivered, str(exc))
-            self.last_error = exc
-            self.changed.notify_all()
-
-    def wait_for_work(self, source: Endpoint) -> bool:
-        """Block while others are still fetching; True (and `source` is active again) if
-        chunks came back to the queue (a source failed), False once everything has arrived
-        or nobody is fetching."""
-        with self.changed:
-            self.changed.wait_for(lambda: self.plan.has_work or self.plan.in_flight == 0)
-            if self.plan.has_work:
-                self.plan.rejoin(source)
-            return self.plan.has_work
-
-    def error(self, wanted: int) -> TransferError:
-        """The exception for a pull that did not finish: the last source's error type,
-        every source's reason, and the tensors that did arrive."""
-        completed = self.sink.completed() if self.sink is not None else []
-        failures = self.plan.failures
-        message = "; ".join(failures) if failures else "no sources configured"
-        last = self.last_error
-        return (type(last) if last is not None else SourceUnavailable)(
-            f"pull incomplete ({len(completed)} of {wanted} tensors verified): {message}",
-            source=last.source if last else None,
-            completed=completed,
-        )
-
-
 def _as_transfer_error(caught: BaseException, source: Endpoint) -> TransferError:
     if isinstance(caught, TransferError):
         return caught
@@ -395,18 +283,6 @@ def _as_transfer_error(caught: BaseException, source: Endpoint) -> TransferError
     # A bug must not leave the other workers waiting for this one: it fails this source.
     log.error("netloader: pulling from %s failed", source, exc_info=caught)
     return TransferError(f"{source}: internal error: {caught!r}", source=str(source))
-
-
-def _digest_differences(reference: Manifest, offered: Manifest) -> list[str]:
-    """A later source must hold the very same bytes as the first, or the model would mix."""
-    if reference.chunk_bytes != offered.chunk_bytes:
-        return [f"chunk size {offered.chunk_bytes} differs from the first source's"]
-    theirs = {t.name: t.digests for t in offered.tensors}
-    return [
-        f"tensor {t.name!r} content differs from the first source's"
-        for t in reference.tensors
-        if theirs.get(t.name) != t.digests
-    ]
 
 
 def _bye(conn: Connection) -> None:
