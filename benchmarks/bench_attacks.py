@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--slowloris", type=int, default=128)
+    parser.add_argument(
+        "--attack-seconds", type=float, default=20, help="longer than the handshake deadline"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,10 +120,12 @@ def main() -> None:
             bomber.start()
             time.sleep(3)  # the attack is in full swing
             rss_peak = rss_idle
-            war = []
-            for _ in range(args.repeat):
+            war: list[float] = []
+            ends = time.monotonic() + args.attack_seconds
+            while len(war) < args.repeat or time.monotonic() < ends:
                 war += pulls(client, dest, identity, 1)
                 rss_peak = max(rss_peak, process_usage(pid)["VmRSS"])
+                time.sleep(0.5)
             stop.set()
             bomber.join()
             loris.close()
@@ -142,13 +147,13 @@ def main() -> None:
         "connections_shed": shed,
     }
     print(
-        f"pull of {result['bytes']} bytes, median of {args.repeat}: "
-        f"{result['pull_seconds_peace']:.3f} s in peace, "
-        f"{result['pull_seconds_attack']:.3f} s under attack (max {max(war):.3f} s)\n"
+        f"pull of {result['bytes']} bytes: median {result['pull_seconds_peace']:.3f} s in "
+        f"peace ({len(peace)} pulls), {result['pull_seconds_attack']:.3f} s under attack "
+        f"({len(war)} pulls over {args.attack_seconds:g} s, max {max(war):.3f} s)\n"
         f"server RSS: idle {rss_idle} kB, peak under attack {rss_peak} kB "
         f"(+{rss_peak - rss_idle} kB), after {rss_after} kB\n"
-        f"{args.slowloris} slowloris connections ({loris.dropped} dropped and reopened, "
-        f"{shed} shed to make room)"
+        f"{args.slowloris} slowloris connections from 8 addresses ({loris.dropped} dropped "
+        f"by the handshake deadline and reopened, {shed} shed to make room)"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
