@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from netloader.testing.certs import self_signed_certificate
 from netloader.testing.models import blocks, same_bytes, transformer_like, write_checkpoint
 from netloader.testing.processes import ServerProcess
 from support.servers import NETLOADER, MakeProxy, StartCliServer, run_cli
@@ -121,6 +122,19 @@ def test_a_port_in_use_is_one_line_and_exit_1_every_time(
         result = run_cli("serve", str(sharded_checkpoint), "--listen", served.address)
         assert result.returncode == 1, result.stderr
         assert "Address already in use" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_mismatched_tls_key_is_one_line_and_exit_1_every_time(
+    sharded_checkpoint: Path, tmp_path: Path
+) -> None:
+    cert, _ = self_signed_certificate(tmp_path / "a", ["127.0.0.1"])
+    _, other_key = self_signed_certificate(tmp_path / "b", ["127.0.0.1"])
+    for _ in range(6):
+        result = run_cli(
+            "serve", str(sharded_checkpoint), "--tls-cert", str(cert), "--tls-key", str(other_key)
+        )
+        assert result.returncode == 1, result.stderr
+        assert "TLS_CERT" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_sigterm_during_a_pull_removes_the_partial_file(
