@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build a small Llama checkpoint and its tokenizer locally, deterministically, no hub.
 
-    python scripts/make_tiny_llama.py CACHE_DIR [--size tiny|1g] [--dtype bfloat16|float32]
+    python scripts/make_tiny_llama.py CACHE_DIR [--size tiny|draft|1g] [--dtype bfloat16|float32]
 
 Writes CACHE_DIR/SIZE/ (SIZE-float32/ for float32): config.json, generation_config.json,
 model.safetensors, tokenizer.json, tokenizer_config.json, and prints that path as the last
@@ -14,6 +14,8 @@ tokenizers (the vLLM venv has them).
 - tiny: hidden 256, 4 layers, 4/2 heads, head_dim 64, inter 688; 3.7M parameters, trained
   300 AdamW steps on the corpus (about a minute on 2 cores) so that greedy text depends on
   the prompt.
+- draft: as tiny with 1 layer, trained 150 steps: a speculative-decoding draft for tiny
+  (the same tokenizer).
 - 1g: hidden 2048, 11 layers, 32/8 heads, inter 5632; 502M parameters, 1.0 GB in bf16,
   untrained (gibberish, but deterministic).
 - bfloat16 by default: vLLM on x86 CPUs resolves dtype "auto" to bfloat16, so the bytes it
@@ -39,6 +41,9 @@ PRESETS: dict[str, dict[str, int]] = {
                  num_key_value_heads=2, intermediate_size=688, train_steps=300),
     "1g": dict(hidden_size=2048, num_hidden_layers=11, num_attention_heads=32,
                num_key_value_heads=8, intermediate_size=5632, train_steps=0),
+    # A speculative-decoding draft for "tiny": same tokenizer, one layer.
+    "draft": dict(hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=688, train_steps=150),
 }  # fmt: skip
 SUBJECTS = ["the cat", "a dog", "my neighbour", "the old sailor", "a small robot", "the teacher",
             "our team", "the red fox", "a tired engineer", "the baker", "the river",

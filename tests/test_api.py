@@ -156,3 +156,17 @@ def test_close_ends_active_transfers_and_frees_everything(proxy: MakeProxy) -> N
     leftover = {t.name for t in threading.enumerate()} - before
     assert not [n for n in leftover if n.startswith("netloader-") and n != "netloader-digest"]
     socket.create_server(("127.0.0.1", server.address.port)).close()  # the port is free again
+
+
+def test_an_output_prefix_that_cannot_be_written_does_not_stop_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = NetloaderConfig.load({"OUTPUT_PREFIX": "/proc/no/such/dir/nl_"}, environ={})
+    tensors = {"x": torch.arange(4.0)}
+    server = netloader.serve_rank(tensors, Identity("m"), config, 0)
+    assert server is not None
+    with server:
+        dest = {"x": torch.zeros(4)}
+        netloader.load(dest, [server.address], "m")
+        assert torch.equal(dest["x"], tensors["x"])
+    assert "cannot write OUTPUT_PREFIX file /proc/no/such/dir/nl_0.txt" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from multiprocessing.queues import Queue
 
 import pytest
@@ -81,4 +82,7 @@ def test_eight_client_processes_at_once(start_server: StartServer) -> None:
     for c in clients:
         c.join(timeout=30)
     assert results == [True] * 8
+    deadline = time.monotonic() + 10  # the server logs each transfer just after its END
+    while server.log_text().count("sent ") < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert server.log_text().count("sent ") == 8

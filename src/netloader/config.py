@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "NETLOADER_CONFIG"
 MIN_PORT, MAX_PORT = 1024, 65535
+# A speculative-decoding draft model is served beside its target: at LISTEN_PORT + rank +
+# this offset (the upstream Netloader's convention), its address in a ".draft" file.
+DRAFT_PORT_OFFSET = 10000
+DRAFT_SUFFIX = ".draft"
 CACHE_MODES = ("no", "dram", "hbm")
 
 MAX_CONFIG_FILE_BYTES = 1 << 20  # a config file is small; this bounds /dev/zero and the like
@@ -124,34 +128,45 @@ class NetloaderConfig:
         return attribute in self._given
 
     # ---- per-rank lookups ---------------------------------------------------------------
-    def sources_for(self, rank: int) -> tuple[Endpoint, ...]:
-        """The sources configured for `rank`; empty means: use the default loader."""
+    def sources_for(self, rank: int, *, draft: bool = False) -> tuple[Endpoint, ...]:
+        """The sources configured for `rank`; empty means: use the default loader. For a
+        speculative-decoding draft model: the same hosts, at DRAFT_PORT_OFFSET above."""
         for entry in self.source:
             if entry.device_id == rank:
-                return entry.sources
+                if not draft:
+                    return entry.sources
+                shifted = (Endpoint(e.host, e.port + DRAFT_PORT_OFFSET) for e in entry.sources)
+                return tuple(e for e in shifted if e.port <= MAX_PORT)
         return ()
 
-    def listen_port_for(self, rank: int) -> int | None:
-        """Port for rank's listener: LISTEN_PORT + rank, 0 (pick a free one) when unset,
-        None when the sum is outside 1024-65535 (that rank opens no listener)."""
+    def listen_port_for(self, rank: int, *, draft: bool = False) -> int | None:
+        """Port for rank's listener: LISTEN_PORT + rank (+ DRAFT_PORT_OFFSET for a draft
+        model), 0 (pick a free one) when unset, None when the sum is outside 1024-65535
+        (that rank opens no listener)."""
         if self.listen_port is None:
             return 0
-        port = self.listen_port + rank
+        offset = rank + (DRAFT_PORT_OFFSET if draft else 0)
+        port = self.listen_port + offset
         if MIN_PORT <= port <= MAX_PORT:
             return port
         log.warning(
-            "netloader: LISTEN_PORT %d + rank %d = %d is outside %d-%d; rank %d opens no listener",
+            "netloader: LISTEN_PORT %d + %d = %d is outside %d-%d; rank %d%s opens no listener",
             self.listen_port,
-            rank,
+            offset,
             port,
             MIN_PORT,
             MAX_PORT,
             rank,
+            " (draft)" if draft else "",
         )
         return None
 
-    def output_file_for(self, rank: int) -> Path | None:
-        return None if self.output_prefix is None else Path(f"{self.output_prefix}{rank}.txt")
+    def output_file_for(self, rank: int, *, draft: bool = False) -> Path | None:
+        """OUTPUT_PREFIX's file for `rank`: `{OUTPUT_PREFIX}{rank}.txt`, and
+        `{OUTPUT_PREFIX}{rank}.draft.txt` for a speculative-decoding draft model."""
+        if self.output_prefix is None:
+            return None
+        return Path(f"{self.output_prefix}{rank}{DRAFT_SUFFIX if draft else ''}.txt")
 
     def server_tls(self) -> ssl.SSLContext | None:
         """TLS for this instance's server: TLS_CERT and TLS_KEY, both or neither."""

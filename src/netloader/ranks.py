@@ -12,7 +12,7 @@ from typing import TypedDict
 
 from netloader.api import Tensors, tensors_of
 from netloader.client import Client, LoadReport
-from netloader.config import NetloaderConfig
+from netloader.config import DRAFT_SUFFIX, NetloaderConfig
 from netloader.discovery.wave import Wave
 from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_address_file
 from netloader.errors import SourceUnavailable, UsageError
@@ -32,36 +32,45 @@ def serve_rank(
     secret: bytes | None = None,
     manifest: Manifest | None = None,
     unavailable: str | None = None,
+    draft: bool = False,
 ) -> Server | None:
     """Serve `model` for `rank` on LISTEN_PORT + rank (a free port when unset) and write
     OUTPUT_PREFIX's file. `manifest`: digests already computed over these tensors;
-    `unavailable`: tell clients this reason instead of serving. Returns None when the port
-    is outside 1024-65535 (logged): this rank does not serve."""
-    port = config.listen_port_for(rank)
+    `unavailable`: tell clients this reason instead of serving; `draft`: the model is a
+    speculative-decoding draft (its own port and file, see NetloaderConfig). Returns None
+    when the port is outside 1024-65535 (logged): this rank does not serve."""
+    port = config.listen_port_for(rank, draft=draft)
     if port is None:
         return None
     holdings = LoadedTensors(
         tensors_of(model), identity, manifest=manifest, unavailable=unavailable
     )
     server = Server(holdings, **_server_options(config, port, secret))
-    _publish(config, rank, server)
+    _publish(config, rank, server, draft)
     return server
 
 
-def relay_rank(config: NetloaderConfig, rank: int, *, secret: bytes | None = None) -> Relay | None:
+def relay_rank(
+    config: NetloaderConfig, rank: int, *, secret: bytes | None = None, draft: bool = False
+) -> Relay | None:
     """Like `serve_rank`, for a model about to be loaded: listening now, serving each chunk
     once `load_rank(..., relay=it)` has it verified; `relay.finish(...)` serves the loaded
     model from then on."""
-    port = config.listen_port_for(rank)
+    port = config.listen_port_for(rank, draft=draft)
     if port is None:
         return None
     relay = Relay(**_server_options(config, port, secret))
-    _publish(config, rank, relay)
+    _publish(config, rank, relay, draft)
     return relay
 
 
 def join_wave(
-    config: NetloaderConfig, rank: int, relay: Server, *, fanout: int | None = 1
+    config: NetloaderConfig,
+    rank: int,
+    relay: Server,
+    *,
+    fanout: int | None = 1,
+    draft: bool = False,
 ) -> tuple[int, list[Endpoint]]:
     """Join WAVE_DIR's wave for `rank` as the member that `relay` serves. Returns its
     position and its sources, in order: the member before it (its parent in a tree of
@@ -69,7 +78,8 @@ def join_wave(
     (fallbacks), the wave's seeds, then SOURCE's entries for `rank`."""
     if config.wave_dir is None:
         raise UsageError("join_wave needs WAVE_DIR")
-    wave = Wave(Path(config.wave_dir), rank=rank, fanout=fanout)
+    kind = DRAFT_SUFFIX if draft else ""
+    wave = Wave(Path(config.wave_dir), rank=rank, fanout=fanout, kind=kind)
     position = wave.join(str(relay.address))
     found: list[Endpoint] = []
     for text in wave.sources(position):
@@ -77,7 +87,7 @@ def join_wave(
             found.append(parse_endpoint(text))
         except ValueError as exc:  # a stray or broken file: not a source, not a failure
             log.warning("netloader: wave %s: ignoring %r: %s", config.wave_dir, text, exc)
-    return position, [*found, *config.sources_for(rank)]
+    return position, [*found, *config.sources_for(rank, draft=draft)]
 
 
 def load_rank(
@@ -89,13 +99,14 @@ def load_rank(
     secret: bytes | None = None,
     sources: Sequence[Endpoint] | None = None,
     relay: Relay | None = None,
+    draft: bool = False,
 ) -> LoadReport:
     """Load from the sources SOURCE lists for `rank` (or from `sources`, one at a time in
     order, e.g. a wave's from `join_wave`), relaying each chunk through `relay` (from
     `relay_rank`) when given. Raises SourceUnavailable when there are no sources (the
     caller's cue to use its default loader) and TransferError on failure."""
     in_order = sources is not None
-    sources = config.sources_for(rank) if sources is None else tuple(sources)
+    sources = config.sources_for(rank, draft=draft) if sources is None else tuple(sources)
     if not sources:
         raise SourceUnavailable(f"no sources for rank {rank}" + ("" if in_order else " in SOURCE"))
     client = client_for(config, sources, stripe=1 if in_order else None, secret=secret)
@@ -140,8 +151,13 @@ def _server_options(config: NetloaderConfig, port: int, secret: bytes | None) ->
     }
 
 
-def _publish(config: NetloaderConfig, rank: int, server: Server) -> None:
-    """OUTPUT_PREFIX's file for `rank`, once listening."""
-    path = config.output_file_for(rank)
-    if path is not None:
+def _publish(config: NetloaderConfig, rank: int, server: Server, draft: bool) -> None:
+    """OUTPUT_PREFIX's file for `rank`, once listening. A file that cannot be written is
+    logged; the server serves anyway (peers may know its address otherwise)."""
+    path = config.output_file_for(rank, draft=draft)
+    if path is None:
+        return
+    try:
         write_address_file(path, server.address)
+    except OSError as exc:
+        log.error("netloader: cannot write OUTPUT_PREFIX file %s (serving anyway): %s", path, exc)

@@ -207,3 +207,22 @@ def test_any_fields_give_a_config_or_a_config_error(raw: dict[str, Any]) -> None
 def test_any_text_gives_a_config_or_a_config_error(text: str) -> None:
     with contextlib.suppress(ConfigError):
         NetloaderConfig.load(text, environ={"NETLOADER_CONFIG": text})
+
+
+def test_a_draft_model_has_its_own_port_file_and_sources() -> None:
+    cfg = NetloaderConfig.load(
+        {
+            "LISTEN_PORT": 7000,
+            "OUTPUT_PREFIX": "/tmp/nl_",
+            "SOURCE": [{"device_id": 1, "sources": ["10.0.0.1:7001", "10.0.0.2:60000"]}],
+        },
+        environ={},
+    )
+    assert cfg.listen_port_for(1) == 7001 and cfg.listen_port_for(1, draft=True) == 17001
+    assert str(cfg.output_file_for(1, draft=True)) == "/tmp/nl_1.draft.txt"
+    # The same hosts at the draft offset; one past 65535 has no draft twin.
+    assert cfg.sources_for(1, draft=True) == (Endpoint("10.0.0.1", 17001),)
+    assert (
+        NetloaderConfig.load({"LISTEN_PORT": 60000}, environ={}).listen_port_for(0, draft=True)
+        is None
+    )

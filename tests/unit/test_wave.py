@@ -32,3 +32,12 @@ def test_chain_tree_and_unicast_sources(tmp_path: Path) -> None:
     assert tree.sources(6) == ["10.0.0.2:7000", "10.0.0.0:7000", *seeds]
     assert Wave(tmp_path, fanout=None).sources(5) == seeds
     assert Wave(tmp_path, rank=10).seeds() == ["10.0.0.110:7000"]
+
+
+def test_draft_models_form_their_own_wave(tmp_path: Path) -> None:
+    (tmp_path / "seed-0.txt").write_text("10.0.0.100:7000\n")
+    (tmp_path / "seed-0.draft.txt").write_text("10.0.0.100:17000\n")
+    target, draft = Wave(tmp_path), Wave(tmp_path, kind=".draft")
+    assert target.seeds() == ["10.0.0.100:7000"] and draft.seeds() == ["10.0.0.100:17000"]
+    assert draft.join("10.0.0.1:17000") == 0 and target.join("10.0.0.1:7000") == 0
+    assert draft.sources(draft.join("10.0.0.2:17000")) == ["10.0.0.1:17000", "10.0.0.100:17000"]

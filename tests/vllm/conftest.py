@@ -62,6 +62,13 @@ def tiny_model(vllm_python: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def draft_model(vllm_python: str) -> Path:
+    """runs/models/draft: a one-layer draft for the tiny model, same tokenizer (cached)."""
+    script = str(REPO / "scripts" / "make_tiny_llama.py")
+    return Path(_run([vllm_python, script, str(MODELS), "--size", "draft"], "draft model", 900))
+
+
+@pytest.fixture(scope="session")
 def client_model_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's config and tokenizer files without any weight file."""
     out = make_weightless_dir(tiny_model, tmp_path_factory.mktemp("weightless") / "tiny")

@@ -11,7 +11,9 @@ Each start costs ~30 s, so instances are shared by the tests of a class.
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,9 @@ from typing import Any
 import pytest
 
 from netloader import Client
+from netloader.config import DRAFT_PORT_OFFSET
 from netloader.testing.processes import read_address_file
-from netloader.testing.vllm import PROMPTS, VllmInstance
+from netloader.testing.vllm import PROMPTS, VllmInstance, free_port, make_weightless_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
@@ -311,3 +314,65 @@ class TestTensorParallel:
                 assert sorted(m.group(3) for m in found) == sorted(s["sources"][0] for s in sources)
                 assert fallback_reasons(client) == []
                 assert client.completions(PROMPTS[:3]) == reference
+
+
+# ---- speculative decoding: a draft model beside the target -------------------------------
+DRAFT_SERVES = re.compile(r"netloader: rank 0 draft serves (\d+) tensors \((\d+) bytes\) on (\S+);")
+
+
+def _port_pair() -> int:
+    """A free port whose draft twin (+10000) is free too."""
+    for _ in range(50):
+        port = free_port()
+        if port + DRAFT_PORT_OFFSET <= 65535:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + DRAFT_PORT_OFFSET))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
+
+
+def _speculative(draft_dir: Path) -> tuple[str, ...]:
+    config = {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": 2}
+    return ("--speculative-config", json.dumps(config))
+
+
+class TestSpeculativeDecoding:
+    def test_target_and_draft_both_load_from_a_speculative_seed(
+        self,
+        start: Starter,
+        tiny_model: Path,
+        draft_model: Path,
+        client_model_dir: Path,
+        tmp_path: Path,
+    ) -> None:
+        """A seed running speculative decoding serves its target on LISTEN_PORT and its
+        draft on LISTEN_PORT + 10000 (files seed_0.txt and seed_0.draft.txt); a client whose
+        target and draft folders hold no weights loads both and answers identically."""
+        port = _port_pair()
+        seed_config = {"MODEL": "tiny", "LISTEN_PORT": port, "OUTPUT_PREFIX": start.prefix("spec")}
+        with start(
+            "spec_seed", tiny_model, seed_config, extra_args=_speculative(draft_model)
+        ) as seed:
+            target_address = read_address_file(Path(f"{start.prefix('spec')}0.txt"))
+            draft_address = read_address_file(Path(f"{start.prefix('spec')}0.draft.txt"))
+            assert target_address.endswith(f":{port}")
+            assert draft_address.endswith(f":{port + DRAFT_PORT_OFFSET}")
+            draft_served = [m for ln in seed.netloader_lines() if (m := DRAFT_SERVES.search(ln))]
+            assert len(draft_served) == 1 and serve_line(seed).group(4) == target_address
+            reference = seed.completions()
+            Client([draft_address]).manifest()  # the draft's own server answers
+            draft_dir = make_weightless_dir(draft_model, tmp_path / "draft")
+            client_config = {
+                "MODEL": "tiny",
+                "SOURCE": [{"device_id": 0, "sources": [target_address]}],
+            }
+            with start(
+                "spec_client", client_model_dir, client_config, extra_args=_speculative(draft_dir)
+            ) as client:
+                found = loaded_lines(client)
+                assert sorted(m.group(3) for m in found) == sorted([target_address, draft_address])
+                assert fallback_reasons(client) == [], client.netloader_lines()
+                assert client.completions() == reference

@@ -6,6 +6,8 @@ A wave shares one directory (a shared volume, NFS, or a local folder on one host
                           for a second seed), holding "host:port" for rank 0
     rank0/00000.txt       new instances of rank 0, in the order they joined
     rank0/00001.txt ...
+    seed-0.draft.txt      the same for speculative-decoding draft models (kind ".draft")
+    rank0.draft/00000.txt ...
 
 Each new instance claims the next position atomically (a hard link never replaces an
 existing name), writing the address its relay server listens on. Its sources are then
@@ -33,10 +35,15 @@ class Wave:
     directory: Path
     rank: int = 0
     fanout: int | None = 1  # None: no relaying, every member pulls from the seeds
+    kind: str = ""  # ".draft": the wave of speculative-decoding draft models
+
+    @property
+    def folder(self) -> Path:
+        return self.directory / f"rank{self.rank}{self.kind}"
 
     def seeds(self) -> list[str]:
         """Addresses of the seeds for this rank, from their OUTPUT_PREFIX files."""
-        pattern = re.compile(rf"seed(.*\D)?{self.rank}\.txt")
+        pattern = re.compile(rf"seed(.*\D)?{self.rank}{re.escape(self.kind)}\.txt")
         names = sorted(
             p.name for p in self.directory.glob("seed*.txt") if pattern.fullmatch(p.name)
         )
@@ -44,7 +51,7 @@ class Wave:
 
     def join(self, address: str) -> int:
         """Claim the next position for an instance serving at `address`."""
-        folder = self.directory / f"rank{self.rank}"
+        folder = self.folder
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".join-")
         with os.fdopen(fd, "w") as f:
@@ -64,10 +71,10 @@ class Wave:
     def leave(self, position: int) -> None:
         """Remove the record of the member at `position` (it failed, or stopped serving), so
         later members do not pick it."""
-        (self.directory / f"rank{self.rank}" / f"{position:05d}.txt").unlink(missing_ok=True)
+        (self.folder / f"{position:05d}.txt").unlink(missing_ok=True)
 
     def member(self, position: int) -> str | None:
-        return _read(self.directory / f"rank{self.rank}" / f"{position:05d}.txt")
+        return _read(self.folder / f"{position:05d}.txt")
 
     def parent(self, position: int) -> int | None:
         """Position of the member that `position` pulls from; None: the seeds."""

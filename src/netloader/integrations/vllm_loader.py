@@ -18,10 +18,11 @@ so a wave of instances started together forms a chain instead of all reading the
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,14 +30,14 @@ import torch
 from netloader.config import NetloaderConfig
 from netloader.errors import NetloaderError
 from netloader.integrations.weight_capture import Capture, capture, check_intact, kept_bytes
-from netloader.manifest import Identity
+from netloader.manifest import Identity, digest
 from netloader.ranks import join_wave, load_rank, relay_rank, serve_rank
-from netloader.server import Relay, Server
+from netloader.server import LoadedTensors, Relay, Server
 
 log = logging.getLogger("netloader.vllm")
 
 LOAD_FORMAT = "netloader"
-_servers: dict[int, Server] = {}  # per global rank; lives as long as the Worker
+_servers: dict[tuple[int, bool], Server] = {}  # per (global rank, draft); lives with the Worker
 
 
 def register() -> None:
@@ -59,6 +60,20 @@ def _route_logs_to_stderr() -> None:
         root.propagate = False
 
 
+@dataclass(frozen=True)
+class Slot:
+    """Which model of which rank a load is for: the target, or a speculative-decoding draft
+    model, which vLLM loads second in the same worker. Each has its own server, port,
+    OUTPUT_PREFIX file, sources and wave."""
+
+    rank: int
+    draft: bool
+    base_name: str  # the target's name; a draft's identity is "<target>/draft"
+
+    def __str__(self) -> str:
+        return f"rank {self.rank}" + (" draft" if self.draft else "")
+
+
 def _loader_class() -> type:
     from vllm.config import replace as replace_config
     from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader
@@ -72,6 +87,7 @@ def _loader_class() -> type:
             self.default = DefaultModelLoader(
                 replace_config(load_config, load_format="auto", model_loader_extra_config={})
             )
+            self.slot: Slot | None = None
             self.capture: Capture | None = None
             self.relay: Relay | None = None
 
@@ -79,13 +95,14 @@ def _loader_class() -> type:
             self.default.download_model(model_config)
 
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
-            rank, identity = _rank_and_identity(self.config, model_config)
+            slot = self.slot or _slot(self.config, None, model_config)
+            identity = _identity(slot, model_config)
             params = {name: p.detach() for name, p in model.named_parameters()}
-            self.relay = _start_relay(self.config, rank) if self.config.wave_dir else None
-            reason = _load_from_peers(params, identity, self.config, rank, self.relay)
+            self.relay = _start_relay(self.config, slot) if self.config.wave_dir else None
+            reason = _load_from_peers(params, identity, self.config, slot, self.relay)
             if reason is not None:
                 log.warning(
-                    "netloader: rank %d loads from disk with the default loader: %s", rank, reason
+                    "netloader: %s loads from disk with the default loader: %s", slot, reason
                 )
                 if self.relay is not None:  # its clients move on to their next source
                     self.relay.arrivals.fail(f"it loads from disk: {reason}")
@@ -94,20 +111,35 @@ def _loader_class() -> type:
             self.capture = capture(params, identity, self.config)
 
         def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
+            self.slot = _slot(self.config, vllm_config, model_config)
             model = super().load_model(vllm_config, model_config, prefix=prefix)
             if self.capture is not None:
-                _serve(model, self.capture, self.config, self.relay)
+                _serve(model, self.capture, self.config, self.slot, self.relay)
                 self.capture = self.relay = None
             return model
 
     return NetloaderModelLoader
 
 
-def _rank_and_identity(config: NetloaderConfig, model_config: Any) -> tuple[int, Identity]:
+def _slot(config: NetloaderConfig, vllm_config: Any, model_config: Any) -> Slot:
     from vllm.distributed import parallel_state as ps
 
-    identity = Identity(
-        model=config.model or str(model_config.served_model_name or model_config.model),
+    spec = None if vllm_config is None else vllm_config.speculative_config
+    draft = spec is not None and model_config is spec.draft_model_config
+    target = model_config
+    if spec is not None and draft and spec.target_model_config is not None:
+        target = spec.target_model_config
+    base = config.model or str(target.served_model_name or target.model)
+    return Slot(ps.get_world_group().rank, draft, base)
+
+
+def _identity(slot: Slot, model_config: Any) -> Identity:
+    from vllm.distributed import parallel_state as ps
+
+    import vllm
+
+    return Identity(
+        model=f"{slot.base_name}/draft" if slot.draft else slot.base_name,
         tp_size=ps.get_tensor_model_parallel_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_size=ps.get_pp_group().world_size,
@@ -116,9 +148,19 @@ def _rank_and_identity(config: NetloaderConfig, model_config: Any) -> tuple[int,
             "dtype": str(model_config.dtype).removeprefix("torch."),
             "quantization": str(model_config.quantization),
             "weights": "vllm-parameters-before-post-processing",
+            "vllm": str(vllm.__version__),
+            "config": config_fingerprint(model_config.hf_config.to_dict()),
         },
     )
-    return ps.get_world_group().rank, identity
+
+
+def config_fingerprint(hf_config: dict[str, Any]) -> str:
+    """What tells two models with the same shapes apart before any byte moves: a digest of
+    their configuration, less what names a place or a tool rather than the model."""
+    kept = {
+        k: v for k, v in hf_config.items() if not k.startswith("_") and k != "transformers_version"
+    }
+    return digest(json.dumps(kept, sort_keys=True, default=str).encode())[:16]
 
 
 def _with_host_address(config: NetloaderConfig) -> NetloaderConfig:
@@ -133,15 +175,15 @@ def _with_host_address(config: NetloaderConfig) -> NetloaderConfig:
     return config
 
 
-def _start_relay(config: NetloaderConfig, rank: int) -> Relay | None:
+def _start_relay(config: NetloaderConfig, slot: Slot) -> Relay | None:
     """The server this wave member relays through, listening before it loads."""
     try:
-        relay = relay_rank(_with_host_address(config), rank)
-    except OSError as exc:
-        log.error("netloader: rank %d cannot listen, so does not join the wave: %s", rank, exc)
+        relay = relay_rank(_with_host_address(config), slot.rank, draft=slot.draft)
+    except (OSError, NetloaderError) as exc:
+        log.error("netloader: %s cannot listen, so does not join the wave: %s", slot, exc)
         return None
     if relay is not None:
-        _register(rank, relay)
+        _register(slot, relay)
     return relay
 
 
@@ -149,61 +191,68 @@ def _load_from_peers(
     params: dict[str, torch.Tensor],
     identity: Identity,
     config: NetloaderConfig,
-    rank: int,
+    slot: Slot,
     relay: Relay | None,
 ) -> str | None:
-    """Fill `params` from this rank's sources (its wave's, with a relay); None on success,
+    """Fill `params` from this slot's sources (its wave's, with a relay); None on success,
     else why not."""
+    rank, draft = slot.rank, slot.draft
     sources = None
     if relay is not None:
         try:
-            position, sources = join_wave(config, rank, relay)
-        except OSError as exc:
+            position, sources = join_wave(config, rank, relay, draft=draft)
+        except (OSError, NetloaderError) as exc:
             return f"cannot join the wave in {config.wave_dir}: {exc}"
         log.info(
-            "netloader: rank %d is member %d of the wave in %s, relaying on %s; sources: %s",
-            rank,
+            "netloader: %s is member %d of the wave in %s, relaying on %s; sources: %s",
+            slot,
             position,
             config.wave_dir,
             relay.address,
             ", ".join(map(str, sources)) or "none",
         )
         if not sources:
-            return f"the wave in {config.wave_dir} has no seed or earlier member for rank {rank}"
-    elif not config.sources_for(rank):
-        return f"SOURCE has no sources for rank {rank}"
+            return f"the wave in {config.wave_dir} has no seed or earlier member for {slot}"
+    elif not config.sources_for(rank, draft=draft):
+        return f"SOURCE has no sources for {slot}"
     try:
-        report = load_rank(params, identity, config, rank, sources=sources, relay=relay)
+        report = load_rank(
+            params, identity, config, rank, sources=sources, relay=relay, draft=draft
+        )
     except NetloaderError as exc:
         return str(exc)
     except Exception as exc:  # never let a netloader bug stop the instance from starting
         log.exception("netloader: unexpected failure")
         return f"unexpected {type(exc).__name__}: {exc}"
-    log.debug("netloader: rank %d loaded weights from peers: %s", rank, report.summary())
+    log.debug("netloader: %s loaded weights from peers: %s", slot, report.summary())
     return None
 
 
 def _serve(
-    model: torch.nn.Module, captured: Capture, config: NetloaderConfig, relay: Relay | None
+    model: torch.nn.Module,
+    captured: Capture,
+    config: NetloaderConfig,
+    slot: Slot,
+    relay: Relay | None,
 ) -> None:
-    """After post-processing: check the kept tensors are intact, then serve them (through
-    the wave relay, when this instance has one, from now on)."""
-    from vllm.distributed import parallel_state as ps
-
-    rank = ps.get_world_group().rank
+    """After post-processing: check the kept tensors are intact, then serve them: through
+    the wave relay, when this load had one; through the listener this slot already has,
+    when the worker loads the same model again; else on a new listener."""
     started = time.perf_counter()
     unavailable = check_intact(captured)
     if unavailable is not None:
-        log.error("netloader: rank %d cannot serve its weights: %s", rank, unavailable)
+        log.error("netloader: %s cannot serve its weights: %s", slot, unavailable)
     kept_alive = kept_bytes(captured, {n: p.detach() for n, p in model.named_parameters()})
-    server: Server
-    if relay is not None:
-        server = relay
-        relay.finish(
-            captured.tensors,
-            captured.identity,
-            manifest=captured.manifest,
-            unavailable=unavailable,
+    existing = _servers.get(slot_key(slot))
+    server: Server | None = relay or existing
+    if server is not None:
+        server.serve_instead(
+            LoadedTensors(
+                captured.tensors,
+                captured.identity,
+                manifest=captured.manifest,
+                unavailable=unavailable,
+            )
         )
     else:
         try:
@@ -211,20 +260,21 @@ def _serve(
                 captured.tensors,
                 captured.identity,
                 _with_host_address(config),
-                rank,
+                slot.rank,
                 manifest=captured.manifest,
                 unavailable=unavailable,
+                draft=slot.draft,
             )
-        except OSError as exc:
-            log.error("netloader: rank %d cannot listen: %s", rank, exc)
+        except (OSError, NetloaderError) as exc:
+            log.error("netloader: %s cannot serve: %s", slot, exc)
             return
         if new is None:
             return
-        server = _register(rank, new)
+        server = _register(slot, new)
     log.info(
-        "netloader: rank %d serves %d tensors (%d bytes) on %s; %d bytes kept beyond the "
+        "netloader: %s serves %d tensors (%d bytes) on %s; %d bytes kept beyond the "
         "running model (INT8_CACHE=%s); checked in %.2f s",
-        rank,
+        slot,
         len(captured.tensors),
         captured.manifest.total_bytes,
         server.address,
@@ -234,10 +284,14 @@ def _serve(
     )
 
 
-def _register(rank: int, server: Server) -> Server:
-    """The one server of `rank` in this Worker (a reload replaces the previous one)."""
-    previous = _servers.pop(rank, None)
+def slot_key(slot: Slot) -> tuple[int, bool]:
+    return slot.rank, slot.draft
+
+
+def _register(slot: Slot, server: Server) -> Server:
+    """The one server of `slot` in this Worker (a new one replaces the previous one)."""
+    previous = _servers.pop(slot_key(slot), None)
     if previous is not None and previous is not server:
         previous.close()
-    _servers[rank] = server
+    _servers[slot_key(slot)] = server
     return server
