@@ -376,3 +376,23 @@ class TestSpeculativeDecoding:
                 assert sorted(m.group(3) for m in found) == sorted([target_address, draft_address])
                 assert fallback_reasons(client) == [], client.netloader_lines()
                 assert client.completions() == reference
+                # Its listeners are on free ports (no LISTEN_PORT): a client of *it* finds
+                # no draft at the +10000 offset, so its draft alone falls back to disk.
+                client_target = serve_line(client).group(4)
+                second_config = {
+                    "MODEL": "tiny",
+                    "SOURCE": [{"device_id": 0, "sources": [client_target]}],
+                }
+                with start(
+                    "spec_client2",
+                    client_model_dir,
+                    second_config,
+                    extra_args=_speculative(draft_model),
+                ) as second:
+                    assert [m.group(3) for m in loaded_lines(second)] == [client_target]
+                    reasons = fallback_reasons(second)
+                    assert len(reasons) == 1 and "cannot connect" in reasons[0], reasons
+                    assert any(
+                        "rank 0 draft loads from disk" in line for line in second.netloader_lines()
+                    )
+                    assert second.completions() == reference
