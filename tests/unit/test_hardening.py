@@ -45,7 +45,7 @@ def test_a_manifest_body_of_nested_containers_is_refused_before_parsing() -> Non
     """256 MiB of "{}," would be 85 million dicts; refused from a byte count instead."""
     client = p.ClientSession(None)
     client.phase = p.Phase.MANIFEST  # as after GET_MANIFEST
-    client.expect_manifest(tensors=3)
+    client.expect_manifest(tensors=3)  # room for 4 x 4096 tensors: 49,000 containers
     body = b'{"x":[' + b"{}," * 100_000 + b"{}]}"
     client.receive_data(p.HEADER.pack(p.MAGIC, p.MsgType.MANIFEST, len(body)) + body)
     with pytest.raises(ProtocolError, match="arrays/objects"):

@@ -69,6 +69,15 @@ def draft_model(vllm_python: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def w8a8_model(vllm_python: str, tiny_model: Path) -> Path:
+    """runs/models/tiny-w8a8: the tiny model quantized W8A8 int8 (compressed-tensors)."""
+    script = str(REPO / "scripts" / "make_w8a8.py")
+    return Path(
+        _run([vllm_python, script, str(tiny_model), str(MODELS / "tiny-w8a8")], "w8a8", 300)
+    )
+
+
+@pytest.fixture(scope="session")
 def client_model_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's config and tokenizer files without any weight file."""
     out = make_weightless_dir(tiny_model, tmp_path_factory.mktemp("weightless") / "tiny")

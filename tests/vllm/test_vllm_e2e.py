@@ -396,3 +396,53 @@ class TestSpeculativeDecoding:
                         "rank 0 draft loads from disk" in line for line in second.netloader_lines()
                     )
                     assert second.completions() == reference
+
+
+# ---- int8-quantized (W8A8) models: what INT8_CACHE exists for ---------------------------
+@pytest.mark.parametrize(
+    ("mode", "names"),
+    [("no", None), ("dram", None), ("hbm", None), ("dram", ["*.weight"])],
+    ids=["no", "dram", "hbm", "dram-weights-only"],
+)
+def test_w8a8_seed_and_client_answer_identically(
+    start: Starter, w8a8_model: Path, tmp_path: Path, mode: str, names: list[str] | None
+) -> None:
+    """A W8A8 int8 seed (compressed-tensors, vLLM's CPU int8 kernel) loads from disk and
+    serves; a client without weight files loads from it and answers identically. The
+    bytes kept beyond the running model follow INT8_CACHE: `dram`/`hbm` keep a copy of
+    every parameter (hbm is the parameters' own device, the CPU here), a name filter
+    keeps fewer."""
+    label = f"w8a8_{mode}{'_named' if names else ''}"
+    config: dict[str, Any] = {"MODEL": "tiny-w8a8", "OUTPUT_PREFIX": start.prefix(label)}
+    config["INT8_CACHE"] = mode
+    if names:
+        config["INT8_CACHE_NAME"] = names
+    with start(f"{label}_seed", w8a8_model, config) as seed:
+        served = serve_line(seed)
+        total, kept = int(served.group(3)), int(served.group(5))
+        assert served.group(6) == mode
+        if mode in ("dram", "hbm") and not names:
+            assert kept == total, served.group(0)
+        elif names:
+            assert 0 < kept < total, served.group(0)
+        reference = seed.completions()
+        client_dir = make_weightless_dir(w8a8_model, tmp_path / "w8a8")
+        client_config = {"MODEL": "tiny-w8a8", "SOURCE": [start.source(label)]}
+        with start(f"{label}_client", client_dir, client_config) as client:
+            assert_loaded_over_network(client, start.source(label)["sources"][0])
+            assert loaded_lines(client)[0].group(2) == str(total)
+            assert client.completions() == reference
+
+
+def test_a_quantization_mismatch_falls_back_naming_it(
+    start: Starter, w8a8_model: Path, tiny_model: Path
+) -> None:
+    config = {"MODEL": "tiny-w8a8", "OUTPUT_PREFIX": start.prefix("w8a8_mm")}
+    with start("w8a8_mm_seed", w8a8_model, config) as seed:
+        del seed
+        client_config = {"MODEL": "tiny-w8a8", "SOURCE": [start.source("w8a8_mm")]}
+        with start("w8a8_mm_client", tiny_model, client_config) as client:
+            reasons = fallback_reasons(client)
+            assert len(reasons) == 1 and "quantization" in reasons[0], reasons
+            assert "compressed-tensors" in reasons[0], reasons
+            assert len(client.completions()) == len(PROMPTS)

@@ -59,6 +59,7 @@ from netloader.protocol.messages import (
     Message,
     MsgType,
     Welcome,
+    containers_within,
     decode_data_prefix,
     decode_header,
     decode_message,
@@ -138,6 +139,7 @@ class Session:
         # What the peer may send, tightened once the model is known (`expect_*`).
         self.max_body = dict(MAX_BODY)
         self.max_containers = dict(MAX_CONTAINERS)
+        self.expected_tensors: int | None = None
         self._sequence = {Role.CLIENT: 0, Role.SERVER: 0}
 
     @property
@@ -208,8 +210,11 @@ class Session:
             )
 
     def expect_manifest(self, tensors: int) -> None:
-        """The peer's manifest should list `tensors` tensors: bound its structure to that."""
-        self.max_containers[MsgType.MANIFEST] = 4 + 3 * tensors
+        """The peer's manifest should list `tensors` tensors: bound its structure to that,
+        with room for another model several times larger, so that a mismatch is still
+        reported as one, tensor by tensor."""
+        self.expected_tensors = tensors
+        self.max_containers[MsgType.MANIFEST] = 4 + 3 * max(4 * tensors, 4096)
 
     def expect_fetches(self, chunks: int) -> None:
         """The model has `chunks` chunks: bound a FETCH to naming each at most once."""
@@ -229,7 +234,13 @@ class Session:
                     "tampered with, or sent by a relay that does not know the secret",
                     source=self.peer,
                 )
-        message = decode_message(header.type, body, self.max_containers[header.type])
+        limit = self.max_containers[header.type]
+        if header.type is MsgType.MANIFEST and not containers_within(body, limit):
+            raise ProtocolError(
+                f"{self.peer}'s manifest holds more than {limit} arrays/objects: far more "
+                f"tensors than the {self.expected_tensors} expected (another model?)"
+            )
+        message = decode_message(header.type, body, limit)
         self._advance(self.role.other, header.type)
         self._received(message)
         return message
