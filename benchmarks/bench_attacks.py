@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import socket
 import statistics
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import serve_checkpoint
+from common import serve_checkpoint, write_json
 from netloader import Client, Identity
 from netloader import protocol as p
 from netloader.testing.models import checkpoint_specs, empty_like, llama_like, write_checkpoint
@@ -156,8 +155,7 @@ def main() -> None:
         f"by the handshake deadline and reopened, {shed} shed to make room)"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

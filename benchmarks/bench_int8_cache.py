@@ -15,17 +15,15 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from common import REPO, run_setup, write_json
 from netloader.testing.processes import process_usage
 from netloader.testing.vllm import VllmInstance
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "runs" / "models"
 WORKER = re.compile(r"\((?:VllmWorker-0|Worker) pid=(\d+)\)")
 KEPT = re.compile(r"serves (\d+) tensors \((\d+) bytes\) on \S+; (\d+) bytes kept")
@@ -36,13 +34,6 @@ MODES: dict[str, dict[str, Any] | None] = {
     "INT8_CACHE=hbm": {"INT8_CACHE": "hbm"},
     'INT8_CACHE=dram, NAME ["*.weight"]': {"INT8_CACHE": "dram", "INT8_CACHE_NAME": ["*.weight"]},
 }
-
-
-def run(cmd: list[str], timeout: float) -> str:
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:2])} failed:\n{done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
 
 
 def worker_rss_kb(instance: VllmInstance, samples: int = 5) -> int:
@@ -62,10 +53,14 @@ def main() -> None:
     parser.add_argument("--size", default="1g", help="make_tiny_llama.py preset to quantize")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    python = run(["bash", "scripts/setup_vllm.sh"], 1800)
-    base = Path(run([python, "scripts/make_tiny_llama.py", str(MODELS), "--size", args.size], 1800))
+    python = run_setup(["bash", "scripts/setup_vllm.sh"], 1800)
+    base = Path(
+        run_setup([python, "scripts/make_tiny_llama.py", str(MODELS), "--size", args.size], 1800)
+    )
     model = Path(
-        run([python, "scripts/make_w8a8.py", str(base), str(MODELS / f"{base.name}-w8a8")], 900)
+        run_setup(
+            [python, "scripts/make_w8a8.py", str(base), str(MODELS / f"{base.name}-w8a8")], 900
+        )
     )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as logs:
@@ -102,8 +97,7 @@ def main() -> None:
             f" | {'' if logged is None else f'{logged / 2**20:.0f} MiB'} |"
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -30,29 +30,20 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import drop_page_cache
+from common import REPO, drop_page_cache, run_setup
 from netloader.testing.processes import ChildProcess, read_address_file
 from netloader.testing.vllm import PROMPTS, VllmInstance, make_weightless_dir
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "llama1g"
 VLLM_WEIGHTS = re.compile(r"Loading weights took ([\d.]+) seconds")
 NETLOADER_LOADED = re.compile(r"netloader: loaded \d+ tensors, (\d+) bytes in ([\d.]+) s")
 NETLOADER_FALLBACK = "loads from disk with the default loader"
-
-
-def run_setup(cmd: list[str], timeout: float) -> str:
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        sys.exit(f"{cmd[1]} failed:\n{done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
 
 
 def warm_page_cache(model_dir: Path) -> None:

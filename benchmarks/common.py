@@ -1,15 +1,18 @@
 """What the benchmarks share: timing, results and their table, the verdict against the
 best raw path, spawned child processes that report back over a pipe, a `netloader serve`
-process, and emptying the page cache. Imported by the scripts in this directory (run as
-`.venv/bin/python benchmarks/bench_x.py`, which puts this directory on the path)."""
+process, setup steps, JSON results, and emptying the page cache. Imported by the scripts
+in this directory (run as `.venv/bin/python benchmarks/bench_x.py`, which puts this
+directory on the path)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -171,3 +174,20 @@ def serve_checkpoint(
     `.address` is where, `.ready["model"]` what it serves; stop it with `.stop()`."""
     argv = [netloader_command(), "serve", str(model_dir), "--listen", "127.0.0.1:0"]
     return ServerProcess([*argv, *extra_args], log=log, env=env, timeout=SERVER_START_TIMEOUT)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_setup(cmd: list[str], timeout: float) -> str:
+    """A setup step (scripts/setup_vllm.sh, a model builder) from the repository root; its
+    last line of output is the answer. Exits with its error output if it fails."""
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:2])} failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def write_json(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1) + "\n")

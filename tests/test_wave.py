@@ -13,7 +13,7 @@ import netloader
 from netloader import Identity, NetloaderConfig, SourceUnavailable
 from netloader.testing.models import blocks, same_bytes, transformer_like, write_checkpoint
 from netloader.testing.processes import WAVE_MEMBER, ServerProcess
-from support.servers import NETLOADER, StartCliServer
+from support.servers import NETLOADER, StartCliServer, run_cli
 from support.tensors import empty_like_set
 
 
@@ -85,3 +85,10 @@ def test_rank_api_wave_relays_then_serves_the_loaded_model(tmp_path: Path) -> No
         seed.close()
         for relay in relays:
             relay.close()
+
+
+def test_a_cli_member_whose_pull_fails_leaves_the_wave(tmp_path: Path) -> None:
+    (tmp_path / "seed-0.txt").write_text("127.0.0.1:1\n")  # nobody listens there
+    result = run_cli("pull", "--wave", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "cannot connect to 127.0.0.1:1" in result.stderr
+    assert list((tmp_path / "rank0").iterdir()) == []  # its record is gone

@@ -18,11 +18,10 @@ from tqdm import tqdm
 from netloader import transports
 from netloader.checkpoint import CheckpointWriter, load_checkpoint
 from netloader.config import NetloaderConfig
-from netloader.discovery.wave import Wave
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import NetloaderError
 from netloader.manifest import Identity, Manifest
-from netloader.ranks import client_for, join_wave, relay_rank, serve_rank
+from netloader.ranks import client_for, join_wave, leave_wave, relay_rank, serve_rank
 from netloader.server import Relay
 from netloader.settings import Timeouts, new_secret
 
@@ -295,8 +294,8 @@ def pull(
                 _wait_for_signal()
     finally:
         if relay is not None:
-            if not pulled and position is not None and wave_dir is not None:
-                Wave(wave_dir, rank=0).leave(position)  # later members must not pick us
+            if not pulled and position is not None:
+                leave_wave(config, 0, position)  # later members must not pick us
             relay.close()
 
 

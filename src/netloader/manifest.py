@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import torch
@@ -91,8 +92,9 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
-    @property
+    @cached_property
     def chunk_total(self) -> int:
+        """Chunks in all (computed once: every connection to a server asks)."""
         return sum(self.chunk_count(t) for t in range(len(self.tensors)))
 
     def chunk_count(self, tensor: int) -> int:

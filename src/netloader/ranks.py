@@ -5,10 +5,8 @@ layer the vLLM integration (and any engine's) stands on."""
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypedDict
 
 from netloader.api import Tensors, tensors_of
 from netloader.client import Client, LoadReport
@@ -17,8 +15,8 @@ from netloader.discovery.wave import Wave
 from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_address_file
 from netloader.errors import SourceUnavailable, UsageError
 from netloader.manifest import Identity, Manifest
-from netloader.server import LoadedTensors, Relay, Server
-from netloader.settings import Timeouts, resolve_secret
+from netloader.server import LoadedTensors, Relay, Server, ServerOptions
+from netloader.settings import resolve_secret
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +76,7 @@ def join_wave(
     (fallbacks), the wave's seeds, then SOURCE's entries for `rank`."""
     if config.wave_dir is None:
         raise UsageError("join_wave needs WAVE_DIR")
-    kind = DRAFT_SUFFIX if draft else ""
-    wave = Wave(Path(config.wave_dir), rank=rank, fanout=fanout, kind=kind)
+    wave = _wave(config, rank, fanout, draft)
     position = wave.join(str(relay.address))
     found: list[Endpoint] = []
     for text in wave.sources(position):
@@ -88,6 +85,19 @@ def join_wave(
         except ValueError as exc:  # a stray or broken file: not a source, not a failure
             log.warning("netloader: wave %s: ignoring %r: %s", config.wave_dir, text, exc)
     return position, [*found, *config.sources_for(rank, draft=draft)]
+
+
+def leave_wave(config: NetloaderConfig, rank: int, position: int, *, draft: bool = False) -> None:
+    """Remove this member's record from WAVE_DIR's wave (its pull failed, or it stopped
+    serving), so that later members do not pick it."""
+    if config.wave_dir is not None:
+        _wave(config, rank, None, draft).leave(position)
+
+
+def _wave(config: NetloaderConfig, rank: int, fanout: int | None, draft: bool) -> Wave:
+    assert config.wave_dir is not None
+    kind = DRAFT_SUFFIX if draft else ""
+    return Wave(Path(config.wave_dir), rank=rank, fanout=fanout, kind=kind)
 
 
 def load_rank(
@@ -133,15 +143,7 @@ def client_for(
     )
 
 
-class _ServerOptions(TypedDict):
-    listen: Endpoint
-    advertise_host: str
-    secret: bytes | None
-    timeouts: Timeouts
-    tls: ssl.SSLContext | None
-
-
-def _server_options(config: NetloaderConfig, port: int, secret: bytes | None) -> _ServerOptions:
+def _server_options(config: NetloaderConfig, port: int, secret: bytes | None) -> ServerOptions:
     return {
         "listen": Endpoint(config.listen_host, port),
         "advertise_host": advertised_host(config.listen_host, config.advertise_host),

@@ -127,3 +127,22 @@ def test_a_non_contiguous_tensor_is_copied_once_for_every_client() -> None:
     first, second = holdings.tensor_bytes(0), holdings.tensor_bytes(0)
     assert first.data_ptr() == second.data_ptr()
     assert torch.equal(first.view(torch.float32), transposed.contiguous().reshape(-1))
+
+
+def test_an_index_may_name_shards_that_are_links_elsewhere(tmp_path: Path) -> None:
+    """As in a Hugging Face cache: snapshot files link into a blob store elsewhere."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    (blobs / "abc").write_bytes(b"")
+    (snapshot / "model-1.safetensors").symlink_to(blobs / "abc")
+    (snapshot / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-1.safetensors"}})
+    )
+    assert checkpoint_files(snapshot) == [snapshot / "model-1.safetensors"]
+    for bad in ("/etc/passwd", "sub/../../x.safetensors"):
+        (snapshot / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"a": bad}})
+        )
+        with pytest.raises(NetloaderError, match="outside"):
+            checkpoint_files(snapshot)

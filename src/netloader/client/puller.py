@@ -142,8 +142,8 @@ class Client:
         `completed` names the tensors that did (the others hold undefined bytes).
         """
         started = time.perf_counter()
-        pull = SharedPull(expected_manifest(identity, dest), dest, self.sources, progress, observer)
-        pull.huge_pages = self.huge_pages
+        expected = expected_manifest(identity, dest)
+        pull = SharedPull(expected, dest, self.sources, progress, observer, self.huge_pages)
         # Sources are handed out before any worker starts, so the first to connect knows
         # it is not alone and leaves work for the others.
         first = [pull.next_source() for _ in range(min(self.stripe, len(self.sources)))]

@@ -37,12 +37,13 @@ class SharedPull:
         sources: Sequence[Endpoint],
         progress: Callable[[int], None] | None,
         observer: PullObserver | None,
+        huge_pages: bool,
     ) -> None:
         self.expected = expected
         self.dest = dest
         self.progress = progress
         self.observer = observer
-        self.huge_pages = False
+        self.huge_pages = huge_pages
         self.plan = Scheduler(sources)
         self.changed = threading.Condition()
         self.reference: Manifest | None = None

@@ -125,9 +125,12 @@ def containers_within(data: bytes, limit: int) -> bool:
     return data.count(b"[") + data.count(b"{") <= limit + len(data) // 256
 
 
-def decode_body(data: bytes, max_containers: int = MAX_CONTAINERS[MsgType.HELLO]) -> dict[str, Any]:
-    """A control body: one JSON object holding at most `max_containers` arrays/objects."""
-    if not containers_within(data, max_containers):
+def decode_body(
+    data: bytes, max_containers: int | None = MAX_CONTAINERS[MsgType.HELLO]
+) -> dict[str, Any]:
+    """A control body: one JSON object holding at most `max_containers` arrays/objects
+    (None: the caller has bounded it already)."""
+    if max_containers is not None and not containers_within(data, max_containers):
         raise ProtocolError(f"control message holds more than {max_containers} arrays/objects")
     try:
         body = json.loads(data.decode("utf-8"))
@@ -418,9 +421,9 @@ MESSAGES: dict[MsgType, type[Message]] = {
 }
 
 
-def decode_message(kind: MsgType, body: bytes, max_containers: int | None = None) -> Message:
-    """The typed control message of a frame of type `kind` (not DATA) with `body`."""
+def decode_message(kind: MsgType, body: bytes, max_containers: int | None) -> Message:
+    """The typed control message of a frame of type `kind` (not DATA) with `body`, holding
+    at most `max_containers` arrays/objects (None: the caller has bounded it already)."""
     if kind is MsgType.DATA:
         raise ProtocolError("DATA is not a control message")
-    limit = MAX_CONTAINERS[kind] if max_containers is None else max_containers
-    return MESSAGES[kind].decode(decode_body(body, limit))
+    return MESSAGES[kind].decode(decode_body(body, max_containers))

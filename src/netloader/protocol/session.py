@@ -235,12 +235,16 @@ class Session:
                     source=self.peer,
                 )
         limit = self.max_containers[header.type]
-        if header.type is MsgType.MANIFEST and not containers_within(body, limit):
+        if not containers_within(body, limit):  # counted once, here, before parsing
+            if header.type is MsgType.MANIFEST and self.expected_tensors is not None:
+                raise ProtocolError(
+                    f"{self.peer}'s manifest holds more than {limit} arrays/objects: far "
+                    f"more tensors than the {self.expected_tensors} expected (another model?)"
+                )
             raise ProtocolError(
-                f"{self.peer}'s manifest holds more than {limit} arrays/objects: far more "
-                f"tensors than the {self.expected_tensors} expected (another model?)"
+                f"{self.peer}'s {header.type.name} holds more than {limit} arrays/objects"
             )
-        message = decode_message(header.type, body, limit)
+        message = decode_message(header.type, body, max_containers=None)
         self._advance(self.role.other, header.type)
         self._received(message)
         return message

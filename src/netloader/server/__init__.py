@@ -3,6 +3,6 @@ for a model still arriving), the per-connection `Conversation`, and what they se
 (`Holdings`: `LoadedTensors` or `Arrivals`)."""
 
 from netloader.server.holdings import Arrivals, Holdings, LoadedTensors
-from netloader.server.server import Relay, Server
+from netloader.server.server import Relay, Server, ServerOptions
 
-__all__ = ["Arrivals", "Holdings", "LoadedTensors", "Relay", "Server"]
+__all__ = ["Arrivals", "Holdings", "LoadedTensors", "Relay", "Server", "ServerOptions"]

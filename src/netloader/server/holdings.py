@@ -96,13 +96,6 @@ class LoadedTensors:
         # Not joined anywhere: it is finite and holds no socket.
         threading.Thread(target=self._digest, name="netloader-digest", daemon=True).start()
 
-    @property
-    def model(self) -> str:
-        return self._identity.model
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
     def manifest(self, timeout: float | None = None) -> Manifest:
         if self._unavailable is not None:
             raise SourceUnavailable(self._unavailable)
@@ -173,13 +166,6 @@ class Arrivals:
         """The manifest the pull adopted, if it got that far."""
         with self._changed:
             return self._manifest
-
-    @property
-    def complete(self) -> bool:
-        with self._changed:
-            return self._manifest is not None and len(self._held) == sum(
-                self._manifest.chunk_count(i) for i in range(len(self._manifest.tensors))
-            )
 
     # ---- Holdings -----------------------------------------------------------------------
     def prepare(self) -> None:

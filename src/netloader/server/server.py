@@ -9,7 +9,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypedDict, Unpack
 
 import torch
 
@@ -25,6 +26,17 @@ log = logging.getLogger(__name__)
 
 ACCEPT_POLL = 0.2
 LOOPBACK_ANY_PORT = Endpoint("127.0.0.1", 0)
+
+
+class ServerOptions(TypedDict, total=False):
+    """Server's keyword arguments, for those that pass them on (Relay, ranks.py)."""
+
+    listen: Endpoint
+    advertise_host: str | None
+    secret: bytes | None
+    timeouts: Timeouts
+    limits: Limits
+    tls: ssl.SSLContext | None
 
 
 class Server:
@@ -59,8 +71,8 @@ class Server:
         self._secret = secret
         self._transfers = threading.BoundedSemaphore(limits.max_transfers)
         self._closing = threading.Event()
-        self._connections: dict[Connection, threading.Thread] = {}
-        self._conversations: dict[Connection, Conversation] = {}
+        # Each connection's conversation and the thread running it.
+        self._running: dict[Connection, tuple[Conversation, threading.Thread]] = {}
         self._lock = threading.Lock()
 
         self._listener = socket.create_server(
@@ -96,7 +108,7 @@ class Server:
     @property
     def connections(self) -> int:
         with self._lock:
-            return len(self._connections)
+            return len(self._running)
 
     def close(self) -> None:
         """Stop accepting, end every connection, and wait (briefly) for their threads."""
@@ -104,10 +116,10 @@ class Server:
         self._accept_thread.join(timeout=5)
         self._listener.close()
         with self._lock:
-            active = dict(self._connections)
-        for conn in active:
+            active = list(self._running.items())
+        for conn, _ in active:
             conn.abort()
-        for thread in active.values():
+        for _, (_, thread) in active:
             thread.join(timeout=5)
 
     def __enter__(self) -> Server:
@@ -151,8 +163,7 @@ class Server:
                 target=self._run, args=(conversation,), name=f"netloader-{peer}", daemon=True
             )
             with self._lock:
-                self._connections[conn] = thread
-                self._conversations[conn] = conversation
+                self._running[conn] = (conversation, thread)
             thread.start()
 
     def _run(self, conversation: Conversation) -> None:
@@ -160,33 +171,34 @@ class Server:
             conversation.run()
         finally:
             with self._lock:
-                self._connections.pop(conversation.conn, None)
-                self._conversations.pop(conversation.conn, None)
+                self._running.pop(conversation.conn, None)
 
     def _make_room(self, host: str) -> str | None:
         """None if a new connection from `host` may start, else why it is refused. Where a
         cap is reached, the oldest connection still in its handshake is shed to make room,
         so connections that never finish their handshake cannot lock everyone out."""
-        with self._lock:
-            everyone = list(self._conversations.values())
-        mine = [c for c in everyone if c.conn.host == host]
         total_cap = self.limits.max_connections
+        if not self._room(total_cap, lambda c: True):
+            return f"server busy: {total_cap} connections open, the limit"
         peer_cap = self.limits.max_connections_per_peer
-        if len(everyone) >= total_cap and not self._shed(everyone):
-            return f"server busy: {len(everyone)} connections open (limit {total_cap})"
-        if len(mine) >= peer_cap and not self._shed(mine):
+        if not self._room(peer_cap, lambda c: c.conn.host == host):
             return f"too many connections from {host} (limit {peer_cap})"
         return None
 
-    def _shed(self, group: list[Conversation]) -> bool:
-        waiting = [c for c in group if not c.authenticated.is_set()]
-        if not waiting:
-            return False
-        oldest = min(waiting, key=lambda c: c.opened)
+    def _room(self, cap: int, counted: Callable[[Conversation], bool]) -> bool:
+        """Whether fewer than `cap` of the `counted` connections are open, after shedding
+        the oldest of them still in its handshake if need be."""
+        with self._lock:
+            group = [c for c, _ in self._running.values() if counted(c)]
+            if len(group) < cap:
+                return True
+            waiting = [c for c in group if not c.authenticated.is_set()]
+            if not waiting:
+                return False
+            oldest = min(waiting, key=lambda c: c.opened)
+            del self._running[oldest.conn]  # its thread ends once the socket is aborted
         log.warning("netloader: shed %s, still in its handshake, to make room", oldest.conn.peer)
         oldest.conn.abort()
-        with self._lock:
-            self._conversations.pop(oldest.conn, None)
         return True
 
 
@@ -197,26 +209,9 @@ class Relay(Server):
     relay=relay)`) has it verified; and, after `finish`, the loaded model. Takes the same
     keyword arguments as Server."""
 
-    def __init__(
-        self,
-        *,
-        listen: Endpoint = LOOPBACK_ANY_PORT,
-        advertise_host: str | None = None,
-        secret: bytes | None = None,
-        timeouts: Timeouts = DEFAULT_TIMEOUTS,
-        limits: Limits = DEFAULT_LIMITS,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
+    def __init__(self, **options: Unpack[ServerOptions]) -> None:
         self.arrivals = Arrivals()
-        super().__init__(
-            self.arrivals,
-            listen=listen,
-            advertise_host=advertise_host,
-            secret=secret,
-            timeouts=timeouts,
-            limits=limits,
-            tls=tls,
-        )
+        super().__init__(self.arrivals, **options)
 
     def finish(
         self,
