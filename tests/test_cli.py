@@ -11,18 +11,36 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import netloader
 from safetensors.torch import load_file
 
+from netloader.checkpoint import load_checkpoint
 from netloader.testing.certs import self_signed_certificate
 from netloader.testing.models import blocks, same_bytes, transformer_like, write_checkpoint
 from netloader.testing.processes import ServerProcess
 from support.servers import NETLOADER, MakeProxy, StartCliServer, run_cli
 
 
+MODEL_FILES = {
+    "config.json": b'{"model_type": "llama", "hidden_size": 64}',
+    "tokenizer.json": bytes(range(256)) * 4000,  # larger than a chunk is not needed: binary
+    "generation_config.json": b"{}",
+    "empty.txt": b"",
+}
+
+
 @pytest.fixture
 def sharded_checkpoint(tmp_path: Path) -> Path:
-    """transformer_like() split over two files with an index, as large checkpoints are."""
-    return write_checkpoint(tmp_path / "ckpt", transformer_like(), shards=2).parent
+    """transformer_like() split over two files with an index, as large checkpoints are,
+    beside a config and a tokenizer."""
+    directory = write_checkpoint(tmp_path / "ckpt", transformer_like(), shards=2).parent
+    for name, data in MODEL_FILES.items():
+        (directory / name).write_bytes(data)
+    (directory / "subdir").mkdir()
+    (directory / "subdir" / "not-served.txt").write_text("x")
+    (directory / ".hidden").write_text("x")
+    return directory
 
 
 @pytest.fixture
@@ -30,16 +48,64 @@ def served(sharded_checkpoint: Path, cli_server: StartCliServer) -> ServerProces
     return cli_server(sharded_checkpoint, "--model", "tiny")
 
 
-def test_pull_writes_bit_identical_checkpoint(served: ServerProcess, tmp_path: Path) -> None:
+def test_pull_writes_the_source_directory_as_it_is(
+    served: ServerProcess, sharded_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Same shards (names, and which tensor is in which), same index, same other files."""
     out = tmp_path / "out"
     result = run_cli("pull", served.address, "--out", str(out), "--model", "tiny")
     assert result.returncode == 0, result.stderr
     assert "verified" in result.stdout and "GB/s" in result.stdout
-    pulled = load_file(out / "model.safetensors")
-    expected = transformer_like()
-    assert sorted(pulled) == sorted(expected)
-    assert all(same_bytes(pulled[n], t) for n, t in expected.items())
+    assert "(2 shards); 5 other files" in result.stdout
+    source_files = sorted(
+        p.name for p in sharded_checkpoint.iterdir() if p.is_file() and p.name != ".hidden"
+    )
+    assert sorted(p.name for p in out.iterdir()) == source_files
+    for name in source_files:
+        if name.endswith(".safetensors"):
+            pulled, original = load_file(out / name), load_file(sharded_checkpoint / name)
+            assert sorted(pulled) == sorted(original)
+            assert all(same_bytes(pulled[n], t) for n, t in original.items())
+        else:
+            assert (out / name).read_bytes() == (sharded_checkpoint / name).read_bytes()
+    pulled_all = load_checkpoint(out)
+    assert all(same_bytes(pulled_all[n], t) for n, t in transformer_like().items())
+
+
+def test_pull_no_weights_fetches_just_the_other_files(
+    served: ServerProcess, tmp_path: Path
+) -> None:
+    out = tmp_path / "empty-node"
+    result = run_cli("pull", served.address, "--out", str(out), "--no-weights")
+    assert result.returncode == 0, result.stderr
+    assert "pulled 5 files" in result.stdout
+    expected = {**MODEL_FILES, "model.safetensors.index.json": None}
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    for name, data in MODEL_FILES.items():
+        assert (out / name).read_bytes() == data
+
+
+def test_a_single_file_checkpoint_pulls_into_model_safetensors(
+    tmp_path: Path, cli_server: StartCliServer
+) -> None:
+    address = cli_server(write_checkpoint(tmp_path / "one", blocks()).parent).address
+    out = tmp_path / "out"
+    result = run_cli("pull", address, "--out", str(out))
+    assert result.returncode == 0, result.stderr
     assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert torch.equal(load_file(out / "model.safetensors")["block.3"], blocks()["block.3"])
+    nothing_else = run_cli("pull", address, "--out", str(tmp_path / "o2"), "--no-weights")
+    assert nothing_else.returncode == 0 and "pulled 0 files" in nothing_else.stdout
+
+
+def test_a_server_without_files_gives_weights_only_or_a_clear_error(tmp_path: Path) -> None:
+    with netloader.serve(blocks(), "m") as server:  # the API serves tensors, no directory
+        weights = run_cli("pull", str(server.address), "--out", str(tmp_path / "w"))
+        assert weights.returncode == 0, weights.stderr
+        assert "weights only" in weights.stderr and "offers no files" in weights.stderr
+        assert [p.name for p in (tmp_path / "w").iterdir()] == ["model.safetensors"]
+        files = run_cli("pull", str(server.address), "--out", str(tmp_path / "f"), "--no-weights")
+        assert files.returncode == 1 and "offers no files" in files.stderr
 
 
 def test_inspect_text_and_json(served: ServerProcess) -> None:

@@ -1,5 +1,6 @@
 """safetensors checkpoints on disk: reading one (single file or sharded with an index) to
-serve it, and writing one whose tensor bytes are received straight into the file."""
+serve it, the identity it is served under, and writing one (its sharding kept) whose
+tensor bytes are received straight into the files."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import mmap
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -17,10 +19,12 @@ from safetensors.torch import load_file
 
 from netloader import tensors as tb
 from netloader.errors import NetloaderError
-from netloader.manifest import Manifest
+from netloader.files import valid_name
+from netloader.manifest import Identity, Manifest, TensorEntry, config_fingerprint
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CHECKPOINT_WEIGHTS = "checkpoint"  # identity attribute "weights" of a served checkpoint
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -67,78 +71,107 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-class CheckpointWriter:
-    """Lays out `manifest` as a safetensors file `<dir>/model.safetensors`, maps it, and
-    hands out tensors over the mapping so a pull receives straight into the file.
+def checkpoint_identity(name: str, directory: Path) -> Identity:
+    """The identity a checkpoint is served under: its name, the format (so an engine
+    recognises tensors it must shard and fuse itself), and its config.json's fingerprint
+    when it has one (what tells two fine-tunes of the same shapes apart)."""
+    attributes = {"weights": CHECKPOINT_WEIGHTS}
+    config = directory / "config.json" if directory.is_dir() else None
+    if config is not None and config.is_file():
+        try:
+            parsed = json.loads(config.read_text())
+        except (OSError, ValueError) as exc:
+            raise NetloaderError(f"{config} is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise NetloaderError(f"{config} does not hold a JSON object")
+        attributes["config"] = config_fingerprint(parsed)
+    return Identity(name, attributes=attributes)
 
-    The file is written under a fresh hidden name (`.model.safetensors.*.partial`) and
-    renamed only by `commit()`, so an interrupted pull never leaves a file that looks
-    complete.
+
+def shards_from_index(index: bytes, manifest: Manifest) -> dict[str, str]:
+    """Tensor name -> shard file name, from a safetensors index received beside the
+    weights; refused unless it places exactly the manifest's tensors in plain
+    `*.safetensors` file names."""
+    try:
+        weight_map = json.loads(index)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NetloaderError(f"the served {INDEX_NAME} is not a valid index: {exc}") from None
+    names = {t.name for t in manifest.tensors}
+    if set(weight_map) != names:
+        extra = sorted(set(weight_map) - names)[:3]
+        missing = sorted(names - set(weight_map))[:3]
+        raise NetloaderError(
+            f"the served {INDEX_NAME} does not match the weights (only in the index: "
+            f"{extra}; not in it: {missing})"
+        )
+    for file in set(weight_map.values()):
+        if not (isinstance(file, str) and valid_name(file) and file.endswith(".safetensors")):
+            raise NetloaderError(f"the served {INDEX_NAME} names a shard {file!r}: refused")
+    return dict(weight_map)
+
+
+class CheckpointWriter:
+    """Lays out `manifest` as safetensors files in `out_dir` (`model.safetensors`, or the
+    shards `shards` places each tensor in), maps them, and hands out tensors over the
+    mappings so a pull receives straight into the files.
+
+    Each file is written under a fresh hidden name (`.<name>.*.partial`) and renamed only
+    by `commit()`, so an interrupted pull never leaves a file that looks complete.
     """
 
-    def __init__(self, out_dir: Path, manifest: Manifest) -> None:
-        self.final = out_dir / SINGLE_NAME
+    def __init__(
+        self, out_dir: Path, manifest: Manifest, shards: Mapping[str, str] | None = None
+    ) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if "__metadata__" in {t.name for t in manifest.tensors}:
             raise NetloaderError("a tensor named '__metadata__' cannot be stored in safetensors")
-        header, data_offsets = _header(manifest)
-        total = len(header) + manifest.total_bytes
+        by_file: dict[str, list[TensorEntry]] = {}
+        for entry in manifest.tensors:
+            by_file.setdefault(shards[entry.name] if shards else SINGLE_NAME, []).append(entry)
+        layouts = {name: _header(entries) for name, entries in by_file.items()}
+        total = sum(len(h) + sum(t.nbytes for t in by_file[n]) for n, (h, _) in layouts.items())
         free = shutil.disk_usage(out_dir).free
         if total > free:
             raise NetloaderError(f"{out_dir} has {free} bytes free; the model needs {total}")
-        # A fresh name, created exclusively: nothing already there (a planted symlink, a
-        # stale partial) is followed, reused or overwritten.
-        fd, name = tempfile.mkstemp(dir=out_dir, prefix=f".{SINGLE_NAME}.", suffix=".partial")
-        self.partial = Path(name)
-        self._file = os.fdopen(fd, "r+b")
-        try:
-            self._file.write(header)
-            self._file.truncate(total)
-            self._map = mmap.mmap(self._file.fileno(), total) if total else None
-        except OSError as exc:
-            self._file.close()
-            self.partial.unlink(missing_ok=True)
-            raise NetloaderError(f"cannot lay out {total} bytes in {out_dir}: {exc}") from exc
-        self._committed = False
+        self.files: list[_MappedFile] = []
         self.tensors: dict[str, torch.Tensor] = {}
-        for entry, start in zip(manifest.tensors, data_offsets, strict=True):
-            dtype = tb.dtype_from_name(entry.dtype)
-            if entry.nbytes == 0:
-                self.tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
-                continue
-            raw = torch.frombuffer(
-                self._map, dtype=torch.uint8, count=entry.nbytes, offset=len(header) + start
-            )
-            self.tensors[entry.name] = raw.view(dtype).reshape(entry.shape)
+        self._committed = False
+        try:
+            for name, entries in by_file.items():
+                header, offsets = layouts[name]
+                mapped = _MappedFile(out_dir, name, header, sum(t.nbytes for t in entries))
+                self.files.append(mapped)
+                for entry, start in zip(entries, offsets, strict=True):
+                    self.tensors[entry.name] = mapped.tensor(entry, len(header) + start)
+        except BaseException:
+            self.abort()
+            raise
 
-    def commit(self) -> Path:
-        """Make the file durable and give it its final name. The tensors stay valid (the
-        mapping follows the renamed file) until the writer is closed."""
-        if self._map is not None:
-            self._map.flush()
-        os.fsync(self._file.fileno())
-        os.replace(self.partial, self.final)
+    def commit(self) -> list[Path]:
+        """Make the files durable and give them their final names. The tensors stay valid
+        (the mappings follow the renamed files) until the writer is closed."""
+        for mapped in self.files:
+            mapped.sync()
         self._committed = True
-        return self.final
+        return [mapped.rename() for mapped in self.files]
 
     def close(self) -> None:
         if not self._committed:
             self.abort()
-        elif not self._file.closed:
+        else:
             self._close()
 
     def abort(self) -> None:
         self._close()
-        self.partial.unlink(missing_ok=True)
+        for mapped in self.files:
+            mapped.partial.unlink(missing_ok=True)
 
     def _close(self) -> None:
-        self.tensors.clear()  # release views into the mapping before closing it
-        if self._map is not None:
-            # A view still alive elsewhere keeps the mapping; the OS unmaps it at exit.
-            with contextlib.suppress(BufferError):
-                self._map.close()
-            self._map = None
-        self._file.close()
+        self.tensors.clear()  # release views into the mappings before closing them
+        for mapped in self.files:
+            mapped.close()
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -146,17 +179,64 @@ class CheckpointWriter:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb_: TracebackType | None
     ) -> None:
-        if kind is not None and not self._committed and not self._file.closed:
+        if kind is not None and not self._committed:
             self.abort()
         else:
             self.close()
 
 
-def _header(manifest: Manifest) -> tuple[bytes, list[int]]:
-    """safetensors header: u64 length, then JSON padded with spaces to 8-byte alignment."""
+class _MappedFile:
+    """One safetensors file being received: its header written, its data mapped."""
+
+    def __init__(self, out_dir: Path, name: str, header: bytes, data_bytes: int) -> None:
+        self.final = out_dir / name
+        # A fresh name, created exclusively: nothing already there (a planted symlink, a
+        # stale partial) is followed, reused or overwritten.
+        fd, partial = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".partial")
+        self.partial = Path(partial)
+        self._file = os.fdopen(fd, "r+b")
+        total = len(header) + data_bytes
+        try:
+            self._file.write(header)
+            self._file.truncate(total)
+            self._map: mmap.mmap | None = mmap.mmap(self._file.fileno(), total) if total else None
+        except OSError as exc:
+            self._file.close()
+            self.partial.unlink(missing_ok=True)
+            raise NetloaderError(f"cannot lay out {total} bytes in {out_dir}: {exc}") from exc
+
+    def tensor(self, entry: TensorEntry, offset: int) -> torch.Tensor:
+        dtype = tb.dtype_from_name(entry.dtype)
+        if entry.nbytes == 0 or self._map is None:
+            return torch.empty(entry.shape, dtype=dtype)
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=entry.nbytes, offset=offset)
+        return raw.view(dtype).reshape(entry.shape)
+
+    def sync(self) -> None:
+        if self._map is not None:
+            self._map.flush()
+        os.fsync(self._file.fileno())
+
+    def rename(self) -> Path:
+        os.replace(self.partial, self.final)
+        return self.final
+
+    def close(self) -> None:
+        if self._map is not None:
+            # A view still alive elsewhere keeps the mapping; the OS unmaps it at exit.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if not self._file.closed:
+            self._file.close()
+
+
+def _header(tensors: list[TensorEntry]) -> tuple[bytes, list[int]]:
+    """safetensors header: u64 length, then JSON padded with spaces to 8-byte alignment;
+    and each tensor's data offset."""
     entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offsets, position = [], 0
-    for entry in manifest.tensors:
+    for entry in tensors:
         entries[entry.name] = {
             "dtype": tb.safetensors_code(entry.dtype),
             "shape": list(entry.shape),

@@ -13,14 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from tqdm import tqdm
 
 from netloader import transports
-from netloader.checkpoint import CheckpointWriter, load_checkpoint
+from netloader.checkpoint import (
+    INDEX_NAME,
+    CheckpointWriter,
+    checkpoint_identity,
+    load_checkpoint,
+    shards_from_index,
+)
+from netloader.client import Client
 from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
-from netloader.errors import NetloaderError
+from netloader.errors import NetloaderError, SourceUnavailable
+from netloader.files import check_files_manifest, empty_files, model_files, write_files
 from netloader.manifest import Identity, Manifest
+from netloader.protocol import Part
 from netloader.ranks import client_for, join_wave, leave_wave, relay_rank, serve_rank
 from netloader.server import Relay
 from netloader.settings import Timeouts, new_secret
@@ -149,7 +159,8 @@ def serve(
     tls_cert: Path | None,
     tls_key: Path | None,
 ) -> None:
-    """Load a safetensors checkpoint into memory and serve it until interrupted."""
+    """Load a safetensors checkpoint into memory and serve it until interrupted, with the
+    directory's other files (config, tokenizer) for nodes that start with nothing."""
     config = _config(
         listen=listen,
         ADVERTISE_HOST=advertise,
@@ -159,15 +170,16 @@ def serve(
         TLS_KEY=tls_key,
     )
     tensors = load_checkpoint(model_dir)
-    identity = Identity(model_name or model_dir.resolve().name)
-    server = serve_rank(tensors, identity, config, 0)
+    identity = checkpoint_identity(model_name or model_dir.resolve().name, model_dir)
+    files = model_files(model_dir) if model_dir.is_dir() else {}
+    server = serve_rank(tensors, identity, config, 0, files=files)
     if server is None:
         raise click.UsageError(f"--listen {listen}: the port must be 0 or in 1024-65535")
     with server:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         click.echo(
-            f"netloader: serving {identity.model} ({len(tensors)} tensors, {size} bytes) "
-            f"on {server.address}",
+            f"netloader: serving {identity.model} ({len(tensors)} tensors, {size} bytes; "
+            f"{len(files)} other files) on {server.address}",
             nl=True,
         )
         sys.stdout.flush()
@@ -182,9 +194,16 @@ def serve(
     "out_dir",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to write model.safetensors into.",
+    help="Directory to write the model into (the weights, sharded as the source's are, and "
+    "the source's other files).",
 )
 @click.option("--model", "model_name", help="Refuse unless the server serves this model name.")
+@click.option(
+    "--no-weights",
+    is_flag=True,
+    help="Fetch only the model directory's other files (config, tokenizer), e.g. for an "
+    "engine that then loads its weights from the same sources.",
+)
 @click.option(
     "--transport", type=click.Choice(transports.names()), default=transports.AUTO, show_default=True
 )
@@ -218,6 +237,7 @@ def pull(
     sources: tuple[Endpoint, ...],
     out_dir: Path,
     model_name: str | None,
+    no_weights: bool,
     transport: str,
     stripe: int | None,
     wave_dir: Path | None,
@@ -231,8 +251,9 @@ def pull(
     tls_cert: Path | None,
     tls_key: Path | None,
 ) -> None:
-    """Fetch every tensor from SOURCES (all at once, disjoint parts from each) into a
-    safetensors checkpoint; or, with --wave, from the wave's seeds and members."""
+    """Fetch a model from SOURCES (all at once, disjoint parts from each) into a directory
+    that engines load as it is: the weights as safetensors, verified, and the source's
+    other files; or, with --wave, from the wave's seeds and members."""
     config = _config(
         listen=listen,
         ADVERTISE_HOST=advertise,
@@ -247,6 +268,16 @@ def pull(
     )
     # SIGTERM unwinds like an error, so an interrupted pull removes its partial file.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    if no_weights:
+        if wave_dir is not None:
+            raise click.UsageError("--no-weights pulls no weights to relay: drop --wave")
+        if not sources:
+            raise click.UsageError("give SOURCES")
+        client = client_for(config, sources)
+        files = _pull_files(client, model_name, required=True)
+        written = write_files(out_dir, files)
+        click.echo(f"netloader: pulled {len(written)} files into {out_dir}")
+        return
     relay: Relay | None = None
     position: int | None = None
     pulled = False
@@ -267,10 +298,15 @@ def pull(
             raise click.UsageError("give SOURCES, or --wave with a seed in it")
         client = client_for(config, all_sources, stripe=stripe)
         manifest = client.manifest()
-        if model_name is not None and manifest.identity.model != model_name:
-            raise NetloaderError(f"server serves {manifest.identity.model!r}, not {model_name!r}")
+        _check_model(manifest, model_name)
+        files = _pull_files(client, manifest.identity.model, identity=manifest.identity)
+        shards = (
+            shards_from_index(files[INDEX_NAME].numpy().tobytes(), manifest)
+            if INDEX_NAME in files
+            else None
+        )
         with (
-            CheckpointWriter(out_dir, manifest) as writer,
+            CheckpointWriter(out_dir, manifest, shards) as writer,
             tqdm(
                 total=manifest.total_bytes,
                 unit="B",
@@ -285,9 +321,13 @@ def pull(
                 progress=bar.update,
                 observer=None if relay is None else relay.arrivals,
             )
-            path = writer.commit()
+            paths = writer.commit()
+            write_files(out_dir, files)  # the index last: it names shards that now exist
             pulled = True
-            click.echo(f"netloader: pulled {report.summary()} into {path}")
+            click.echo(
+                f"netloader: pulled {report.summary()} into {_names(paths)}; "
+                f"{len(files)} other files"
+            )
             if relay is not None:
                 click.echo(f"netloader: serving on {relay.address} until interrupted")
                 sys.stdout.flush()
@@ -297,6 +337,44 @@ def pull(
             if not pulled and position is not None:
                 leave_wave(config, 0, position)  # later members must not pick us
             relay.close()
+
+
+def _check_model(manifest: Manifest, model_name: str | None) -> None:
+    if model_name is not None and manifest.identity.model != model_name:
+        raise NetloaderError(f"server serves {manifest.identity.model!r}, not {model_name!r}")
+
+
+def _pull_files(
+    client: Client,
+    model_name: str | None,
+    *,
+    identity: Identity | None = None,
+    required: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The model directory's other files from the first source that offers them, verified
+    (checked to belong to `identity`, the weights' identity, when given). None offered:
+    an error when `required`, else a note and nothing."""
+    try:
+        manifest = client.manifest(Part.FILES)
+    except SourceUnavailable as exc:
+        if required:
+            raise
+        click.echo(f"netloader: no model files from the sources, weights only ({exc})", err=True)
+        return {}
+    _check_model(manifest, model_name)
+    if identity is not None and manifest.identity != identity:
+        raise NetloaderError("the sources' files belong to another model than their weights")
+    check_files_manifest(manifest)
+    files = empty_files(manifest)
+    client.load_into(files, manifest.identity, within=manifest, part=Part.FILES)
+    # The index is where a pull's sharding comes from, and it is written last.
+    return {name: files[name] for name in sorted(files, key=lambda n: n == INDEX_NAME)}
+
+
+def _names(paths: list[Path]) -> str:
+    if len(paths) == 1:
+        return str(paths[0])
+    return f"{paths[0].parent} ({len(paths)} shards)"
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

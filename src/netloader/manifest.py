@@ -7,6 +7,7 @@ of transfer and of verification, so a transfer can be split, resumed and relayed
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,16 @@ class Identity:
             if mine_a != theirs_a:
                 out.append(f"attribute {key}: expected {mine_a!r}, server has {theirs_a!r}")
         return out
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """What tells two models with the same shapes apart before any byte moves: a digest of
+    their configuration (e.g. a Hugging Face config.json), less what names a place or a
+    tool rather than the model."""
+    kept = {
+        k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"
+    }
+    return digest(json.dumps(kept, sort_keys=True, default=str).encode())[:16]
 
 
 class Chunk(NamedTuple):

@@ -5,8 +5,10 @@ layer the vLLM integration (and any engine's) stands on."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import torch
 
 from netloader.api import Tensors, tensors_of
 from netloader.client import Client, LoadReport
@@ -31,19 +33,23 @@ def serve_rank(
     manifest: Manifest | None = None,
     unavailable: str | None = None,
     draft: bool = False,
+    files: Mapping[str, torch.Tensor] | None = None,
 ) -> Server | None:
     """Serve `model` for `rank` on LISTEN_PORT + rank (a free port when unset) and write
     OUTPUT_PREFIX's file. `manifest`: digests already computed over these tensors;
     `unavailable`: tell clients this reason instead of serving; `draft`: the model is a
-    speculative-decoding draft (its own port and file, see NetloaderConfig). Returns None
-    when the port is outside 1024-65535 (logged): this rank does not serve."""
+    speculative-decoding draft (its own port and file, see NetloaderConfig); `files`: the
+    model directory's other files (netloader.files.model_files), offered beside the
+    weights. Returns None when the port is outside 1024-65535 (logged): this rank does
+    not serve."""
     port = config.listen_port_for(rank, draft=draft)
     if port is None:
         return None
     holdings = LoadedTensors(
         tensors_of(model), identity, manifest=manifest, unavailable=unavailable
     )
-    server = Server(holdings, **_server_options(config, port, secret))
+    offered = None if files is None else LoadedTensors(files, identity)
+    server = Server(holdings, files=offered, **_server_options(config, port, secret))
     _publish(config, rank, server, draft)
     return server
 

@@ -87,7 +87,7 @@ def test_a_planted_link_in_the_output_directory_is_not_followed(tmp_path: Path) 
     (out / ".model.safetensors.partial").symlink_to(victim)
     with CheckpointWriter(out, MANIFEST) as writer:
         writer.tensors["a"].copy_(torch.arange(10.0))
-        path = writer.commit()
+        (path,) = writer.commit()
     assert victim.read_text() == "keep me"
     assert (out / ".model.safetensors.partial").is_symlink()  # untouched too
     assert path.stat().st_size > 40 and not list(out.glob(".model.safetensors.*.partial"))

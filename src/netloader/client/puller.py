@@ -108,14 +108,15 @@ class Client:
             raise UsageError(f"TLS cannot cover the {self.transport.name} transport")
 
     # ---- public -------------------------------------------------------------------------
-    def manifest(self) -> Manifest:
-        """The manifest of the first source that answers with a valid one."""
+    def manifest(self, part: p.Part = p.Part.WEIGHTS) -> Manifest:
+        """The manifest of `part` (the weights, or the model directory's other files) of
+        the first source that answers with a valid one."""
         errors: list[str] = []
         for source in self.sources:
             conn: Connection | None = None
             try:
                 conn = self._open(source)
-                return self._fetch_manifest(conn)
+                return self._fetch_manifest(conn, part=part)
             except (TransferError, ProtocolError) as exc:
                 errors.append(str(_as_transfer_error(exc, source)))
             finally:
@@ -130,6 +131,8 @@ class Client:
         *,
         progress: Callable[[int], None] | None = None,
         observer: PullObserver | None = None,
+        within: Manifest | None = None,
+        part: p.Part = p.Part.WEIGHTS,
     ) -> LoadReport:
         """Fill `dest` (name -> tensor of the right dtype and shape) from the sources.
 
@@ -137,13 +140,21 @@ class Client:
         identity: the model and layout they belong to (the server's must match).
         progress: called with the byte count of each verified chunk.
         observer: told of the adopted manifest and each verified chunk (a relay).
+        within:   a manifest from `manifest()`: `dest` names some of its tensors, and only
+                  those are pulled, from sources whose manifest is this very one (the
+                  same bytes); None: `dest` is the whole model.
+        part:     which of the servers' parts to pull (the weights by default).
 
         Raises a TransferError subclass if not every tensor arrived verified; its
         `completed` names the tensors that did (the others hold undefined bytes).
         """
         started = time.perf_counter()
-        expected = expected_manifest(identity, dest)
-        pull = SharedPull(expected, dest, self.sources, progress, observer, self.huge_pages)
+        if within is not None and (unknown := set(dest) - {t.name for t in within.tensors}):
+            raise UsageError(f"not in the manifest: {', '.join(sorted(unknown)[:5])}")
+        expected = within or expected_manifest(identity, dest)
+        pull = SharedPull(
+            expected, dest, self.sources, progress, observer, self.huge_pages, within, part
+        )
         # Sources are handed out before any worker starts, so the first to connect knows
         # it is not alone and leaves work for the others.
         first = [pull.next_source() for _ in range(min(self.stripe, len(self.sources)))]
@@ -184,7 +195,7 @@ class Client:
             batch: list[Chunk] = []  # in flight; handed back to the queue if the source fails
             try:
                 conn = self._open(source)
-                offered = self._fetch_manifest(conn, len(pull.expected.tensors))
+                offered = self._fetch_manifest(conn, len(pull.expected.tensors), pull.part)
                 sink = pull.adopt(offered, source)
                 while batch := pull.take(source):
                     started = time.perf_counter()
@@ -264,11 +275,14 @@ class Client:
         if auth is not None:
             conn.send_bytes(auth)
 
-    def _fetch_manifest(self, conn: Connection, tensors: int | None = None) -> Manifest:
-        """The server's manifest; `tensors`: how many it should list (bounds its size)."""
+    def _fetch_manifest(
+        self, conn: Connection, tensors: int | None = None, part: p.Part = p.Part.WEIGHTS
+    ) -> Manifest:
+        """The server's manifest of `part`; `tensors`: how many it should list (bounds its
+        size)."""
         if tensors is not None:
             conn.session.expect_manifest(tensors)
-        conn.send(p.GetManifest())
+        conn.send(p.GetManifest(part))
         manifest = conn.expect(p.ManifestMessage).manifest
         if any(not t.digests for t in manifest.tensors):
             raise ProtocolError(f"{conn.peer} sent a manifest without digests")

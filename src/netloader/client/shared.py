@@ -14,6 +14,7 @@ from netloader.client.sink import VerifyingSink
 from netloader.endpoint import Endpoint
 from netloader.errors import ManifestMismatch, SourceUnavailable, TransferError
 from netloader.manifest import Chunk, Manifest
+from netloader.protocol import Part
 
 
 class PullObserver(Protocol):
@@ -38,15 +39,18 @@ class SharedPull:
         progress: Callable[[int], None] | None,
         observer: PullObserver | None,
         huge_pages: bool,
+        reference: Manifest | None = None,
+        part: Part = Part.WEIGHTS,
     ) -> None:
         self.expected = expected
+        self.part = part
         self.dest = dest
         self.progress = progress
         self.observer = observer
         self.huge_pages = huge_pages
         self.plan = Scheduler(sources)
         self.changed = threading.Condition()
-        self.reference: Manifest | None = None
+        self.reference = reference  # the bytes every source must hold (the first one's)
         self.sink: VerifyingSink | None = None
         self.last_error: TransferError | None = None
 
@@ -67,7 +71,7 @@ class SharedPull:
                 differences = _digest_differences(self.reference, offered)
             if differences:
                 raise ManifestMismatch.from_differences(differences, source=str(source))
-            if self.reference is None:
+            if self.sink is None:
                 self.reference = offered
                 self.sink = VerifyingSink(
                     offered,
@@ -76,7 +80,7 @@ class SharedPull:
                     huge_pages=self.huge_pages,
                     verified=None if self.observer is None else self.observer.arrived,
                 )
-                self.plan.load(offered.chunks())
+                self.plan.load(c for c in offered.chunks() if c.tensor in self.sink.dest)
                 if self.observer is not None:
                     self.observer.begin(offered, self.dest)
             assert self.sink is not None

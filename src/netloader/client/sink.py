@@ -19,7 +19,7 @@ class VerifyingSink:
     each chunk has one writer.
 
     manifest:   the adopted manifest (with digests).
-    dest:       name -> destination tensor, for every tensor the manifest names.
+    dest:       name -> destination tensor, for the tensors of the manifest to receive.
     progress:   called with each verified chunk's byte count.
     huge_pages: ask Linux for 2 MiB pages on the destination memory.
     verified:   called with each chunk once it is verified *and in place* (a relay serves
@@ -36,18 +36,21 @@ class VerifyingSink:
         verified: Callable[[Chunk], None] | None = None,
     ) -> None:
         self.manifest = manifest
-        self.dest = [dest[t.name] for t in manifest.tensors]
-        self.staged = [t.device.type != "cpu" or not t.is_contiguous() for t in self.dest]
-        self.views = [
-            torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
-            if staged
+        # By manifest index, for the tensors `dest` names (all, unless a subset is pulled).
+        self.dest = {i: dest[t.name] for i, t in enumerate(manifest.tensors) if t.name in dest}
+        self.staged = {
+            i: t.device.type != "cpu" or not t.is_contiguous() for i, t in self.dest.items()
+        }
+        self.views = {
+            i: torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
+            if self.staged[i]
             else flat_bytes(t)
-            for t, staged in zip(self.dest, self.staged, strict=True)
-        ]
+            for i, t in self.dest.items()
+        }
         if huge_pages:
-            for view in self.views:
+            for view in self.views.values():
                 advise_huge_pages(view)
-        self.missing = {t: manifest.chunk_count(t) for t in range(len(manifest.tensors))}
+        self.missing = {i: manifest.chunk_count(i) for i in self.dest}
         self.done_chunks: set[tuple[int, int]] = set()
         self.bytes = 0
         self.progress = progress
@@ -102,4 +105,4 @@ class VerifyingSink:
     def completed(self) -> list[str]:
         """Names of the tensors whose every chunk arrived verified."""
         with self._lock:
-            return [t.name for i, t in enumerate(self.manifest.tensors) if self.missing[i] == 0]
+            return [self.manifest.tensors[i].name for i, left in self.missing.items() if left == 0]

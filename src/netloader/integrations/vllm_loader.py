@@ -18,7 +18,6 @@ so a wave of instances started together forms a chain instead of all reading the
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 from netloader.config import NetloaderConfig
 from netloader.errors import NetloaderError
 from netloader.integrations.weight_capture import Capture, capture, check_intact, kept_bytes
-from netloader.manifest import Identity, digest
+from netloader.manifest import Identity, config_fingerprint
 from netloader.ranks import join_wave, load_rank, relay_rank, serve_rank
 from netloader.server import LoadedTensors, Relay, Server
 
@@ -152,15 +151,6 @@ def _identity(slot: Slot, model_config: Any) -> Identity:
             "config": config_fingerprint(model_config.hf_config.to_dict()),
         },
     )
-
-
-def config_fingerprint(hf_config: dict[str, Any]) -> str:
-    """What tells two models with the same shapes apart before any byte moves: a digest of
-    their configuration, less what names a place or a tool rather than the model."""
-    kept = {
-        k: v for k, v in hf_config.items() if not k.startswith("_") and k != "transformers_version"
-    }
-    return digest(json.dumps(kept, sort_keys=True, default=str).encode())[:16]
 
 
 def _with_host_address(config: NetloaderConfig) -> NetloaderConfig:

@@ -29,7 +29,8 @@ from netloader.errors import (
 )
 from netloader.manifest import Manifest
 
-PROTOCOL_VERSION = 2  # 2: control frames after an authenticated handshake carry a tag
+# 2: control frames after an authenticated handshake carry a tag; 3: GET_MANIFEST names a part
+PROTOCOL_VERSION = 3
 MAGIC = b"NLDR"
 HEADER = struct.Struct("!4sB3xQ")
 DATA_PREFIX = struct.Struct("!II")
@@ -267,9 +268,32 @@ class Auth(Message):
         return cls(value)
 
 
+class Part(Enum):
+    """What a server offers, each with its own manifest and chunks: the weights, and the
+    model directory's other files (config, tokenizer: what a node needs beside them)."""
+
+    WEIGHTS = "weights"
+    FILES = "files"
+
+
 @dataclass(frozen=True)
 class GetManifest(Message):
+    """Client: the manifest of `part`; FETCHes that follow name its chunks."""
+
     TYPE: ClassVar[MsgType] = MsgType.GET_MANIFEST
+    part: Part = Part.WEIGHTS
+
+    def body(self) -> dict[str, Any]:
+        return {"part": self.part.value}
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> GetManifest:
+        try:
+            return cls(Part(body.get("part", Part.WEIGHTS.value)))
+        except ValueError:
+            raise ProtocolError(
+                f"GET_MANIFEST names an unknown part {body.get('part')!r}"
+            ) from None
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ class Conversation:
     """What a server says to one connected client.
 
     conn:      the accepted connection (its session a ServerSession).
-    holdings:  what to offer (fixed for this conversation: see Server.serve_instead).
+    holdings:  the weights to offer (fixed for this conversation: see Server.serve_instead).
+    files:     the model directory's other files, if offered.
     timeouts:  handshake (for TLS and the handshake), stall (afterwards).
     transfers: the server's semaphore of transfers in progress.
     tls:       a server context, to require TLS before anything else.
@@ -62,6 +63,7 @@ class Conversation:
         conn: Connection,
         holdings: Holdings,
         *,
+        files: Holdings | None = None,
         timeouts: Timeouts,
         transfers: threading.BoundedSemaphore,
         max_transfers: int,
@@ -69,7 +71,7 @@ class Conversation:
         closing: threading.Event,
     ) -> None:
         self.conn = conn
-        self.holdings = holdings
+        self.parts: dict[p.Part, Holdings | None] = {p.Part.WEIGHTS: holdings, p.Part.FILES: files}
         self.timeouts = timeouts
         self.transfers = transfers
         self.max_transfers = max_transfers
@@ -119,18 +121,28 @@ class Conversation:
         self.authenticated.set()
         conn.settimeout(self.timeouts.stall)
         answer_within = ANSWER_WITHIN * self.timeouts.stall
-        manifest = self.holdings.manifest(answer_within)
+        # The weights unless the client asked for another part: FETCHes name its chunks.
+        holdings = self.parts[p.Part.WEIGHTS]
+        assert holdings is not None
+        manifest = holdings.manifest(answer_within)
         session.expect_fetches(manifest.chunk_total)
         while True:
             message = conn.receive()
             if isinstance(message, p.Bye):
                 return
             if isinstance(message, p.GetManifest):
+                holdings = self.parts[message.part]
+                if holdings is None:
+                    raise SourceUnavailable(f"this server offers no {message.part.value}")
+                manifest = holdings.manifest(answer_within)
+                session.expect_fetches(manifest.chunk_total)
                 conn.send(p.ManifestMessage(manifest))
             elif isinstance(message, p.Fetch):
-                self._fetch(message.validate(manifest), manifest, answer_within)
+                self._fetch(message.validate(manifest), holdings, manifest, answer_within)
 
-    def _fetch(self, fetch: p.Fetch, manifest: Manifest, answer_within: float) -> None:
+    def _fetch(
+        self, fetch: p.Fetch, holdings: Holdings, manifest: Manifest, answer_within: float
+    ) -> None:
         transport = REGISTRY.get(fetch.transport)
         if transport is None:
             raise ProtocolError(f"unknown transport {fetch.transport!r}")
@@ -144,7 +156,7 @@ class Conversation:
             chunks = [manifest.chunk(t, c) for t, c in fetch.chunks]
             started = time.perf_counter()
             transport.send_chunks(
-                self.conn, HeldChunks(self.holdings, answer_within), chunks, self.timeouts
+                self.conn, HeldChunks(holdings, answer_within), chunks, self.timeouts
             )
         finally:
             self.transfers.release()

@@ -44,6 +44,8 @@ class Server:
     binds the listener and returns at once; everything else happens in background threads.
     Call `close()` (or use it as a context manager) to stop.
 
+    files:          the model directory's other files (config, tokenizer), offered as the
+                    FILES part (netloader.checkpoint.model_files); None offers none.
     listen:         address to bind ("host", port 0 picks a free port).
     advertise_host: the host `address` names (default: the bound host); choose it with
                     netloader.endpoint.advertised_host when binding a wildcard.
@@ -57,6 +59,7 @@ class Server:
         self,
         holdings: Holdings,
         *,
+        files: Holdings | None = None,
         listen: Endpoint = LOOPBACK_ANY_PORT,
         advertise_host: str | None = None,
         secret: bytes | None = None,
@@ -65,6 +68,7 @@ class Server:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.holdings = holdings
+        self.files = files
         self.timeouts = timeouts
         self.limits = limits
         self._tls = tls
@@ -92,6 +96,8 @@ class Server:
         )
         self._accept_thread.start()
         holdings.prepare()
+        if files is not None:
+            files.prepare()
         log.info("netloader: serving on %s", self.address)
 
     # ---- public -------------------------------------------------------------------------
@@ -153,6 +159,7 @@ class Server:
             conversation = Conversation(
                 conn,
                 self.holdings,  # one connection, one set of holdings (see serve_instead)
+                files=self.files,
                 timeouts=self.timeouts,
                 transfers=self._transfers,
                 max_transfers=self.limits.max_transfers,
