@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import netloader
 from safetensors.torch import load_file
 
+import netloader
 from netloader.checkpoint import load_checkpoint
 from netloader.testing.certs import self_signed_certificate
 from netloader.testing.models import blocks, same_bytes, transformer_like, write_checkpoint
 from netloader.testing.processes import ServerProcess
 from support.servers import NETLOADER, MakeProxy, StartCliServer, run_cli
-
 
 MODEL_FILES = {
     "config.json": b'{"model_type": "llama", "hidden_size": 64}',

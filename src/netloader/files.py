@@ -37,15 +37,15 @@ def is_weight_file(name: str) -> bool:
 
 
 def model_files(directory: Path) -> dict[str, torch.Tensor]:
-    """The files of `directory` (not its subdirectories) other than weights, as uint8
-    tensors by file name, in name order. Files that break a bound are left out, each with
+    """The files of `directory` (not its subdirectories) other than weights and hidden
+    files, as uint8 tensors by file name, in name order. Files that break a bound are left out, each with
     a log line; links are followed (a Hugging Face cache's files are links)."""
     found: dict[str, torch.Tensor] = {}
     total = 0
     for path in sorted(directory.iterdir()):
         name = path.name
-        if is_weight_file(name) or not path.is_file():
-            continue
+        if is_weight_file(name) or name.startswith(".") or not path.is_file():
+            continue  # hidden files are a tool's (a download stamp, a lock), not the model's
         size = path.stat().st_size
         why = (
             "its name is not a plain file name"

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from netloader.api import Tensors, tensors_of
+from netloader.checkpoint import CHECKPOINT_WEIGHTS
 from netloader.client import Client, LoadReport
 from netloader.config import DRAFT_SUFFIX, NetloaderConfig
 from netloader.discovery.wave import Wave
 from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_address_file
-from netloader.errors import SourceUnavailable, UsageError
+from netloader.errors import NetloaderError, SourceUnavailable, UsageError
 from netloader.manifest import Identity, Manifest
 from netloader.server import LoadedTensors, Relay, Server, ServerOptions
 from netloader.settings import resolve_secret
@@ -129,6 +132,43 @@ def load_rank(
     return client.load_into(
         tensors_of(model), identity, observer=None if relay is None else relay.arrivals
     )
+
+
+@dataclass
+class SortedSources:
+    """A rank's sources by what they serve (see `sort_sources`)."""
+
+    peers: list[Endpoint] = field(default_factory=list)  # an engine's own layout
+    checkpoints: list[tuple[Endpoint, Manifest]] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)  # why each of the others failed
+
+
+def sort_sources(
+    config: NetloaderConfig, sources: Sequence[Endpoint], *, secret: bytes | None = None
+) -> SortedSources:
+    """Ask each source (all at once, each within the connect timeout) what it serves:
+    checkpoint-format tensors (a served checkpoint directory, which any parallel layout
+    can load through its engine's own weight loading), or an engine's parameters in one
+    layout. A source that cannot be reached is left out, with its reason."""
+    found = SortedSources()
+    if not sources:
+        return found
+
+    def ask(source: Endpoint) -> Manifest | str:
+        try:
+            return client_for(config, [source], secret=secret).manifest()
+        except NetloaderError as exc:
+            return f"{source}: {exc}"
+
+    with ThreadPoolExecutor(len(sources), thread_name_prefix="netloader-probe") as pool:
+        for source, answer in zip(sources, pool.map(ask, sources), strict=True):
+            if isinstance(answer, str):
+                found.unreachable.append(answer)
+            elif answer.identity.attributes.get("weights") == CHECKPOINT_WEIGHTS:
+                found.checkpoints.append((source, answer))
+            else:
+                found.peers.append(source)
+    return found
 
 
 def client_for(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from netloader.testing.vllm import make_weightless_dir
+from support.vllm_checks import Starter
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "runs" / "models"
@@ -89,3 +90,9 @@ def client_model_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
 def vllm_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Where every vLLM instance writes its log (and OUTPUT_PREFIX files)."""
     yield tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="session")
+def start(vllm_python: str, vllm_logs: Path) -> Starter:
+    """Starts vLLM instances: `start(name, model_dir, extra_config, **VllmInstance args)`."""
+    return Starter(vllm_python, vllm_logs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,69 +25,17 @@ from netloader import Client
 from netloader.config import DRAFT_PORT_OFFSET
 from netloader.testing.processes import read_address_file
 from netloader.testing.vllm import PROMPTS, VllmInstance, free_port, make_weightless_dir
+from support.vllm_checks import (
+    JOINED,
+    SECRET,
+    Starter,
+    assert_loaded_over_network,
+    fallback_reasons,
+    loaded_lines,
+    serve_line,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
-
-LOADED = re.compile(
-    r"netloader: loaded (\d+) tensors, (\d+) bytes in .* from (\S+) over \w+, verified"
-)
-SERVES = re.compile(
-    r"netloader: rank (\d+) serves (\d+) tensors \((\d+) bytes\) on (\S+); "
-    r"(\d+) bytes kept beyond the running model \(INT8_CACHE=(\w+)\)"
-)
-JOINED = re.compile(r"netloader: rank 0 is member (\d+) of the wave in \S+, relaying on (\S+);")
-FALLBACK = "loads from disk with the default loader"
-SECRET = "a shared secret for the tests"
-
-
-class Starter:
-    """Starts VllmInstances with the session's python and log directory."""
-
-    def __init__(self, python: str, logs: Path) -> None:
-        self.python, self.logs = python, logs
-
-    def __call__(self, name: str, model: Path, config: dict[str, Any], **kw: Any) -> VllmInstance:
-        return VllmInstance(self.python, model, config, workdir=self.logs, name=name, **kw)
-
-    def prefix(self, name: str) -> str:
-        return str(self.logs / f"{name}_")
-
-    def source(self, name: str, rank: int = 0) -> dict[str, Any]:
-        return {
-            "device_id": rank,
-            "sources": [read_address_file(Path(f"{self.prefix(name)}{rank}.txt"))],
-        }
-
-
-@pytest.fixture(scope="session")
-def start(vllm_python: str, vllm_logs: Path) -> Starter:
-    return Starter(vllm_python, vllm_logs)
-
-
-def loaded_lines(instance: VllmInstance) -> list[re.Match[str]]:
-    return [m for line in instance.netloader_lines() if (m := LOADED.search(line))]
-
-
-def serve_line(instance: VllmInstance, rank: int = 0) -> re.Match[str]:
-    found = [m for line in instance.netloader_lines() if (m := SERVES.search(line))]
-    found = [m for m in found if int(m.group(1)) == rank]
-    assert len(found) == 1, (
-        f"{instance.name}: no serve line for rank {rank}:\n{instance.log_tail()}"
-    )
-    return found[0]
-
-
-def fallback_reasons(instance: VllmInstance) -> list[str]:
-    return [
-        line.split(FALLBACK + ": ", 1)[1] for line in instance.netloader_lines() if FALLBACK in line
-    ]
-
-
-def assert_loaded_over_network(instance: VllmInstance, source: str, ranks: int = 1) -> None:
-    found = loaded_lines(instance)
-    assert len(found) == ranks, f"{instance.name}:\n" + "\n".join(instance.netloader_lines())
-    assert all(m.group(3) == source for m in found), (source, [m.group(0) for m in found])
-    assert fallback_reasons(instance) == [], instance.netloader_lines()
 
 
 # ---- float32 seed, its clients, and the fallbacks -----------------------------------------
@@ -207,11 +156,12 @@ class TestFloat32SeedAndClients:
             ("unreachable", "cannot connect to 127.0.0.1:1"),
             ("no_sources", "SOURCE has no sources for rank 0"),
             ("wave_without_seed", "has no seed or earlier member for rank 0"),
+            ("config_differs", "attribute config: expected"),
         ],
     )
     def test_fallback_to_disk_names_the_reason(
         self, start: Starter, seed32: VllmInstance, tiny_model: Path, reference32: dict[str, str],
-        case: str, reason: str,
+        tmp_path: Path, case: str, reason: str,
     ) -> None:  # fmt: skip
         configs: dict[str, dict[str, Any]] = {
             "wrong_model": {"MODEL": "other-model", "SOURCE": [start.source("seed32")]},
@@ -221,8 +171,15 @@ class TestFloat32SeedAndClients:
             },
             "no_sources": {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": []}]},
             "wave_without_seed": {"MODEL": "tiny", "WAVE_DIR": str(start.logs / "empty_wave")},
+            "config_differs": {"MODEL": "tiny", "SOURCE": [start.source("seed32")]},
         }
-        with start(f"fallback_{case}", tiny_model, configs[case], dtype="float32") as instance:
+        model = tiny_model
+        if case == "config_differs":  # a field inference never reads: same outputs
+            model = Path(shutil.copytree(tiny_model, tmp_path / "tiny"))
+            config = json.loads((model / "config.json").read_text())
+            config["initializer_range"] = 0.03
+            (model / "config.json").write_text(json.dumps(config))
+        with start(f"fallback_{case}", model, configs[case], dtype="float32") as instance:
             reasons = fallback_reasons(instance)
             assert len(reasons) == 1 and reason in reasons[0], instance.netloader_lines()
             assert loaded_lines(instance) == []

@@ -18,19 +18,25 @@ so a wave of instances started together forms a chain instead of all reading the
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 
+from netloader.client import stream_tensors
 from netloader.config import NetloaderConfig
+from netloader.endpoint import Endpoint
 from netloader.errors import NetloaderError
+from netloader.files import model_files
 from netloader.integrations.weight_capture import Capture, capture, check_intact, kept_bytes
-from netloader.manifest import Identity, config_fingerprint
-from netloader.ranks import join_wave, load_rank, relay_rank, serve_rank
+from netloader.manifest import Identity, Manifest, config_fingerprint
+from netloader.ranks import client_for, join_wave, load_rank, relay_rank, serve_rank, sort_sources
 from netloader.server import LoadedTensors, Relay, Server
 
 log = logging.getLogger("netloader.vllm")
@@ -96,9 +102,8 @@ def _loader_class() -> type:
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
             slot = self.slot or _slot(self.config, None, model_config)
             identity = _identity(slot, model_config)
-            params = {name: p.detach() for name, p in model.named_parameters()}
             self.relay = _start_relay(self.config, slot) if self.config.wave_dir else None
-            reason = _load_from_peers(params, identity, self.config, slot, self.relay)
+            reason = _load_from_peers(model, model_config, identity, self, slot)
             if reason is not None:
                 log.warning(
                     "netloader: %s loads from disk with the default loader: %s", slot, reason
@@ -106,14 +111,15 @@ def _loader_class() -> type:
                 if self.relay is not None:  # its clients move on to their next source
                     self.relay.arrivals.fail(f"it loads from disk: {reason}")
                 self.default.load_weights(model, model_config)
-                params = {name: p.detach() for name, p in model.named_parameters()}
+            params = {name: p.detach() for name, p in model.named_parameters()}
             self.capture = capture(params, identity, self.config)
 
         def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
             self.slot = _slot(self.config, vllm_config, model_config)
             model = super().load_model(vllm_config, model_config, prefix=prefix)
             if self.capture is not None:
-                _serve(model, self.capture, self.config, self.slot, self.relay)
+                files = _model_files(model_config)
+                _serve(model, self.capture, self.config, self.slot, self.relay, files)
                 self.capture = self.relay = None
             return model
 
@@ -178,44 +184,187 @@ def _start_relay(config: NetloaderConfig, slot: Slot) -> Relay | None:
 
 
 def _load_from_peers(
-    params: dict[str, torch.Tensor],
-    identity: Identity,
-    config: NetloaderConfig,
-    slot: Slot,
-    relay: Relay | None,
+    model: torch.nn.Module, model_config: Any, identity: Identity, loader: Any, slot: Slot
 ) -> str | None:
-    """Fill `params` from this slot's sources (its wave's, with a relay); None on success,
-    else why not."""
-    rank, draft = slot.rank, slot.draft
-    sources = None
-    if relay is not None:
-        try:
-            position, sources = join_wave(config, rank, relay, draft=draft)
-        except (OSError, NetloaderError) as exc:
-            return f"cannot join the wave in {config.wave_dir}: {exc}"
-        log.info(
-            "netloader: %s is member %d of the wave in %s, relaying on %s; sources: %s",
-            slot,
-            position,
-            config.wave_dir,
-            relay.address,
-            ", ".join(map(str, sources)) or "none",
-        )
-        if not sources:
-            return f"the wave in {config.wave_dir} has no seed or earlier member for {slot}"
-    elif not config.sources_for(rank, draft=draft):
-        return f"SOURCE has no sources for {slot}"
+    """Fill the model from this slot's sources; None on success, else why not. A wave
+    member pulls from its wave. Otherwise SOURCE's entries are asked what they serve: peers
+    with this very layout are preferred (they send fewer bytes, already sharded); failing
+    those, checkpoint-format sources, streamed through the model's own `load_weights`."""
+    config: NetloaderConfig = loader.config
+    params = {name: p.detach() for name, p in model.named_parameters()}
     try:
-        report = load_rank(
-            params, identity, config, rank, sources=sources, relay=relay, draft=draft
-        )
+        if loader.relay is not None:
+            return _load_from_wave(params, identity, config, slot, loader.relay)
+        sources = config.sources_for(slot.rank, draft=slot.draft)
+        if not sources:
+            return f"SOURCE has no sources for {slot}"
+        found = sort_sources(config, sources)
+        reasons = list(found.unreachable)
+        if found.peers:
+            try:
+                report = client_for(config, found.peers).load_into(params, identity)
+                log.debug("netloader: %s loaded weights from peers: %s", slot, report.summary())
+                return None
+            except NetloaderError as exc:
+                reasons.append(str(exc))
+        if found.checkpoints:
+            why = _load_from_checkpoints(model, model_config, identity, loader, found.checkpoints)
+            if why is None:
+                return None
+            reasons.append(why)
+        return "; ".join(reasons)
     except NetloaderError as exc:
         return str(exc)
     except Exception as exc:  # never let a netloader bug stop the instance from starting
         log.exception("netloader: unexpected failure")
         return f"unexpected {type(exc).__name__}: {exc}"
-    log.debug("netloader: %s loaded weights from peers: %s", slot, report.summary())
+
+
+def _load_from_wave(
+    params: dict[str, torch.Tensor],
+    identity: Identity,
+    config: NetloaderConfig,
+    slot: Slot,
+    relay: Relay,
+) -> str | None:
+    """Join this slot's wave and pull from it, relaying as chunks arrive."""
+    try:
+        position, sources = join_wave(config, slot.rank, relay, draft=slot.draft)
+    except (OSError, NetloaderError) as exc:
+        return f"cannot join the wave in {config.wave_dir}: {exc}"
+    log.info(
+        "netloader: %s is member %d of the wave in %s, relaying on %s; sources: %s",
+        slot,
+        position,
+        config.wave_dir,
+        relay.address,
+        ", ".join(map(str, sources)) or "none",
+    )
+    if not sources:
+        return f"the wave in {config.wave_dir} has no seed or earlier member for {slot}"
+    report = load_rank(
+        params, identity, config, slot.rank, sources=sources, relay=relay, draft=slot.draft
+    )
+    log.debug("netloader: %s loaded weights from its wave: %s", slot, report.summary())
     return None
+
+
+def _load_from_checkpoints(
+    model: torch.nn.Module,
+    model_config: Any,
+    identity: Identity,
+    loader: Any,
+    checkpoints: list[tuple[Endpoint, Manifest]],
+) -> str | None:
+    """Stream the checkpoint tensors this rank needs through `model.load_weights`, which
+    shards and fuses them for this instance's layout, whatever the source's; None on
+    success, else why not."""
+    from vllm.model_executor.models.utils import is_pp_missing_parameter
+
+    source, manifest = checkpoints[0]
+    offered = manifest.identity
+    if offered.model != identity.model:
+        return f"checkpoint source {source} serves {offered.model!r}, not {identity.model!r}"
+    mine, theirs = _checkpoint_config(model_config), offered.attributes.get("config")
+    if mine is not None and theirs is not None and mine != theirs:
+        return (
+            f"checkpoint source {source} holds a model of another configuration (config "
+            f"fingerprint {theirs}, this instance's {mine})"
+        )
+    started = time.perf_counter()
+    pulled = [0, 0]
+
+    def counted() -> Iterator[tuple[str, torch.Tensor]]:
+        client = client_for(loader.config, [s for s, _ in checkpoints])
+        for name, tensor in stream_tensors(client, manifest, wanted=on_this_stage):
+            pulled[0] += 1
+            pulled[1] += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+    def on_this_stage(name: str) -> bool:  # pipeline stages skip the others' layers
+        return not is_pp_missing_parameter(name, model)
+
+    poisoned = _poison(model)
+    try:
+        loaded = cast(Any, model).load_weights(counted())
+        unloaded = _not_loaded(model, loaded, poisoned, loader)
+    except BaseException:
+        _unpoison(poisoned)
+        raise
+    if unloaded:
+        _unpoison(poisoned)
+        return (
+            f"checkpoint source {source} lacks tensors this model needs: parameters "
+            f"{', '.join(unloaded[:5])}{' ...' if len(unloaded) > 5 else ''} were not loaded"
+        )
+    log.info(
+        "netloader: loaded %d checkpoint tensors, %d bytes from %s through the model's "
+        "load_weights in %.3f s for tp rank %d/%d, pp rank %d/%d, verified",
+        pulled[0],
+        pulled[1],
+        ", ".join(str(s) for s, _ in checkpoints),
+        time.perf_counter() - started,
+        identity.tp_rank,
+        identity.tp_size,
+        identity.pp_rank,
+        identity.pp_size,
+    )
+    return None
+
+
+def _poison(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Fill the floating-point parameters with NaN, so that any part `load_weights` leaves
+    unwritten shows (e.g. a fused qkv_proj whose checkpoint lacks q_proj)."""
+    poisoned = {
+        name: p.detach()
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and p.numel() > 0
+    }
+    for tensor in poisoned.values():
+        tensor.fill_(float("nan"))
+    return poisoned
+
+
+def _unpoison(poisoned: dict[str, torch.Tensor]) -> None:
+    """Zero what `_poison` filled, so the default loader starts from fresh-looking memory."""
+    for tensor in poisoned.values():
+        tensor.zero_()
+
+
+def _not_loaded(
+    model: torch.nn.Module, loaded: set[str] | None, poisoned: dict[str, torch.Tensor], loader: Any
+) -> list[str]:
+    """Parameters `load_weights` did not fill: not among those it says it loaded (vLLM's
+    own check, in its strict form: only KV-cache scales and online quantization exempt),
+    or still holding NaN somewhere."""
+    try:
+        loader.default.track_weights_loading(model, loaded, quantized=True)
+    except ValueError:
+        assert loaded is not None
+        return sorted({name for name, _ in model.named_parameters()} - loaded)
+    return [name for name, tensor in poisoned.items() if bool(torch.isnan(tensor).any())]
+
+
+def _checkpoint_config(model_config: Any) -> str | None:
+    """The fingerprint of this instance's config.json, as a served checkpoint's is made."""
+    path = Path(str(model_config.model)) / "config.json"
+    try:
+        return config_fingerprint(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _model_files(model_config: Any) -> dict[str, torch.Tensor] | None:
+    """The model directory's other files (config, tokenizer), to serve beside the weights
+    to nodes that start with nothing; None when the model is not a local directory."""
+    directory = Path(str(model_config.model))
+    if not directory.is_dir():
+        return None
+    try:
+        return model_files(directory)
+    except OSError as exc:
+        log.warning("netloader: not serving the files of %s: %s", directory, exc)
+        return None
 
 
 def _serve(
@@ -224,10 +373,12 @@ def _serve(
     config: NetloaderConfig,
     slot: Slot,
     relay: Relay | None,
+    files: dict[str, torch.Tensor] | None,
 ) -> None:
-    """After post-processing: check the kept tensors are intact, then serve them: through
-    the wave relay, when this load had one; through the listener this slot already has,
-    when the worker loads the same model again; else on a new listener."""
+    """After post-processing: check the kept tensors are intact, then serve them, with the
+    model directory's `files`: through the wave relay, when this load had one; through the
+    listener this slot already has, when the worker loads the same model again; else on a
+    new listener."""
     started = time.perf_counter()
     unavailable = check_intact(captured)
     if unavailable is not None:
@@ -242,7 +393,8 @@ def _serve(
                 captured.identity,
                 manifest=captured.manifest,
                 unavailable=unavailable,
-            )
+            ),
+            files=None if files is None else LoadedTensors(files, captured.identity),
         )
     else:
         try:
@@ -254,6 +406,7 @@ def _serve(
                 manifest=captured.manifest,
                 unavailable=unavailable,
                 draft=slot.draft,
+                files=files,
             )
         except (OSError, NetloaderError) as exc:
             log.error("netloader: %s cannot serve: %s", slot, exc)

@@ -105,10 +105,13 @@ class Server:
         """The served manifest, once its digests are computed (or, at a relay, adopted)."""
         return self.holdings.manifest(timeout if timeout is not None else 1e9)
 
-    def serve_instead(self, holdings: Holdings) -> None:
-        """Offer `holdings` to connections from now on; connections already open keep what
-        they were offered."""
+    def serve_instead(self, holdings: Holdings, files: Holdings | None = None) -> None:
+        """Offer `holdings` (and `files`, when given) to connections from now on;
+        connections already open keep what they were offered."""
         holdings.prepare()
+        if files is not None:
+            files.prepare()
+            self.files = files
         self.holdings = holdings
 
     @property

@@ -22,8 +22,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from netloader.files import is_weight_file
+
 PROMPTS = ["The cat", "A small robot repairs", "The captain", "Our team builds", "The baker"]
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 def free_port() -> int:
@@ -37,7 +38,7 @@ def make_weightless_dir(model_dir: Path, out: Path) -> Path:
     """A copy of `model_dir` with its config and tokenizer files but no weight files."""
     out.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
-        if f.is_file() and not f.name.startswith(".") and not f.name.endswith(WEIGHT_SUFFIXES):
+        if f.is_file() and not f.name.startswith(".") and not is_weight_file(f.name):
             shutil.copy2(f, out / f.name)
     return out
 
