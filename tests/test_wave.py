@@ -22,6 +22,7 @@ def test_cli_wave_forms_a_chain_of_real_processes(
 ) -> None:
     expected = blocks(16)
     ckpt = write_checkpoint(tmp_path / "ckpt", expected).parent
+    (ckpt / "config.json").write_text('{"model_type": "blocks"}')
     wave_dir = tmp_path / "wave"
     address = cli_server(ckpt, "--output-prefix", f"{wave_dir}/seed-").address
     members: list[ServerProcess] = []
@@ -33,6 +34,10 @@ def test_cli_wave_forms_a_chain_of_real_processes(
             members.append(ServerProcess(argv, log=tmp_path / f"m{i}.log", ready=WAVE_MEMBER))
         for m in members:
             m.read_until("until interrupted")
+        # A finished member serves the files it pulled too: the next node can start empty.
+        files = run_cli("pull", members[2].address, "--out", str(tmp_path / "n"), "--no-weights")
+        assert files.returncode == 0, files.stderr
+        assert (tmp_path / "n" / "config.json").read_bytes() == (ckpt / "config.json").read_bytes()
     finally:
         codes = [m.stop(timeout=20) for m in members]
     assert codes == [0, 0, 0], [m.log_text() for m in members]
@@ -44,6 +49,7 @@ def test_cli_wave_forms_a_chain_of_real_processes(
     assert f"from {member_addresses[1]} over tcp, verified" in outputs[2]
     for i in range(3):
         got = load_file(tmp_path / f"m{i}" / "model.safetensors")
+        assert (tmp_path / f"m{i}" / "config.json").exists()
         assert all(same_bytes(got[n], expected[n]) for n in expected)
 
 

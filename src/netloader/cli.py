@@ -32,7 +32,7 @@ from netloader.files import check_files_manifest, empty_files, model_files, writ
 from netloader.manifest import Identity, Manifest
 from netloader.protocol import Part
 from netloader.ranks import client_for, join_wave, leave_wave, relay_rank, serve_rank
-from netloader.server import Relay
+from netloader.server import LoadedTensors, Relay
 from netloader.settings import Timeouts, new_secret
 
 
@@ -324,6 +324,8 @@ def pull(
             paths = writer.commit()
             write_files(out_dir, files)  # the index last: it names shards that now exist
             pulled = True
+            if relay is not None and files:  # later members can start with nothing too
+                relay.offer_files(LoadedTensors(files, manifest.identity))
             click.echo(
                 f"netloader: pulled {report.summary()} into {_names(paths)}; "
                 f"{len(files)} other files"

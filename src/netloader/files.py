@@ -38,8 +38,8 @@ def is_weight_file(name: str) -> bool:
 
 def model_files(directory: Path) -> dict[str, torch.Tensor]:
     """The files of `directory` (not its subdirectories) other than weights and hidden
-    files, as uint8 tensors by file name, in name order. Files that break a bound are left out, each with
-    a log line; links are followed (a Hugging Face cache's files are links)."""
+    files, as uint8 tensors by file name, in name order. Files that break a bound are left
+    out, each with a log line; links are followed (a Hugging Face cache's files are links)."""
     found: dict[str, torch.Tensor] = {}
     total = 0
     for path in sorted(directory.iterdir()):

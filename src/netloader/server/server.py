@@ -110,9 +110,13 @@ class Server:
         connections already open keep what they were offered."""
         holdings.prepare()
         if files is not None:
-            files.prepare()
-            self.files = files
+            self.offer_files(files)
         self.holdings = holdings
+
+    def offer_files(self, files: Holdings) -> None:
+        """Offer `files` as the model directory's other files from now on."""
+        files.prepare()
+        self.files = files
 
     @property
     def connections(self) -> int:
