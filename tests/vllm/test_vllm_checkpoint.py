@@ -161,11 +161,17 @@ def test_tp2_loads_from_the_same_checkpoint_server(
         assert tp2.completions(PROMPTS[:3]) == expected
 
 
+MISSING = {
+    "tensor_missing": "mlp.down_proj.weight",
+    "fused_part_missing": "self_attn.q_proj.weight",
+}
+
+
 def _altered_copy(tiny_model: Path, out: Path, case: str) -> Path:
     shutil.copytree(tiny_model, out)
-    if case == "tensor_missing":
+    if case in MISSING:  # a whole parameter, or one part of a fused one (qkv_proj)
         tensors = load_file(out / "model.safetensors")
-        dropped = sorted(n for n in tensors if n.endswith("mlp.down_proj.weight"))[0]
+        dropped = sorted(n for n in tensors if n.endswith(MISSING[case]))[0]
         del tensors[dropped]
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     else:  # the same shapes, another configuration: what tells two fine-tunes apart
@@ -178,7 +184,8 @@ def _altered_copy(tiny_model: Path, out: Path, case: str) -> Path:
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
-        ("tensor_missing", "lacks tensors this model needs"),
+        ("tensor_missing", "model.layers.0.mlp.down_proj.weight were not loaded"),
+        ("fused_part_missing", "model.layers.0.self_attn.qkv_proj.weight were not loaded"),
         ("config_differs", "holds a model of another configuration"),
     ],
 )
@@ -199,3 +206,19 @@ def test_a_bad_checkpoint_source_falls_back_naming_it(
             assert len(reasons) == 1 and reason in reasons[0], instance.netloader_lines()
             assert checkpoint_lines(instance) == []
             assert instance.completions() == reference
+
+
+def test_an_int8_model_loads_from_its_checkpoint_server(
+    start: Starter, w8a8_model: Path, vllm_logs: Path, tmp_path: Path
+) -> None:
+    """W8A8 (int8 weights, float scales): load_weights places both; the strict check
+    (quantized parameters must all come from the checkpoint) passes."""
+    with start("ckpt_w8a8_disk", w8a8_model, {"MODEL": "tiny"}) as disk:
+        expected = disk.completions()
+    with serve_directory(w8a8_model, vllm_logs / "checkpoint_w8a8.log") as server:
+        node = pull_no_weights(server.address, tmp_path / "node")
+        config = {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": [server.address]}]}
+        with start("ckpt_w8a8", node, config) as client:
+            assert len(checkpoint_lines(client)) == 1, client.netloader_lines()
+            assert fallback_reasons(client) == []
+            assert client.completions() == expected

@@ -18,6 +18,7 @@ so a wave of instances started together forms a chain instead of all reading the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -284,7 +285,7 @@ def _load_from_checkpoints(
     def on_this_stage(name: str) -> bool:  # pipeline stages skip the others' layers
         return not is_pp_missing_parameter(name, model)
 
-    poisoned = _poison(model)
+    poisoned = _poison(model, loader)
     try:
         loaded = cast(Any, model).load_weights(counted())
         unloaded = _not_loaded(model, loaded, poisoned, loader)
@@ -312,13 +313,18 @@ def _load_from_checkpoints(
     return None
 
 
-def _poison(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Fill the floating-point parameters with NaN, so that any part `load_weights` leaves
-    unwritten shows (e.g. a fused qkv_proj whose checkpoint lacks q_proj)."""
+def _poison(model: torch.nn.Module, loader: Any) -> dict[str, torch.Tensor]:
+    """Fill the floating-point parameters a checkpoint must provide with NaN, so that any
+    part `load_weights` leaves unwritten shows (e.g. a fused qkv_proj whose checkpoint
+    lacks q_proj). Those a checkpoint need not carry (KV-cache scales, whatever vLLM's own
+    check exempts) keep the values the model was built with."""
+    exempt: set[str] = set()
+    with contextlib.suppress(ValueError):  # it adds the exempt names, then complains
+        loader.default.track_weights_loading(model, exempt, quantized=True)
     poisoned = {
         name: p.detach()
         for name, p in model.named_parameters()
-        if p.is_floating_point() and p.numel() > 0
+        if name not in exempt and p.is_floating_point() and p.numel() > 0
     }
     for tensor in poisoned.values():
         tensor.fill_(float("nan"))

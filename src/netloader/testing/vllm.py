@@ -70,6 +70,7 @@ class VllmInstance:
         load_format: str = "netloader",
         extra_args: tuple[str, ...] = (),
         ready_timeout: float = 180.0,
+        enforce_eager: bool = True,
     ) -> None:
         self.name = name
         self.port = free_port()
@@ -80,9 +81,11 @@ class VllmInstance:
         self.cmd = [
             python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-            "--enforce-eager", "--kv-cache-memory-bytes", "256M", "--max-model-len", "512",
+            "--kv-cache-memory-bytes", "256M", "--max-model-len", "512",
             "--load-format", load_format,
         ]  # fmt: skip
+        if enforce_eager:  # vLLM's default torch.compile costs ~17 s here (see the README)
+            self.cmd.append("--enforce-eager")
         if extra_config is not None:
             self.cmd += ["--model-loader-extra-config", json.dumps(extra_config)]
         if dtype:
