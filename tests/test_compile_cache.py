@@ -21,7 +21,7 @@ from netloader.integrations.vllm_compile_cache import (
 )
 from netloader.manifest import Identity
 from netloader.server import LoadedTensors
-from support.servers import MakeProxy
+from support.servers import MakeProxy, run_cli
 
 IDENTITY = Identity("tiny", attributes={"vllm": "0.32.0"})
 FACTORS = {"vllm": "0.32.0", "torch": "2.13.0", "environment": "e", "engine config": "c"}
@@ -130,3 +130,18 @@ def test_names_outside_the_key_are_refused(tmp_path: Path) -> None:
     ):
         take_compile_cache(Client([server.address]), key(tmp_path / "c"), IDENTITY)
     assert not (tmp_path / "c").exists() and not (tmp_path / "evil").exists()
+
+
+def test_the_cli_takes_a_cache_only_with_a_secret(
+    seed: Server, seed_key: CompileKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "vllm-cache"
+    argv = ["pull", str(seed.address), "--out", str(tmp_path / "m"), "--compile-cache", str(root)]
+    refused = run_cli(*argv)
+    assert refused.returncode == 2 and "code vLLM will run" in refused.stderr
+    monkeypatch.setenv("NETLOADER_SECRET", SECRET.decode())
+    taken = run_cli(*argv)
+    assert taken.returncode == 0, taken.stderr
+    assert "took the compile cache (3 files" in taken.stdout
+    aot = root / "torch_compile_cache" / "torch_aot_compile"
+    assert tree(aot) == tree(seed_key.root)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,15 @@ import torch
 
 from netloader.client import Client
 from netloader.errors import NetloaderError, SourceUnavailable
-from netloader.files import COMPILE_CACHE, check_files_manifest, empty_files, tree_files, write_tree
-from netloader.manifest import Identity
+from netloader.files import (
+    COMPILE_CACHE,
+    check_files_manifest,
+    empty_files,
+    tree_files,
+    valid_name,
+    write_tree,
+)
+from netloader.manifest import Identity, Manifest
 from netloader.protocol import Part
 from netloader.server import Holdings, LoadedTensors
 
@@ -55,20 +62,34 @@ class CompileKey:
     factors: dict[str, str]
 
     def attributes(self) -> dict[str, str]:
-        return {"compile_key": json.dumps({**self.factors, "keys": list(self.keys)})}
+        return {"compile_key": json.dumps(self._described())}
 
-    def differences(self, attributes: dict[str, str]) -> list[str]:
+    def _described(self) -> dict[str, object]:
+        return {**self.factors, "rank": self.rank, "keys": list(self.keys)}
+
+    def differences(self, attributes: Mapping[str, str]) -> list[str]:
         """What differs between this key and the one a seed's cache was made under."""
-        try:
-            theirs = json.loads(attributes.get("compile_key", "{}"))
-        except ValueError:
-            return ["the seed's compile key is not valid JSON"]
-        mine = {**self.factors, "keys": list(self.keys)}
+        theirs = _offered(attributes)
         return [
             f"{name}: seed {theirs.get(name)!r}, this instance {value!r}"
-            for name, value in mine.items()
+            for name, value in self._described().items()
             if theirs.get(name) != value
         ]
+
+    @classmethod
+    def offered(cls, attributes: Mapping[str, str], root: Path) -> CompileKey:
+        """The key a seed's cache was made under, to take it as it is into the cache root
+        `root` (VLLM_CACHE_ROOT): for a node whose vLLM has not started yet, whose own
+        lookup will find it only if its key is the same."""
+        theirs = _offered(attributes)
+        keys, rank = theirs.pop("keys", None), theirs.pop("rank", None)
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise NetloaderError("the seed's compile key names no cache directories")
+        if not isinstance(rank, str) or any(not valid_name(k) for k in [*keys, rank]):
+            raise NetloaderError("the seed's compile key names a directory that is not plain")
+        return cls(
+            root.joinpath(*AOT_DIR), tuple(keys), rank, {k: str(v) for k, v in theirs.items()}
+        )
 
     def directories(self) -> list[tuple[str, Path]]:
         """(name prefix in the served tree, directory) for each part of the cache."""
@@ -77,6 +98,16 @@ class CompileKey:
             for key in self.keys
             for part in (self.rank, INDUCTOR_DIR)
         ]
+
+
+def _offered(attributes: Mapping[str, str]) -> dict[str, object]:
+    try:
+        offered = json.loads(attributes.get("compile_key", "{}"))
+    except ValueError:
+        raise NetloaderError("the seed's compile key is not valid JSON") from None
+    if not isinstance(offered, dict):
+        raise NetloaderError("the seed's compile key is not a JSON object")
+    return offered
 
 
 def compile_key(model: torch.nn.Module, vllm_config: Any) -> CompileKey | str:
@@ -135,6 +166,11 @@ def take_compile_cache(client: Client, key: CompileKey, identity: Identity) -> s
     part written at once (a part already there is kept); returns what happened, for the
     log. Raises NetloaderError when it cannot (the cache directory is then as it was)."""
     manifest = client.manifest(Part.COMPILE_CACHE)
+    return take_offered(client, manifest, key, identity)
+
+
+def take_offered(client: Client, manifest: Manifest, key: CompileKey, identity: Identity) -> str:
+    """`take_compile_cache` once the seed's manifest is in hand."""
     if manifest.identity.model != identity.model:
         raise NetloaderError(f"the compile cache is for {manifest.identity.model!r}")
     differences = key.differences(dict(manifest.identity.attributes))
