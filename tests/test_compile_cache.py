@@ -66,7 +66,7 @@ def test_a_seeds_cache_is_taken_whole_and_kept_when_there(
 ) -> None:
     mine = key(tmp_path / "client")
     said = take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
-    assert "3 files written" in said, said
+    assert f"key {'k' * 64}: 3 files written" in said, said
     assert tree(mine.root) == tree(seed_key.root)
     again = take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
     assert "0 files written, 2 parts already there kept" in again

@@ -86,8 +86,10 @@ def test_a_client_takes_weights_and_compile_cache_and_compiles_nothing(
         taken_at = datetime.strptime(took[0].split(" [netloader]")[0][-23:], "%Y-%m-%d %H:%M:%S,%f")
         newest = max(p.stat().st_mtime for p in root.rglob("inductor_cache/**/*.so"))
         assert datetime.fromtimestamp(newest) <= taken_at, (newest, took[0])
-        aot = [ln for ln in client.log_text().splitlines() if f"{root}/torch_compile_cache" in ln]
-        assert aot, "vLLM did not look in the cache directory netloader wrote"
+        # vLLM's own key is the one netloader computed: it looked in that very directory.
+        key = took[0].split(", key ")[1].split(":")[0]
+        looked = f"{root}/torch_compile_cache/torch_aot_compile/{key}/rank_0_0"
+        assert looked in client.log_text(), f"vLLM did not look in {looked}"
 
 
 @pytest.mark.parametrize("case", ["no_secret", "other_key", "corrupted"])

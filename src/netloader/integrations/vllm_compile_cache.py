@@ -152,9 +152,12 @@ def cache_holdings(key: CompileKey, identity: Identity) -> Callable[[], Holdings
         if missing:
             raise SourceUnavailable(f"no compile cache (yet) in {missing[0]}")
         files: dict[str, torch.Tensor] = {}
-        for prefix, directory in key.directories():
-            if directory.is_dir():
-                files.update(tree_files(directory, COMPILE_CACHE, prefix=prefix))
+        try:
+            for prefix, directory in key.directories():
+                if directory.is_dir():
+                    files.update(tree_files(directory, COMPILE_CACHE, prefix=prefix))
+        except (OSError, NetloaderError) as exc:  # told to the client, who compiles itself
+            raise SourceUnavailable(f"cannot offer the compile cache: {exc}") from exc
         attributes = {**identity.attributes, **key.attributes()}
         return LoadedTensors(files, Identity(identity.model, attributes=attributes))
 
@@ -194,6 +197,7 @@ def take_offered(client: Client, manifest: Manifest, key: CompileKey, identity: 
             kept += 1
     total = sum(t.numel() for t in files.values())
     return (
-        f"took the compile cache ({len(files)} files, {total} bytes) into {key.root}: "
-        f"{written} files written" + (f", {kept} parts already there kept" if kept else "")
+        f"took the compile cache ({len(files)} files, {total} bytes) into {key.root}, key "
+        f"{','.join(key.keys)}: {written} files written"
+        + (f", {kept} parts already there kept" if kept else "")
     )
