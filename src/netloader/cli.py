@@ -29,11 +29,12 @@ from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import NetloaderError, SourceUnavailable
 from netloader.files import check_files_manifest, empty_files, model_files, write_files
+from netloader.integrations.vllm_compile_cache import CompileKey, take_offered
 from netloader.manifest import Identity, Manifest
 from netloader.protocol import Part
 from netloader.ranks import client_for, join_wave, leave_wave, relay_rank, serve_rank
 from netloader.server import LoadedTensors, Relay
-from netloader.settings import Timeouts, new_secret
+from netloader.settings import Timeouts, new_secret, resolve_secret
 
 
 class EndpointParam(click.ParamType):  # type: ignore[type-arg]
@@ -205,6 +206,13 @@ def serve(
     "engine that then loads its weights from the same sources.",
 )
 @click.option(
+    "--compile-cache",
+    "compile_cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also take a vLLM seed's compile cache into this VLLM_CACHE_ROOT (code that vLLM will "
+    "run: only with --secret-file/$NETLOADER_SECRET or --tls-ca).",
+)
+@click.option(
     "--transport", type=click.Choice(transports.names()), default=transports.AUTO, show_default=True
 )
 @click.option(
@@ -238,6 +246,7 @@ def pull(
     out_dir: Path,
     model_name: str | None,
     no_weights: bool,
+    compile_cache: Path | None,
     transport: str,
     stripe: int | None,
     wave_dir: Path | None,
@@ -268,6 +277,12 @@ def pull(
     )
     # SIGTERM unwinds like an error, so an interrupted pull removes its partial file.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    if compile_cache is not None and not _trusted(config):
+        raise click.UsageError(
+            "--compile-cache: a compile cache is code vLLM will run, so it is taken only from "
+            "a source that proves the shared secret (--secret-file, $NETLOADER_SECRET) or a "
+            "certificate you trust (--tls-ca)"
+        )
     if no_weights:
         if wave_dir is not None:
             raise click.UsageError("--no-weights pulls no weights to relay: drop --wave")
@@ -277,6 +292,8 @@ def pull(
         files = _pull_files(client, model_name, required=True)
         written = write_files(out_dir, files)
         click.echo(f"netloader: pulled {len(written)} files into {out_dir}")
+        if compile_cache is not None:
+            _pull_compile_cache(client, compile_cache)
         return
     relay: Relay | None = None
     position: int | None = None
@@ -330,6 +347,8 @@ def pull(
                 f"netloader: pulled {report.summary()} into {_names(paths)}; "
                 f"{len(files)} other files"
             )
+            if compile_cache is not None:
+                _pull_compile_cache(client, compile_cache)
             if relay is not None:
                 click.echo(f"netloader: serving on {relay.address} until interrupted")
                 sys.stdout.flush()
@@ -371,6 +390,18 @@ def _pull_files(
     client.load_into(files, manifest.identity, within=manifest, part=Part.FILES)
     # The index is where a pull's sharding comes from, and it is written last.
     return {name: files[name] for name in sorted(files, key=lambda n: n == INDEX_NAME)}
+
+
+def _trusted(config: NetloaderConfig) -> bool:
+    return resolve_secret(None, config.secret_file) is not None or config.tls_ca is not None
+
+
+def _pull_compile_cache(client: Client, root: Path) -> None:
+    """A vLLM seed's compile cache, verified, into the cache root `root`, each part at
+    once; vLLM uses it only where its own cache key is the seed's."""
+    manifest = client.manifest(Part.COMPILE_CACHE)
+    key = CompileKey.offered(manifest.identity.attributes, root)
+    click.echo(f"netloader: {take_offered(client, manifest, key, manifest.identity)}")
 
 
 def _names(paths: list[Path]) -> str:

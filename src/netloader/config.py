@@ -63,6 +63,7 @@ class NetloaderConfig:
     tls_key: str | None = None
     tls_ca: str | None = None
     wave_dir: str | None = None
+    share_compile_cache: bool = False
     _given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -211,6 +212,14 @@ def _int(key: str, value: Any) -> int:
     return value
 
 
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(key, f"expected true or false, got {_type_name(value)} {value!r}")
+
+
 def _seconds(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
         raise ConfigError(key, f"expected a number of seconds in (0, 86400], got {value!r}")
@@ -291,4 +300,5 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "TLS_KEY": ("tls_key", _str),
     "TLS_CA": ("tls_ca", _str),
     "WAVE_DIR": ("wave_dir", _str),
+    "SHARE_COMPILE_CACHE": ("share_compile_cache", _bool),
 }

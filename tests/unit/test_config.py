@@ -226,3 +226,11 @@ def test_a_draft_model_has_its_own_port_file_and_sources() -> None:
         NetloaderConfig.load({"LISTEN_PORT": 60000}, environ={}).listen_port_for(0, draft=True)
         is None
     )
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), ("false", False), ("TRUE", True)])
+def test_share_compile_cache_is_an_explicit_boolean(value: object, expected: bool) -> None:
+    assert NetloaderConfig().share_compile_cache is False
+    assert NetloaderConfig.from_dict({"SHARE_COMPILE_CACHE": value}).share_compile_cache is expected
+    with pytest.raises(ConfigError, match=r"SHARE_COMPILE_CACHE.*true or false"):
+        NetloaderConfig.from_dict({"SHARE_COMPILE_CACHE": "yes"})

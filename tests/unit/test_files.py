@@ -20,7 +20,7 @@ from netloader.checkpoint import (
 )
 from netloader.client.stream import windows
 from netloader.files import (
-    MAX_FILE_BYTES,
+    MODEL_FILES,
     check_files_manifest,
     empty_files,
     model_files,
@@ -47,7 +47,7 @@ def test_a_directory_offers_its_small_plain_files_but_no_weights(tmp_path: Path)
     (tmp_path / "sub" / "inner.json").write_text("{}")
     (tmp_path / "huge.txt").write_bytes(b"")
     with open(tmp_path / "huge.txt", "r+b") as f:
-        f.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk used
+        f.truncate(MODEL_FILES.file_bytes + 1)  # sparse: no disk used
     (tmp_path / "link.json").symlink_to(tmp_path / "config.json")  # a HF cache's are links
     offered = model_files(tmp_path)
     assert sorted(offered) == ["config.json", "empty", "link.json", "tokenizer.json"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from netloader.testing.vllm import make_weightless_dir
+from netloader.testing.vllm import VllmInstance, make_weightless_dir
 from support.vllm_checks import Starter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,3 +96,21 @@ def vllm_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def start(vllm_python: str, vllm_logs: Path) -> Starter:
     """Starts vLLM instances: `start(name, model_dir, extra_config, **VllmInstance args)`."""
     return Starter(vllm_python, vllm_logs)
+
+
+@pytest.fixture(scope="session")
+def seed32(start: Starter, tiny_model: Path) -> Iterator[VllmInstance]:
+    """Loads from disk (no SOURCE), float32, serves; writes seed32_0.txt. Shared by the
+    test files: the reference outputs, and a vLLM peer."""
+    config = {"MODEL": "tiny", "OUTPUT_PREFIX": start.prefix("seed32")}
+    with start("seed32", tiny_model, config, dtype="float32") as seed:
+        yield seed
+
+
+@pytest.fixture(scope="session")
+def reference32(seed32: VllmInstance) -> dict[str, str]:
+    completions = seed32.completions()
+    assert len(set(completions.values())) > 1, (
+        f"the model does not depend on the prompt: {completions}"
+    )
+    return completions

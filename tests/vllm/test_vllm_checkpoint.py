@@ -61,19 +61,6 @@ def checkpoint_lines(instance: VllmInstance) -> list[re.Match[str]]:
 
 
 @pytest.fixture(scope="module")
-def disk_seed(start: Starter, tiny_model: Path) -> Iterator[VllmInstance]:
-    """float32 from disk; the reference outputs, and a vLLM peer that serves its files."""
-    config = {"MODEL": "tiny", "OUTPUT_PREFIX": start.prefix("ckpt_seed")}
-    with start("ckpt_seed", tiny_model, config, dtype="float32") as seed:
-        yield seed
-
-
-@pytest.fixture(scope="module")
-def reference(disk_seed: VllmInstance) -> dict[str, str]:
-    return disk_seed.completions()
-
-
-@pytest.fixture(scope="module")
 def checkpoint_server(tiny_model: Path, vllm_logs: Path) -> Iterator[ServerProcess]:
     with serve_directory(tiny_model, vllm_logs / "checkpoint_server.log") as server:
         yield server
@@ -82,7 +69,7 @@ def checkpoint_server(tiny_model: Path, vllm_logs: Path) -> Iterator[ServerProce
 def test_an_empty_node_starts_from_a_checkpoint_server(
     start: Starter,
     checkpoint_server: ServerProcess,
-    reference: dict[str, str],
+    reference32: dict[str, str],
     tiny_model: Path,
     tmp_path: Path,
 ) -> None:
@@ -104,19 +91,19 @@ def test_an_empty_node_starts_from_a_checkpoint_server(
         assert int(found[0].group(1)) == len(checkpoint)
         assert int(found[0].group(2)) == sum(t.nbytes for t in checkpoint.values())
         assert fallback_reasons(node_instance) == []
-        assert node_instance.completions() == reference
+        assert node_instance.completions() == reference32
         # Loaded, it serves its own (vLLM-layout) parameters to the next instance.
         assert int(serve_line(node_instance).group(3)) > 0
 
 
 def test_a_same_layout_peer_is_preferred_to_a_checkpoint_source(
     start: Starter,
-    disk_seed: VllmInstance,
+    seed32: VllmInstance,
     checkpoint_server: ServerProcess,
-    reference: dict[str, str],
+    reference32: dict[str, str],
     client_model_dir: Path,
 ) -> None:
-    peer = start.source("ckpt_seed")["sources"][0]
+    peer = start.source("seed32")["sources"][0]
     config = {
         "MODEL": "tiny",
         "SOURCE": [{"device_id": 0, "sources": [checkpoint_server.address, peer]}],
@@ -124,20 +111,20 @@ def test_a_same_layout_peer_is_preferred_to_a_checkpoint_source(
     with start("ckpt_mixed", client_model_dir, config, dtype="float32") as client:
         assert_loaded_over_network(client, peer)
         assert checkpoint_lines(client) == []
-        assert client.completions() == reference
+        assert client.completions() == reference32
 
 
 def test_an_empty_node_starts_from_a_vllm_seed(
-    start: Starter, disk_seed: VllmInstance, reference: dict[str, str], tmp_path: Path
+    start: Starter, seed32: VllmInstance, reference32: dict[str, str], tmp_path: Path
 ) -> None:
     """A vLLM seed serves its model directory's files too: pull --no-weights from it,
     then load the weights from it."""
-    seed = start.source("ckpt_seed")["sources"][0]
+    seed = start.source("seed32")["sources"][0]
     node = pull_no_weights(seed, tmp_path / "node", "--model", "tiny")
     config = {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": [seed]}]}
     with start("vllm_node", node, config, dtype="float32") as client:
         assert_loaded_over_network(client, seed)
-        assert client.completions() == reference
+        assert client.completions() == reference32
 
 
 def test_tp2_loads_from_the_same_checkpoint_server(
@@ -191,7 +178,7 @@ def _altered_copy(tiny_model: Path, out: Path, case: str) -> Path:
 )
 def test_a_bad_checkpoint_source_falls_back_naming_it(
     start: Starter,
-    reference: dict[str, str],
+    reference32: dict[str, str],
     tiny_model: Path,
     tmp_path: Path,
     vllm_logs: Path,
@@ -205,7 +192,7 @@ def test_a_bad_checkpoint_source_falls_back_naming_it(
             reasons = fallback_reasons(instance)
             assert len(reasons) == 1 and reason in reasons[0], instance.netloader_lines()
             assert checkpoint_lines(instance) == []
-            assert instance.completions() == reference
+            assert instance.completions() == reference32
 
 
 def test_an_int8_model_loads_from_its_checkpoint_server(

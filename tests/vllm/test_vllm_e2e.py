@@ -40,23 +40,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 # ---- float32 seed, its clients, and the fallbacks -----------------------------------------
 @pytest.fixture(scope="class")
-def seed32(start: Starter, tiny_model: Path) -> Iterator[VllmInstance]:
-    """Loads from disk (no SOURCE), float32, serves; writes seed32_0.txt."""
-    config = {"MODEL": "tiny", "OUTPUT_PREFIX": start.prefix("seed32")}
-    with start("seed32", tiny_model, config, dtype="float32") as seed:
-        yield seed
-
-
-@pytest.fixture(scope="class")
-def reference32(seed32: VllmInstance) -> dict[str, str]:
-    completions = seed32.completions()
-    assert len(set(completions.values())) > 1, (
-        f"the model does not depend on the prompt: {completions}"
-    )
-    return completions
-
-
-@pytest.fixture(scope="class")
 def client32(
     start: Starter, seed32: VllmInstance, client_model_dir: Path
 ) -> Iterator[VllmInstance]:

@@ -23,7 +23,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -35,10 +35,16 @@ from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint
 from netloader.errors import NetloaderError
 from netloader.files import model_files
+from netloader.integrations.vllm_compile_cache import (
+    cache_holdings,
+    compile_key,
+    take_compile_cache,
+)
 from netloader.integrations.weight_capture import Capture, capture, check_intact, kept_bytes
 from netloader.manifest import Identity, Manifest, config_fingerprint
 from netloader.ranks import client_for, join_wave, load_rank, relay_rank, serve_rank, sort_sources
-from netloader.server import LoadedTensors, Relay, Server
+from netloader.server import Holdings, LoadedTensors, Relay, Server
+from netloader.settings import resolve_secret
 
 log = logging.getLogger("netloader.vllm")
 
@@ -119,8 +125,11 @@ def _loader_class() -> type:
             self.slot = _slot(self.config, vllm_config, model_config)
             model = super().load_model(vllm_config, model_config, prefix=prefix)
             if self.capture is not None:
+                cache = None
+                if self.config.share_compile_cache:
+                    cache = _share_compile_cache(self, model, vllm_config, self.capture.identity)
                 files = _model_files(model_config)
-                _serve(model, self.capture, self.config, self.slot, self.relay, files)
+                _serve(model, self.capture, self.config, self.slot, self.relay, files, cache)
                 self.capture = self.relay = None
             return model
 
@@ -380,11 +389,12 @@ def _serve(
     slot: Slot,
     relay: Relay | None,
     files: dict[str, torch.Tensor] | None,
+    compile_cache: Callable[[], Holdings] | None,
 ) -> None:
     """After post-processing: check the kept tensors are intact, then serve them, with the
-    model directory's `files`: through the wave relay, when this load had one; through the
-    listener this slot already has, when the worker loads the same model again; else on a
-    new listener."""
+    model directory's `files` and the `compile_cache` when shared: through the wave relay,
+    when this load had one; through the listener this slot already has, when the worker
+    loads the same model again; else on a new listener."""
     started = time.perf_counter()
     unavailable = check_intact(captured)
     if unavailable is not None:
@@ -420,6 +430,8 @@ def _serve(
         if new is None:
             return
         server = _register(slot, new)
+    if compile_cache is not None:
+        server.offer_compile_cache(compile_cache)
     log.info(
         "netloader: %s serves %d tensors (%d bytes) on %s; %d bytes kept beyond the "
         "running model (INT8_CACHE=%s); checked in %.2f s",
@@ -431,6 +443,43 @@ def _serve(
         config.int8_cache,
         time.perf_counter() - started,
     )
+
+
+def _share_compile_cache(
+    loader: Any, model: torch.nn.Module, vllm_config: Any, identity: Identity
+) -> Callable[[], Holdings] | None:
+    """SHARE_COMPILE_CACHE: take the compile cache from this slot's sources (when it has
+    any and they are trusted), before vLLM compiles; then offer this instance's own.
+    Returns what to serve, or None (logged) when this instance has no cache to share."""
+    config: NetloaderConfig = loader.config
+    slot: Slot = loader.slot
+    try:
+        key = compile_key(model, vllm_config)
+    except Exception as exc:  # vLLM internals moved: share nothing, start as usual
+        log.warning("netloader: %s shares no compile cache: %r", slot, exc)
+        return None
+    if isinstance(key, str):
+        log.info("netloader: %s shares no compile cache: %s", slot, key)
+        return None
+    sources = config.sources_for(slot.rank, draft=slot.draft)
+    trusted = resolve_secret(None, config.secret_file) is not None or config.tls_ca is not None
+    if sources and not trusted:
+        log.warning(
+            "netloader: %s compiles itself: a compile cache is code this instance would run, "
+            "so it is taken only from a source that proved the shared secret or a trusted "
+            "certificate (set NETLOADER_SECRET, SECRET_FILE or TLS_CA)",
+            slot,
+        )
+    elif sources:
+        try:
+            taken = take_compile_cache(client_for(config, sources), key, identity)
+            log.info("netloader: %s %s", slot, taken)
+        except NetloaderError as exc:
+            log.warning("netloader: %s compiles itself: no compile cache taken: %s", slot, exc)
+        except Exception as exc:  # never let a netloader bug stop the instance from starting
+            log.exception("netloader: unexpected failure taking the compile cache")
+            log.warning("netloader: %s compiles itself: unexpected %r", slot, exc)
+    return cache_holdings(key, identity)
 
 
 def slot_key(slot: Slot) -> tuple[int, bool]:

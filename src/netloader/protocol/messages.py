@@ -269,11 +269,13 @@ class Auth(Message):
 
 
 class Part(Enum):
-    """What a server offers, each with its own manifest and chunks: the weights, and the
-    model directory's other files (config, tokenizer: what a node needs beside them)."""
+    """What a server offers, each with its own manifest and chunks: the weights, the
+    model directory's other files (config, tokenizer: what a node needs beside them), and
+    an engine's compile cache (code the client will run: see SHARE_COMPILE_CACHE)."""
 
     WEIGHTS = "weights"
     FILES = "files"
+    COMPILE_CACHE = "compile-cache"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -52,6 +53,7 @@ class Conversation:
     conn:      the accepted connection (its session a ServerSession).
     holdings:  the weights to offer (fixed for this conversation: see Server.serve_instead).
     files:     the model directory's other files, if offered.
+    compile_cache: makes the compile cache's holdings when a client asks, if offered.
     timeouts:  handshake (for TLS and the handshake), stall (afterwards).
     transfers: the server's semaphore of transfers in progress.
     tls:       a server context, to require TLS before anything else.
@@ -64,6 +66,7 @@ class Conversation:
         holdings: Holdings,
         *,
         files: Holdings | None = None,
+        compile_cache: Callable[[], Holdings] | None = None,
         timeouts: Timeouts,
         transfers: threading.BoundedSemaphore,
         max_transfers: int,
@@ -71,7 +74,12 @@ class Conversation:
         closing: threading.Event,
     ) -> None:
         self.conn = conn
-        self.parts: dict[p.Part, Holdings | None] = {p.Part.WEIGHTS: holdings, p.Part.FILES: files}
+        # What each part's holdings are when a client asks for it.
+        self.parts: dict[p.Part, Callable[[], Holdings] | None] = {
+            p.Part.WEIGHTS: lambda: holdings,
+            p.Part.FILES: None if files is None else lambda: files,
+            p.Part.COMPILE_CACHE: compile_cache,
+        }
         self.timeouts = timeouts
         self.transfers = transfers
         self.max_transfers = max_transfers
@@ -122,8 +130,9 @@ class Conversation:
         conn.settimeout(self.timeouts.stall)
         answer_within = ANSWER_WITHIN * self.timeouts.stall
         # The weights unless the client asked for another part: FETCHes name its chunks.
-        holdings = self.parts[p.Part.WEIGHTS]
-        assert holdings is not None
+        weights = self.parts[p.Part.WEIGHTS]
+        assert weights is not None
+        holdings = weights()
         manifest = holdings.manifest(answer_within)
         session.expect_fetches(manifest.chunk_total)
         while True:
@@ -131,9 +140,10 @@ class Conversation:
             if isinstance(message, p.Bye):
                 return
             if isinstance(message, p.GetManifest):
-                holdings = self.parts[message.part]
-                if holdings is None:
+                offered = self.parts[message.part]
+                if offered is None:
                     raise SourceUnavailable(f"this server offers no {message.part.value}")
+                holdings = offered()
                 manifest = holdings.manifest(answer_within)
                 session.expect_fetches(manifest.chunk_total)
                 conn.send(p.ManifestMessage(manifest))

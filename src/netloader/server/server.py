@@ -45,7 +45,9 @@ class Server:
     Call `close()` (or use it as a context manager) to stop.
 
     files:          the model directory's other files (config, tokenizer), offered as the
-                    FILES part (netloader.checkpoint.model_files); None offers none.
+                    FILES part (netloader.files.model_files); None offers none.
+    compile_cache:  called when a client asks for the COMPILE_CACHE part: what to offer
+                    then (an engine's cache grows while it compiles); None offers none.
     listen:         address to bind ("host", port 0 picks a free port).
     advertise_host: the host `address` names (default: the bound host); choose it with
                     netloader.endpoint.advertised_host when binding a wildcard.
@@ -60,6 +62,7 @@ class Server:
         holdings: Holdings,
         *,
         files: Holdings | None = None,
+        compile_cache: Callable[[], Holdings] | None = None,
         listen: Endpoint = LOOPBACK_ANY_PORT,
         advertise_host: str | None = None,
         secret: bytes | None = None,
@@ -69,6 +72,7 @@ class Server:
     ) -> None:
         self.holdings = holdings
         self.files = files
+        self.compile_cache = compile_cache
         self.timeouts = timeouts
         self.limits = limits
         self._tls = tls
@@ -117,6 +121,10 @@ class Server:
         """Offer `files` as the model directory's other files from now on."""
         files.prepare()
         self.files = files
+
+    def offer_compile_cache(self, compile_cache: Callable[[], Holdings]) -> None:
+        """Offer what `compile_cache()` returns, when asked, as the compile cache."""
+        self.compile_cache = compile_cache
 
     @property
     def connections(self) -> int:
@@ -167,6 +175,7 @@ class Server:
                 conn,
                 self.holdings,  # one connection, one set of holdings (see serve_instead)
                 files=self.files,
+                compile_cache=self.compile_cache,
                 timeouts=self.timeouts,
                 transfers=self._transfers,
                 max_transfers=self.limits.max_transfers,

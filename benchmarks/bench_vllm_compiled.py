@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Start-to-ready of compiled vLLM instances (vLLM's default torch.compile, no
+--enforce-eager): what SHARE_COMPILE_CACHE saves a new instance.
+
+    .venv/bin/python benchmarks/bench_vllm_compiled.py [--size tiny|1g] [--json out.json]
+
+In one run, each instance with a VLLM_CACHE_ROOT of its own (float32, so vLLM's CPU
+post-processing runs as in the tests):
+
+1. `eager`: vLLM's default loader with --enforce-eager (no compile at all), for scale;
+2. `default loader, cold`: vLLM's default loader, compiled, empty cache;
+3. `seed, warm restart`: a netloader seed (weights from disk) on the cache row 2 left,
+   with a secret and SHARE_COMPILE_CACHE: what a restart costs with a warm cache;
+4. `netloader weights only, cold`: a new instance without weight files, weights from the
+   seed, empty cache, compiling itself;
+5. `netloader weights + compile cache`: the same with SHARE_COMPILE_CACHE, taking the
+   seed's cache before vLLM compiles.
+
+Start-to-ready is process start until /health answers. Prints a Markdown table (with
+row 5 against row 3, the target being at most 1.15x) and --json writes every number.
+Run it on an otherwise idle machine: these are wall-clock times on shared cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import REPO, run_setup, write_json
+from netloader.testing.processes import read_address_file
+from netloader.testing.vllm import VllmInstance, make_weightless_dir
+
+SECRET = "the start-to-ready benchmark secret"
+TOOK = "took the compile cache"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=("tiny", "1g"), default="tiny")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    python = run_setup(["bash", str(REPO / "scripts" / "setup_vllm.sh")], 1800)
+    model = Path(run_setup([python, str(REPO / "scripts" / "make_tiny_llama.py"),
+                            str(REPO / "runs" / "models"), "--size", args.size], 1800))  # fmt: skip
+    logs = Path(tempfile.mkdtemp(prefix="bench-compiled-", dir=REPO / "runs"))
+    weightless = make_weightless_dir(model, logs / "weightless")
+    print(f"bench_vllm_compiled: model {model}, logs in {logs}", file=sys.stderr)
+
+    def start(name: str, directory: Path, config: dict[str, Any] | None, **kw: Any) -> VllmInstance:
+        root = logs / f"{name}-cache"
+        env = {"VLLM_CACHE_ROOT": str(kw.pop("root", root)), **kw.pop("env", {})}
+        return VllmInstance(python, directory, config, workdir=logs, name=name, dtype="float32",
+                            env=env, ready_timeout=600, **kw)  # fmt: skip
+
+    rows: list[dict[str, Any]] = []
+    outputs: dict[str, dict[str, str]] = {}
+
+    def record(label: str, instance: VllmInstance) -> None:
+        outputs[label] = instance.completions()
+        took = [ln for ln in instance.netloader_lines() if TOOK in ln]
+        rows.append({"row": label, "ready_s": instance.ready_seconds, "took_cache": bool(took)})
+        print(f"bench_vllm_compiled: {rows[-1]}", file=sys.stderr)
+
+    with start("eager", model, None, load_format="auto") as eager:
+        record("vLLM default loader, --enforce-eager (no compile)", eager)
+    cold_root = logs / "cold-cache"
+    with start(
+        "cold", model, None, load_format="auto", enforce_eager=False, root=cold_root
+    ) as cold:
+        record("vLLM default loader, compiled, empty cache", cold)
+    secret = {"NETLOADER_SECRET": SECRET}
+    seed_config = {"MODEL": "m", "OUTPUT_PREFIX": str(logs / "seed_"), "SHARE_COMPILE_CACHE": True}
+    with start("seed", model, seed_config, enforce_eager=False, root=cold_root, env=secret) as seed:
+        record("seed (netloader, weights from disk), restarted on its warm cache", seed)
+        source = [{"device_id": 0, "sources": [read_address_file(logs / "seed_0.txt")]}]
+        plain = {"MODEL": "m", "SOURCE": source}
+        with start("weights", weightless, plain, enforce_eager=False, env=secret) as client:
+            record("netloader weights only, compiled, empty cache", client)
+        shared = {**plain, "SHARE_COMPILE_CACHE": True}
+        with start("shared", weightless, shared, enforce_eager=False, env=secret) as client:
+            record("netloader weights + compile cache, empty cache", client)
+
+    reference = outputs[rows[0]["row"]]
+    for row in rows:
+        row["same_outputs"] = outputs[row["row"]] == reference
+    warm, shared_row = rows[2]["ready_s"], rows[4]["ready_s"]
+    ratio = shared_row / warm
+    print(f"\nModel {model.name}, float32, {os.cpu_count()} CPUs ({platform.machine()}); "
+          "start-to-ready = process start until /health answers.\n")  # fmt: skip
+    print("| instance | start-to-ready | compile cache taken | same outputs |")
+    print("| --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['row']} | {row['ready_s']:.1f} s | {'yes' if row['took_cache'] else ''} "
+              f"| {'yes' if row['same_outputs'] else 'NO'} |")  # fmt: skip
+    print(f"\nweights + compile cache / seed warm restart: {ratio:.2f}x (target <= 1.15x)")
+    if args.json:
+        write_json(args.json, {"model": str(model), "rows": rows, "ratio_to_warm_restart": ratio})
+    return 0 if all(r["same_outputs"] for r in rows) and rows[4]["took_cache"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""A compile cache served beside the weights (SHARE_COMPILE_CACHE), over real sockets,
+without vLLM: a seed's cache tree taken into another cache root verified and all at
+once; refused when its key differs; and, when its bytes are corrupted or cut off on the
+way, the client's cache directory left exactly as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import netloader
+from netloader import Client, NetloaderError, Server, SourceUnavailable, TransferError
+from netloader.integrations.vllm_compile_cache import (
+    ARTIFACT,
+    CompileKey,
+    cache_holdings,
+    take_compile_cache,
+)
+from netloader.manifest import Identity
+from netloader.server import LoadedTensors
+from support.servers import MakeProxy, run_cli
+
+IDENTITY = Identity("tiny", attributes={"vllm": "0.32.0"})
+FACTORS = {"vllm": "0.32.0", "torch": "2.13.0", "environment": "e", "engine config": "c"}
+SECRET = b"the compile cache test secret"
+
+
+def key(root: Path, **factors: str) -> CompileKey:
+    return CompileKey(root, ("k" * 64,), "rank_0_0", {**FACTORS, **factors})
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def seed_key(tmp_path: Path) -> CompileKey:
+    """A seed's cache: the module's artifact (1 MiB, several chunks), the inductor cache."""
+    seed = key(tmp_path / "seed")
+    rank = seed.root / seed.keys[0] / seed.rank
+    (rank / "backbone").mkdir(parents=True)
+    (rank / ARTIFACT).write_bytes(bytes(range(256)) * 4096)
+    (rank / "backbone" / "vllm_compile_cache.py").write_text("{}")
+    inductor = seed.root / seed.keys[0] / "inductor_cache" / "fxgraph" / "ab"
+    inductor.mkdir(parents=True)
+    (inductor / "entry").write_bytes(b"compiled")
+    return seed
+
+
+@pytest.fixture
+def seed(seed_key: CompileKey) -> Iterator[Server]:
+    weights = LoadedTensors({"w": torch.ones(4)}, IDENTITY)
+    with Server(weights, secret=SECRET, compile_cache=cache_holdings(seed_key, IDENTITY)) as s:
+        yield s
+
+
+def test_a_seeds_cache_is_taken_whole_and_kept_when_there(
+    seed: Server, seed_key: CompileKey, tmp_path: Path
+) -> None:
+    mine = key(tmp_path / "client")
+    said = take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
+    assert f"key {'k' * 64}: 3 files written" in said, said
+    assert tree(mine.root) == tree(seed_key.root)
+    again = take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
+    assert "0 files written, 2 parts already there kept" in again
+    assert not list(mine.root.rglob(".*partial"))
+
+
+def test_a_different_key_takes_nothing_and_names_the_difference(
+    seed: Server, tmp_path: Path
+) -> None:
+    mine = key(tmp_path / "client", **{"engine config": "other"})
+    with pytest.raises(NetloaderError, match="engine config: seed 'c', this instance 'other'"):
+        take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
+    assert not mine.root.exists()
+
+
+@pytest.mark.parametrize("fault", ["flip", "cut"])
+def test_corrupted_or_cut_off_leaves_the_cache_directory_as_it_was(
+    seed: Server, proxy: MakeProxy, tmp_path: Path, fault: str
+) -> None:
+    mine = key(tmp_path / "client")
+    mine.root.mkdir(parents=True)
+    (mine.root / "unrelated").write_text("mine")
+    before = tree(mine.root)
+    at = 600_000  # inside the artifact's bytes: past the handshake and the manifest
+    bad = proxy(str(seed.address), **({"flip_at": at} if fault == "flip" else {"cut_at": at}))
+    client = Client([bad.address], secret=SECRET, timeouts=netloader.Timeouts(stall=2))
+    with pytest.raises(TransferError):
+        take_compile_cache(client, mine, IDENTITY)
+    assert tree(mine.root) == before
+    assert [p.name for p in mine.root.iterdir()] == ["unrelated"]
+
+
+def test_a_seed_that_has_not_compiled_offers_no_cache(tmp_path: Path) -> None:
+    empty = key(tmp_path / "nothing")
+    weights = LoadedTensors({"w": torch.ones(4)}, IDENTITY)
+    with (
+        Server(weights, compile_cache=cache_holdings(empty, IDENTITY)) as server,
+        pytest.raises(SourceUnavailable, match="no compile cache"),
+    ):
+        take_compile_cache(Client([server.address]), key(tmp_path / "c"), IDENTITY)
+    with (
+        Server(weights) as server,  # SHARE_COMPILE_CACHE off
+        pytest.raises(SourceUnavailable, match="offers no compile-cache"),
+    ):
+        take_compile_cache(Client([server.address]), key(tmp_path / "c"), IDENTITY)
+
+
+def test_names_outside_the_key_are_refused(tmp_path: Path) -> None:
+    """A hostile seed offering a file outside the directories of its key."""
+    hostile = key(tmp_path / "h")
+    files = {f"{hostile.keys[0]}/../../evil": torch.zeros(3, dtype=torch.uint8)}
+    attributes = {**IDENTITY.attributes, **hostile.attributes()}
+
+    def offer() -> LoadedTensors:
+        return LoadedTensors(files, Identity("tiny", attributes=attributes))
+
+    weights = LoadedTensors({"w": torch.ones(4)}, IDENTITY)
+    with (
+        Server(weights, compile_cache=offer) as server,
+        pytest.raises(NetloaderError, match="file named"),
+    ):
+        take_compile_cache(Client([server.address]), key(tmp_path / "c"), IDENTITY)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "evil").exists()
+
+
+def test_the_cli_takes_a_cache_only_with_a_secret(
+    seed: Server, seed_key: CompileKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "vllm-cache"
+    argv = ["pull", str(seed.address), "--out", str(tmp_path / "m"), "--compile-cache", str(root)]
+    refused = run_cli(*argv)
+    assert refused.returncode == 2 and "code vLLM will run" in refused.stderr
+    monkeypatch.setenv("NETLOADER_SECRET", SECRET.decode())
+    taken = run_cli(*argv)
+    assert taken.returncode == 0, taken.stderr
+    assert "took the compile cache (3 files" in taken.stdout
+    aot = root / "torch_compile_cache" / "torch_aot_compile"
+    assert tree(aot) == tree(seed_key.root)

@@ -1,0 +1,131 @@
+"""SHARE_COMPILE_CACHE with real vLLM and its default torch.compile (no --enforce-eager):
+a new instance takes its seed's compile cache with its weights and skips compiling what
+the seed compiled; a cache from an open source, one made under another key, or one
+corrupted on the way is refused, and the instance compiles itself and answers the same.
+
+Each instance gets its own VLLM_CACHE_ROOT, so nothing is shared through the disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netloader.testing.vllm import VllmInstance
+from support.proxy import FaultyProxy
+from support.vllm_checks import Starter, assert_loaded_over_network, serve_line
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+SECRET = "the compile cache e2e secret"
+TOOK = "took the compile cache"
+COMPILES_ITSELF = "compiles itself"
+
+
+def kernels(root: Path) -> set[str]:
+    """The compiled kernels in a cache root (what a cache hit need not build again)."""
+    return {p.name for p in root.rglob("inductor_cache/**/*.so")}
+
+
+def compiled(start: Starter, name: str, model: Path, config: dict[str, Any], root: Path,
+             secret: bool = False, **kw: Any) -> VllmInstance:  # fmt: skip
+    env = {"VLLM_CACHE_ROOT": str(root)} | ({"NETLOADER_SECRET": SECRET} if secret else {})
+    return start(name, model, {**config, "SHARE_COMPILE_CACHE": True}, dtype="float32",
+                 enforce_eager=False, env=env, ready_timeout=400, **kw)  # fmt: skip
+
+
+def netloader_says(instance: VllmInstance, text: str) -> list[str]:
+    return [line for line in instance.netloader_lines() if text in line]
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("seed-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(start: Starter, tiny_model: Path, cache_root: Path) -> dict[str, str]:
+    """An open seed compiles from an empty cache (the cache the others come from)."""
+    with compiled(start, "cc_cold_seed", tiny_model, {"MODEL": "tiny"}, cache_root) as seed:
+        assert kernels(cache_root), "the seed compiled nothing"
+        return seed.completions()
+
+
+@pytest.fixture(scope="module")
+def seed(
+    start: Starter, tiny_model: Path, cache_root: Path, reference: dict[str, str]
+) -> Iterator[VllmInstance]:
+    """The same seed restarted on its warm cache, now with a secret."""
+    config = {"MODEL": "tiny", "OUTPUT_PREFIX": start.prefix("cc_seed")}
+    with compiled(start, "cc_seed", tiny_model, config, cache_root, secret=True) as warm:
+        assert warm.completions() == reference
+        yield warm
+
+
+def test_a_client_takes_weights_and_compile_cache_and_compiles_nothing(
+    start: Starter,
+    seed: VllmInstance,
+    reference: dict[str, str],
+    client_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    source = start.source("cc_seed")
+    root = tmp_path / "client-cache"
+    config = {"MODEL": "tiny", "SOURCE": [source]}
+    with compiled(start, "cc_client", client_model_dir, config, root, secret=True) as client:
+        assert_loaded_over_network(client, source["sources"][0])
+        took = netloader_says(client, TOOK)
+        assert len(took) == 1, client.netloader_lines()
+        assert client.completions() == reference
+        # vLLM looked where netloader wrote, found every kernel there and built none:
+        # no kernel is newer than the moment the cache was taken.
+        taken_at = datetime.strptime(took[0].split(" [netloader]")[0][-23:], "%Y-%m-%d %H:%M:%S,%f")
+        newest = max(p.stat().st_mtime for p in root.rglob("inductor_cache/**/*.so"))
+        assert datetime.fromtimestamp(newest) <= taken_at, (newest, took[0])
+        # vLLM's own key is the one netloader computed: it looked in that very directory.
+        key = took[0].split(", key ")[1].split(":")[0]
+        looked = f"{root}/torch_compile_cache/torch_aot_compile/{key}/rank_0_0"
+        assert looked in client.log_text(), f"vLLM did not look in {looked}"
+
+
+@pytest.mark.parametrize("case", ["no_secret", "other_key", "corrupted"])
+def test_a_refused_cache_leaves_the_instance_compiling_itself(
+    start: Starter,
+    seed: VllmInstance,
+    reference: dict[str, str],
+    tiny_model: Path,
+    tmp_path: Path,
+    case: str,
+) -> None:
+    """Each has the weights on disk too (without the secret they come from there)."""
+    address = start.source("cc_seed")["sources"][0]
+    # The proxy flips one byte: past the weights (which arrive first), 1 MB into the cache.
+    weights = int(serve_line(seed).group(3))
+    proxy = FaultyProxy(address, flip_at=weights + (1 << 20)) if case == "corrupted" else None
+    source = proxy.address if proxy is not None else address
+    config = {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": [source]}]}
+    # Another engine configuration makes another cache key.
+    kw: dict[str, Any] = {"extra_args": ("--max-num-batched-tokens", "768")}
+    reason = {
+        "no_secret": "proved the shared secret or a trusted certificate",
+        "other_key": "its compile key differs: engine config: seed",
+        "corrupted": "digest mismatch",
+    }[case]
+    try:
+        with compiled(
+            start, f"cc_{case}", tiny_model, config, tmp_path / "cache",
+            secret=case != "no_secret", **(kw if case == "other_key" else {}),
+        ) as instance:  # fmt: skip
+            said = netloader_says(instance, COMPILES_ITSELF)
+            assert len(said) == 1 and reason in said[0], instance.netloader_lines()
+            assert netloader_says(instance, TOOK) == []
+            assert instance.completions() == reference
+            if case == "corrupted":
+                assert_loaded_over_network(instance, source)
+    finally:
+        if proxy is not None:
+            proxy.close()
