@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from netloader import transports
+from netloader.discovery.registry import check_registry_url
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import ConfigError
 from netloader.settings import Timeouts
@@ -63,6 +64,7 @@ class NetloaderConfig:
     tls_key: str | None = None
     tls_ca: str | None = None
     wave_dir: str | None = None
+    registry: str | None = None
     share_compile_cache: bool = False
     _given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -281,6 +283,13 @@ def _source(key: str, value: Any) -> tuple[RankSources, ...]:
     return tuple(entries)
 
 
+def _registry(key: str, value: Any) -> str:
+    try:
+        return check_registry_url(_str(key, value))
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 # JSON field -> (dataclass attribute, parser)
 _PARSERS: dict[str, tuple[str, Any]] = {
     "SOURCE": ("source", _source),
@@ -300,5 +309,6 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "TLS_KEY": ("tls_key", _str),
     "TLS_CA": ("tls_ca", _str),
     "WAVE_DIR": ("wave_dir", _str),
+    "REGISTRY": ("registry", _registry),
     "SHARE_COMPILE_CACHE": ("share_compile_cache", _bool),
 }

@@ -77,8 +77,9 @@ class Server:
         self.limits = limits
         self._tls = tls
         self._secret = secret
-        self._transfers = threading.BoundedSemaphore(limits.max_transfers)
+        self._transfers = _Slots(limits.max_transfers)
         self._closing = threading.Event()
+        self._at_close: list[Callable[[], None]] = []
         # Each connection's conversation and the thread running it.
         self._running: dict[Connection, tuple[Conversation, threading.Thread]] = {}
         self._lock = threading.Lock()
@@ -131,8 +132,25 @@ class Server:
         with self._lock:
             return len(self._running)
 
+    @property
+    def transfers_in_progress(self) -> int:
+        """Transfers being served now (what a registry record tells clients choosing the
+        least loaded server)."""
+        return self._transfers.taken
+
+    def at_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback` first thing in `close()`, e.g. to withdraw this server from a
+        registry before its listener goes away."""
+        self._at_close.append(callback)
+
     def close(self) -> None:
         """Stop accepting, end every connection, and wait (briefly) for their threads."""
+        callbacks, self._at_close = self._at_close, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("netloader: a close callback failed")
         self._closing.set()
         self._accept_thread.join(timeout=5)
         self._listener.close()
@@ -261,6 +279,18 @@ class Relay(Server):
                 chunk_bytes=chunk_bytes,
             )
         )
+
+
+class _Slots(threading.BoundedSemaphore):
+    """The transfer slots, able to say how many are taken."""
+
+    def __init__(self, value: int) -> None:
+        super().__init__(value)
+        self._total = value
+
+    @property
+    def taken(self) -> int:
+        return self._total - self._value
 
 
 def _family(host: str) -> socket.AddressFamily:
