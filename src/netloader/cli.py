@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,24 @@ from netloader.checkpoint import (
 )
 from netloader.client import Client
 from netloader.config import NetloaderConfig
+from netloader.discovery import registry as reg
+from netloader.discovery.wave import listing
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import NetloaderError, SourceUnavailable
 from netloader.files import check_files_manifest, empty_files, model_files, write_files
 from netloader.integrations.vllm_compile_cache import CompileKey, take_offered
 from netloader.manifest import Identity, Manifest
 from netloader.protocol import Part
-from netloader.ranks import client_for, join_wave, leave_wave, relay_rank, serve_rank
+from netloader.ranks import (
+    client_for,
+    find_sources,
+    join_registry_wave,
+    join_wave,
+    leave_wave,
+    register_server,
+    relay_rank,
+    serve_rank,
+)
 from netloader.server import LoadedTensors, Relay
 from netloader.settings import Timeouts, new_secret, resolve_secret
 
@@ -75,6 +88,23 @@ tls_ca_option = click.option(
     "--tls-ca",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Connect over TLS, trusting servers whose certificate this CA file signed.",
+)
+
+
+def _registry_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return reg.check_registry_url(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+registry_option = click.option(
+    "--registry",
+    callback=_registry_url,
+    metavar="redis://[:password@]host:port/db",
+    help="Redis registry of live servers: serve registers there, pull finds sources there.",
 )
 
 
@@ -147,6 +177,7 @@ def main(verbose: bool) -> None:
     "--model", "model_name", help="Model name clients must ask for [default: directory name]."
 )
 @click.option("--output-prefix", help="Write the address to {prefix}0.txt once listening.")
+@registry_option
 @secret_option
 @_with(*tls_cert_options)
 @_fail_cleanly
@@ -156,6 +187,7 @@ def serve(
     model_name: str | None,
     advertise: str | None,
     output_prefix: str | None,
+    registry: str | None,
     secret_file: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -166,6 +198,7 @@ def serve(
         listen=listen,
         ADVERTISE_HOST=advertise,
         OUTPUT_PREFIX=output_prefix,
+        REGISTRY=registry,
         SECRET_FILE=secret_file,
         TLS_CERT=tls_cert,
         TLS_KEY=tls_key,
@@ -183,6 +216,8 @@ def serve(
             f"{len(files)} other files) on {server.address}",
             nl=True,
         )
+        if registry is not None:
+            click.echo(f"netloader: registering in {reg.mask_url(registry)} once serving")
         sys.stdout.flush()
         _wait_for_signal()
     click.echo("netloader: stopped")
@@ -234,6 +269,14 @@ def serve(
     show_default=True,
     help="Wave topology: members each relay to this many (1: a chain; 0: all from the seeds).",
 )
+@registry_option
+@click.option(
+    "--join-wave",
+    "join_wave_",
+    is_flag=True,
+    help="With --registry: join the registry's wave of --model (relay to later members, "
+    "keep serving after the pull).",
+)
 @_with(*_listen_options("Where a wave member serves what it received."))
 @click.option("--connect-timeout", type=float, default=Timeouts.connect, show_default=True)
 @click.option("--stall-timeout", type=float, default=Timeouts.stall, show_default=True)
@@ -251,6 +294,8 @@ def pull(
     stripe: int | None,
     wave_dir: Path | None,
     fanout: int,
+    registry: str | None,
+    join_wave_: bool,
     listen: Endpoint,
     advertise: str | None,
     connect_timeout: float,
@@ -274,7 +319,12 @@ def pull(
         TLS_KEY=tls_key,
         TLS_CA=tls_ca,
         WAVE_DIR=wave_dir,
+        REGISTRY=registry,
     )
+    if registry is not None and model_name is None:
+        raise click.UsageError("--registry needs --model: the model to look up")
+    if join_wave_ and (registry is None or wave_dir is not None):
+        raise click.UsageError("--join-wave needs --registry, and no --wave")
     # SIGTERM unwinds like an error, so an interrupted pull removes its partial file.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     if compile_cache is not None and not _trusted(config):
@@ -284,10 +334,11 @@ def pull(
             "certificate you trust (--tls-ca)"
         )
     if no_weights:
-        if wave_dir is not None:
-            raise click.UsageError("--no-weights pulls no weights to relay: drop --wave")
+        if wave_dir is not None or join_wave_:
+            raise click.UsageError("--no-weights pulls no weights to relay: drop the wave")
+        sources = tuple(_from_registry(config, model_name, sources))
         if not sources:
-            raise click.UsageError("give SOURCES")
+            raise click.UsageError("give SOURCES, or --registry with live servers")
         client = client_for(config, sources)
         files = _pull_files(client, model_name, required=True)
         written = write_files(out_dir, files)
@@ -310,9 +361,29 @@ def pull(
             f"pulling from {', '.join(map(str, all_sources)) or 'nobody'}"
         )
         stripe = stripe or 1
+    elif join_wave_:
+        assert model_name is not None
+        relay = relay_rank(config, 0)
+        if relay is None:
+            raise click.UsageError(f"--listen {listen}: the port must be 0 or in 1024-65535")
+        joined, found = join_registry_wave(
+            config, 0, relay, Identity(model_name), fanout=fanout or None
+        )
+        all_sources = list(dict.fromkeys([*found, *all_sources]))
+        member = "outside the wave" if joined is None else f"wave member {joined}"
+        click.echo(
+            f"netloader: {member} serving on {relay.address}, "
+            f"pulling from {', '.join(map(str, all_sources)) or 'nobody'}"
+        )
+        stripe = stripe or 1
+    elif registry is not None:
+        all_sources = _from_registry(config, model_name, sources)
+        click.echo(f"netloader: pulling from {', '.join(map(str, all_sources)) or 'nobody'}")
     try:
         if not all_sources:
-            raise click.UsageError("give SOURCES, or --wave with a seed in it")
+            raise click.UsageError(
+                "give SOURCES, or --wave with a seed in it, or --registry with live servers"
+            )
         client = client_for(config, all_sources, stripe=stripe)
         manifest = client.manifest()
         _check_model(manifest, model_name)
@@ -350,6 +421,7 @@ def pull(
             if compile_cache is not None:
                 _pull_compile_cache(client, compile_cache)
             if relay is not None:
+                register_server(config, 0, relay, manifest.identity)
                 click.echo(f"netloader: serving on {relay.address} until interrupted")
                 sys.stdout.flush()
                 _wait_for_signal()
@@ -358,6 +430,16 @@ def pull(
             if not pulled and position is not None:
                 leave_wave(config, 0, position)  # later members must not pick us
             relay.close()
+
+
+def _from_registry(
+    config: NetloaderConfig, model_name: str | None, sources: tuple[Endpoint, ...]
+) -> list[Endpoint]:
+    """The registry's live servers of `model_name` (least loaded first), then `sources`."""
+    if config.registry is None or model_name is None:
+        return list(sources)
+    found = find_sources(config, Identity(model_name), 0)
+    return list(dict.fromkeys([*found, *sources]))
 
 
 def _check_model(manifest: Manifest, model_name: str | None) -> None:
@@ -442,6 +524,59 @@ def inspect(
         click.echo(json.dumps(manifest.to_json(), indent=1))
         return
     click.echo(_describe(manifest))
+
+
+@main.command()
+@registry_option
+@click.option(
+    "--wave",
+    "wave_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="List the seeds and live members of this wave directory instead.",
+)
+@click.option("--model", "model_name", help="Only servers of this model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@click.option("--connect-timeout", type=float, default=Timeouts.connect, show_default=True)
+@_fail_cleanly
+def peers(
+    registry: str | None,
+    wave_dir: Path | None,
+    model_name: str | None,
+    as_json: bool,
+    connect_timeout: float,
+) -> None:
+    """List live servers: model, layout, rank, address, transfers in progress, and since
+    when (from a registry), or a wave directory's seeds and live members."""
+    if (registry is None) == (wave_dir is None):
+        raise click.UsageError("give one of --registry and --wave")
+    if wave_dir is not None:
+        entries = listing(wave_dir)
+        if as_json:
+            click.echo(json.dumps([vars(e) for e in entries], indent=1))
+            return
+        for e in entries:
+            where = "seed" if e.position is None else f"member {e.position}"
+            click.echo(f"rank {e.rank}{e.kind}  {where:<10}  {e.address}")
+        return
+    assert registry is not None
+    with contextlib.closing(reg.Registry(registry, timeout=connect_timeout)) as found:
+        records = found.records()
+    chosen = sorted(
+        (r for r in records if model_name is None or r.model == model_name),
+        key=lambda r: (r.model, r.tp_size, r.pp_size, r.rank, r.transfers, r.since, r.address),
+    )
+    if as_json:
+        click.echo(json.dumps([json.loads(r.to_json()) for r in chosen], indent=1))
+        return
+    if not chosen:
+        click.echo(f"netloader: no live servers in {found.label}")
+    for r in chosen:
+        layout = r.layout or f"tp{r.tp_size}xpp{r.pp_size}"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.since))
+        click.echo(
+            f"{r.model}  {layout}  rank {r.rank}  {r.address}  "
+            f"transfers {r.transfers}  since {since}"
+        )
 
 
 @main.command()

@@ -1,6 +1,6 @@
 """Serving and loading per parallel rank, driven by the seed configuration: LISTEN_PORT +
-rank, OUTPUT_PREFIX files, the SOURCE entry for the rank, and WAVE_DIR waves. This is the
-layer the vLLM integration (and any engine's) stands on."""
+rank, OUTPUT_PREFIX files, the SOURCE entry for the rank, WAVE_DIR waves and the REGISTRY.
+This is the layer the vLLM integration (and any engine's) stands on."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from netloader.api import Tensors, tensors_of
 from netloader.checkpoint import CHECKPOINT_WEIGHTS
 from netloader.client import Client, LoadReport
 from netloader.config import DRAFT_SUFFIX, NetloaderConfig
+from netloader.discovery import registry as reg
 from netloader.discovery.wave import Wave
 from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_address_file
 from netloader.errors import NetloaderError, SourceUnavailable, UsageError
@@ -54,7 +55,69 @@ def serve_rank(
     offered = None if files is None else LoadedTensors(files, identity)
     server = Server(holdings, files=offered, **_server_options(config, port, secret))
     _publish(config, rank, server, draft)
+    if unavailable is None:
+        register_server(config, rank, server, identity)
     return server
+
+
+def register_server(
+    config: NetloaderConfig, rank: int, server: Server, identity: Identity
+) -> reg.Heartbeat | None:
+    """Keep `server` in REGISTRY as a live server of `identity` for `rank`: published once
+    it is serving (its digests are computed), renewed with its transfers in progress
+    every third of the TTL, withdrawn when it closes. None without a REGISTRY, or when
+    the registry cannot be used (logged; the server serves anyway)."""
+    if config.registry is None:
+        return None
+    group = _group(identity, rank)
+    try:
+        registry = reg.Registry(config.registry, timeout=config.connect_timeout)
+    except ImportError as exc:
+        log.error("netloader: cannot use REGISTRY (serving anyway): %s", exc)
+        return None
+    layout = "checkpoint" if identity.attributes.get("weights") == CHECKPOINT_WEIGHTS else ""
+    heartbeat = reg.Heartbeat(
+        registry,
+        reg.server_record(group, str(server.address), layout=layout),
+        update=reg.with_transfers(lambda: server.transfers_in_progress),
+        ready=lambda: _serving(server),
+    )
+    server.at_close(heartbeat.close)
+    return heartbeat
+
+
+def find_sources(
+    config: NetloaderConfig,
+    identity: Identity,
+    rank: int,
+    *,
+    draft: bool = False,
+    checkpoints: bool = False,
+) -> list[Endpoint]:
+    """Where `rank` of `identity` can load from: REGISTRY's live servers of that identity
+    and rank (least loaded first), then SOURCE's entries for `rank`. `checkpoints`: also
+    the registry's served checkpoints of the model (which any layout can load through its
+    engine). A registry that cannot be reached is one log line and adds nothing; what the
+    registry says is only where to try (identity, digests and the secret still decide)."""
+    configured = list(config.sources_for(rank, draft=draft))
+    if config.registry is None:
+        return configured
+    groups = [_group(identity, rank)]
+    if checkpoints and groups[0] != reg.Group(identity.model):
+        groups.append(reg.Group(identity.model))
+    found: list[Endpoint] = []
+    try:
+        registry = reg.Registry(config.registry, timeout=config.connect_timeout)
+    except ImportError as exc:
+        log.warning("netloader: cannot use REGISTRY (%s); using SOURCE", exc)
+        return configured
+    try:
+        found = _endpoints(registry.servers(*groups))
+    except reg.RegistryError as exc:
+        log.warning("netloader: %s; using SOURCE only", exc)
+    finally:
+        registry.close()
+    return list(dict.fromkeys([*found, *configured]))
 
 
 def relay_rank(
@@ -87,6 +150,7 @@ def join_wave(
         raise UsageError("join_wave needs WAVE_DIR")
     wave = _wave(config, rank, fanout, draft)
     position = wave.join(str(relay.address))
+    relay.at_close(lambda: wave.release(position))  # a closed member is no upstream
     found: list[Endpoint] = []
     for text in wave.sources(position):
         try:
@@ -96,11 +160,69 @@ def join_wave(
     return position, [*found, *config.sources_for(rank, draft=draft)]
 
 
+def join_registry_wave(
+    config: NetloaderConfig,
+    rank: int,
+    relay: Server,
+    identity: Identity,
+    *,
+    fanout: int | None = 1,
+    draft: bool = False,
+) -> tuple[int | None, list[Endpoint]]:
+    """Join REGISTRY's wave of `identity` for `rank` as the member that `relay` serves: its
+    position claimed atomically, its record kept alive until `relay` closes. Returns the
+    position and the sources, in order: its live upstream members (parent first, in a
+    tree of `fanout`; 1: a chain, None: none; dead members have no record and are skipped
+    without a connect attempt), the registry's live servers (least loaded first), then
+    SOURCE's entries. A registry that cannot be reached within the connect timeout is one
+    log line: position None, and SOURCE's entries alone."""
+    configured = list(config.sources_for(rank, draft=draft))
+    if config.registry is None:
+        raise UsageError("join_registry_wave needs REGISTRY")
+    try:
+        registry = reg.Registry(config.registry, timeout=config.connect_timeout)
+    except ImportError as exc:
+        log.warning("netloader: cannot use REGISTRY (%s); using SOURCE", exc)
+        return None, configured
+    try:
+        record, found = registry.join(_group(identity, rank), str(relay.address), fanout)
+    except reg.RegistryError as exc:
+        log.warning("netloader: %s; not joining its wave, using SOURCE only", exc)
+        registry.close()
+        return None, configured
+    relay.at_close(reg.Heartbeat(registry, record).close)
+    return record.position, list(dict.fromkeys([*_endpoints(found), *configured]))
+
+
 def leave_wave(config: NetloaderConfig, rank: int, position: int, *, draft: bool = False) -> None:
     """Remove this member's record from WAVE_DIR's wave (its pull failed, or it stopped
     serving), so that later members do not pick it."""
     if config.wave_dir is not None:
         _wave(config, rank, None, draft).leave(position)
+
+
+def _group(identity: Identity, rank: int) -> reg.Group:
+    return reg.Group(identity.model, identity.tp_size, identity.pp_size, rank)
+
+
+def _endpoints(addresses: Sequence[str]) -> list[Endpoint]:
+    """The parseable ones (records are validated when read; this is the last guard)."""
+    found = []
+    for text in addresses:
+        try:
+            found.append(parse_endpoint(text))
+        except ValueError:
+            continue
+    return found
+
+
+def _serving(server: Server) -> bool:
+    """Whether `server` serves now: its manifest (digests) is ready."""
+    try:
+        server.manifest(timeout=0)
+    except NetloaderError:
+        return False
+    return True
 
 
 def _wave(config: NetloaderConfig, rank: int, fanout: int | None, draft: bool) -> Wave:
@@ -120,14 +242,17 @@ def load_rank(
     relay: Relay | None = None,
     draft: bool = False,
 ) -> LoadReport:
-    """Load from the sources SOURCE lists for `rank` (or from `sources`, one at a time in
-    order, e.g. a wave's from `join_wave`), relaying each chunk through `relay` (from
-    `relay_rank`) when given. Raises SourceUnavailable when there are no sources (the
-    caller's cue to use its default loader) and TransferError on failure."""
+    """Load from REGISTRY's live servers and SOURCE's entries for `rank` (`find_sources`;
+    from all at once), or from `sources`, one at a time in order (e.g. a wave's from
+    `join_wave`), relaying each chunk through `relay` (from `relay_rank`) when given.
+    Raises SourceUnavailable when there are no sources (the caller's cue to use its
+    default loader) and TransferError on failure."""
     in_order = sources is not None
-    sources = config.sources_for(rank, draft=draft) if sources is None else tuple(sources)
+    if sources is None:
+        sources = find_sources(config, identity, rank, draft=draft)
     if not sources:
-        raise SourceUnavailable(f"no sources for rank {rank}" + ("" if in_order else " in SOURCE"))
+        where = " in SOURCE or REGISTRY" if config.registry else " in SOURCE"
+        raise SourceUnavailable(f"no sources for rank {rank}" + ("" if in_order else where))
     client = client_for(config, sources, stripe=1 if in_order else None, secret=secret)
     return client.load_into(
         tensors_of(model), identity, observer=None if relay is None else relay.arrivals

@@ -257,61 +257,73 @@ class Registry:
 
     # ---- servers ------------------------------------------------------------------------
     def publish(self, record: Record) -> None:
-        """Write `record`, to expire after the TTL unless published again."""
-        ttl_ms = max(int(self.ttl * 1000), 1)
-        self._bounded(lambda: self._redis.set(record.key, record.to_json(), px=ttl_ms))
+        """Write `record`, to expire after the TTL unless published again; a wave member's
+        record also keeps its wave's position counter alive."""
+        self._bounded(lambda: self._publish(record))
 
     def withdraw(self, record: Record) -> None:
         self._bounded(lambda: self._redis.delete(record.key))
 
-    def servers(self, group: Group) -> list[str]:
-        """Live servers of `group`, in the order to try them (see servers_of)."""
-        return servers_of(self.records(group.servers_pattern()), group)
+    def servers(self, *groups: Group) -> list[str]:
+        """Live servers of `groups`, group by group, each in the order to try them (see
+        servers_of); one bounded call however many groups."""
 
-    def records(self, pattern: str = f"{SERVER_PREFIX}:*") -> list[Record]:
-        """The well-formed records whose keys match `pattern` (all servers by default)."""
-
-        def read() -> list[Record]:
-            keys: list[Any] = []
-            for key in self._redis.scan_iter(match=pattern, count=SCAN_BATCH):
-                keys.append(key)
-                if len(keys) >= MAX_RECORDS:
-                    break
-            values: list[Any] = []
-            for start in range(0, len(keys), SCAN_BATCH):
-                values.extend(self._redis.mget(keys[start : start + SCAN_BATCH]))
-            found = (Record.from_json(v) for v in values)
-            return [r for r in found if r is not None]
+        def read() -> list[str]:
+            found: list[str] = []
+            for group in groups:
+                found.extend(servers_of(self._records(group.servers_pattern()), group))
+            return _unique(found)
 
         return self._bounded(read)
 
-    # ---- waves --------------------------------------------------------------------------
-    def claim(self, group: Group) -> int:
-        """The next position in `group`'s wave, claimed atomically (INCR). The counter
-        lives as long as members keep renewing it, so a later wave starts again at 0."""
+    def records(self, pattern: str = f"{SERVER_PREFIX}:*") -> list[Record]:
+        """The well-formed records whose keys match `pattern` (all servers by default)."""
+        return self._bounded(lambda: self._records(pattern))
 
-        def incr() -> int:
+    # ---- waves --------------------------------------------------------------------------
+    def join(self, group: Group, address: str, fanout: int | None) -> tuple[Record, list[str]]:
+        """Join `group`'s wave as a member serving at `address`, in one bounded call: claim
+        the next position atomically (INCR), publish the member's record, and return it
+        with the sources, in order: its live upstream members (see `upstreams`; none when
+        `fanout` is None), then the group's live servers."""
+
+        def join() -> tuple[Record, list[str]]:
             pipe = self._redis.pipeline(transaction=True)
             pipe.incr(group.counter_key)
-            pipe.expire(group.counter_key, max(int(math.ceil(self.ttl)), 1))
-            return int(pipe.execute()[0]) - 1
+            pipe.expire(group.counter_key, self._ttl_s)
+            position = int(pipe.execute()[0]) - 1
+            record = server_record(group, address, position=position)
+            self._publish(record)
+            members = [] if fanout is None else self._records(group.members_pattern())
+            upstream = [] if fanout is None else upstreams(members, group, position, fanout)
+            seeds = servers_of(self._records(group.servers_pattern()), group)
+            return record, _unique([*upstream, *seeds])
 
-        return self._bounded(incr)
+        return self._bounded(join)
 
-    def renew_member(self, record: Record) -> None:
-        """Publish a wave member's record and keep its wave's counter alive."""
-        ttl_ms = max(int(self.ttl * 1000), 1)
+    # ---- one round trip or a few, unbounded: call through _bounded ------------------------
+    @property
+    def _ttl_s(self) -> int:
+        return max(math.ceil(self.ttl), 1)
 
-        def renew() -> None:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.set(record.key, record.to_json(), px=ttl_ms)
-            pipe.expire(record.group.counter_key, max(int(math.ceil(self.ttl)), 1))
-            pipe.execute()
+    def _publish(self, record: Record) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(record.key, record.to_json(), px=max(int(self.ttl * 1000), 1))
+        if record.position is not None:  # the counter lives while its wave has members
+            pipe.expire(record.group.counter_key, self._ttl_s)
+        pipe.execute()
 
-        self._bounded(renew)
-
-    def members(self, group: Group) -> list[Record]:
-        return self.records(group.members_pattern())
+    def _records(self, pattern: str) -> list[Record]:
+        keys: list[Any] = []
+        for key in self._redis.scan_iter(match=pattern, count=SCAN_BATCH):
+            keys.append(key)
+            if len(keys) >= MAX_RECORDS:
+                break
+        values: list[Any] = []
+        for start in range(0, len(keys), SCAN_BATCH):
+            values.extend(self._redis.mget(keys[start : start + SCAN_BATCH]))
+        found = (Record.from_json(v) for v in values)
+        return [r for r in found if r is not None]
 
     # ---- bounding -----------------------------------------------------------------------
     def _bounded(self, call: Callable[[], T]) -> T:
@@ -371,10 +383,7 @@ class Heartbeat:
         while not self._stop.is_set():
             record = self._update(self.record)
             try:
-                if record.position is None:
-                    self.registry.publish(record)
-                else:
-                    self.registry.renew_member(record)
+                self.registry.publish(record)
             except Exception as exc:  # whatever goes wrong, the server keeps serving
                 if not failing:
                     log.warning(
