@@ -384,9 +384,8 @@ def pull(
             raise click.UsageError(
                 "give SOURCES, or --wave with a seed in it, or --registry with live servers"
             )
+        manifest = _manifest(config, all_sources, model_name)
         client = client_for(config, all_sources, stripe=stripe)
-        manifest = client.manifest()
-        _check_model(manifest, model_name)
         files = _pull_files(client, manifest.identity.model, identity=manifest.identity)
         shards = (
             shards_from_index(files[INDEX_NAME].numpy().tobytes(), manifest)
@@ -440,6 +439,23 @@ def _from_registry(
         return list(sources)
     found = find_sources(config, Identity(model_name), 0)
     return list(dict.fromkeys([*found, *sources]))
+
+
+def _manifest(
+    config: NetloaderConfig, sources: list[Endpoint], model_name: str | None
+) -> Manifest:
+    """The manifest of the first source that serves `model_name` (any model when None). A
+    source serving another model (a stale or planted registry record) is passed over."""
+    reasons: list[str] = []
+    for source in sources:
+        try:
+            manifest = client_for(config, [source]).manifest()
+            _check_model(manifest, model_name)
+        except NetloaderError as exc:
+            reasons.append(str(exc))
+            continue
+        return manifest
+    raise SourceUnavailable("; ".join(reasons) or "no sources given")
 
 
 def _check_model(manifest: Manifest, model_name: str | None) -> None:

@@ -347,7 +347,8 @@ class Registry:
         if error:
             exc = error[0]
             if isinstance(exc, self._errors):
-                raise RegistryError(f"registry {self.label}: {exc}") from exc
+                reason = str(exc).rstrip(".")
+                raise RegistryError(f"registry {self.label} unreachable: {reason}") from exc
             raise exc
         return result[0]
 
