@@ -441,9 +441,7 @@ def _from_registry(
     return list(dict.fromkeys([*found, *sources]))
 
 
-def _manifest(
-    config: NetloaderConfig, sources: list[Endpoint], model_name: str | None
-) -> Manifest:
+def _manifest(config: NetloaderConfig, sources: list[Endpoint], model_name: str | None) -> Manifest:
     """The manifest of the first source that serves `model_name` (any model when None). A
     source serving another model (a stale or planted registry record) is passed over."""
     reasons: list[str] = []
