@@ -29,7 +29,7 @@ SECRET = b"the compile cache test secret"
 
 
 def key(root: Path, **factors: str) -> CompileKey:
-    return CompileKey(root, ("k" * 64,), "rank_0_0", {**FACTORS, **factors})
+    return CompileKey(root, "rank_0_0", {**FACTORS, **factors}, ("k" * 64,))
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -49,14 +49,16 @@ class LoadReport:
     verified: bool = True
     failures: tuple[str, ...] = field(default=())  # sources that failed before another finished
     bytes_by_source: tuple[tuple[str, int], ...] = field(default=())
+    part: str = p.Part.WEIGHTS.value
 
     @property
     def gbps(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
 
     def summary(self) -> str:
+        what = "tensors" if self.part == p.Part.WEIGHTS.value else f"files ({self.part})"
         return (
-            f"{self.tensors} tensors, {self.bytes} bytes in {self.seconds:.3f} s "
+            f"{self.tensors} {what}, {self.bytes} bytes in {self.seconds:.3f} s "
             f"({self.gbps:.2f} GB/s) from {', '.join(self.sources)} over {self.transport}, "
             f"{'verified' if self.verified else 'NOT verified'}"
         )
@@ -184,6 +186,7 @@ class Client:
             seconds=time.perf_counter() - started,
             failures=tuple(pull.plan.failures),
             bytes_by_source=tuple(pull.plan.delivered.items()),
+            part=part.value,
         )
         log.info("netloader: loaded %s", report.summary())
         return report

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,48 +48,56 @@ ARTIFACT = "model"  # vLLM writes it once a module is compiled
 
 @dataclass(frozen=True)
 class CompileKey:
-    """Where this instance's compile cache lives and what vLLM keys it on.
+    """What vLLM keys this instance's compile cache on, and where the cache lives.
 
     root:    VLLM_CACHE_ROOT/torch_compile_cache/torch_aot_compile.
-    keys:    vLLM's directory name for each compiled module (its cache key).
-    rank:    this worker's directory inside each, rank_<rank>_<dp rank>.
-    factors: what the keys are made of, by name, to say which one differs.
+    rank:    this worker's directory in each key's, rank_<rank>_<dp rank>.
+    factors: what vLLM's keys are made of, by name, as computed when the model is loaded
+             (vLLM completes its configuration later, so the keys themselves are known
+             only once it has compiled: equal factors here make equal keys then).
+    keys:    vLLM's directory name for each compiled module, once known.
     """
 
     root: Path
-    keys: tuple[str, ...]
     rank: str
     factors: dict[str, str]
+    keys: tuple[str, ...] = ()
 
     def attributes(self) -> dict[str, str]:
-        return {"compile_key": json.dumps(self._described())}
-
-    def _described(self) -> dict[str, object]:
-        return {**self.factors, "rank": self.rank, "keys": list(self.keys)}
+        described = {**self.factors, "rank": self.rank, "keys": list(self.keys)}
+        return {"compile_key": json.dumps(described)}
 
     def differences(self, attributes: Mapping[str, str]) -> list[str]:
         """What differs between this key and the one a seed's cache was made under."""
         theirs = _offered(attributes)
+        mine = {**self.factors, "rank": self.rank}
         return [
             f"{name}: seed {theirs.get(name)!r}, this instance {value!r}"
-            for name, value in self._described().items()
+            for name, value in mine.items()
             if theirs.get(name) != value
         ]
 
+    def placed_as(self, attributes: Mapping[str, str]) -> CompileKey:
+        """This key with the directory names of a seed's cache (checked to be plain)."""
+        keys = _offered(attributes).get("keys")
+        if not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
+            raise NetloaderError("the seed's compile key names no cache directories")
+        if any(not valid_name(k) for k in keys):
+            raise NetloaderError("the seed's compile key names a directory that is not plain")
+        return replace(self, keys=tuple(keys))
+
     @classmethod
     def offered(cls, attributes: Mapping[str, str], root: Path) -> CompileKey:
-        """The key a seed's cache was made under, to take it as it is into the cache root
-        `root` (VLLM_CACHE_ROOT): for a node whose vLLM has not started yet, whose own
-        lookup will find it only if its key is the same."""
+        """A seed's key as it is, to take its cache into the cache root `root`
+        (VLLM_CACHE_ROOT) of a node whose vLLM has not started yet: vLLM will use it
+        only if its own key turns out the same."""
         theirs = _offered(attributes)
-        keys, rank = theirs.pop("keys", None), theirs.pop("rank", None)
-        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-            raise NetloaderError("the seed's compile key names no cache directories")
-        if not isinstance(rank, str) or any(not valid_name(k) for k in [*keys, rank]):
-            raise NetloaderError("the seed's compile key names a directory that is not plain")
-        return cls(
-            root.joinpath(*AOT_DIR), tuple(keys), rank, {k: str(v) for k, v in theirs.items()}
-        )
+        rank = theirs.pop("rank", None)
+        theirs.pop("keys", None)
+        if not isinstance(rank, str) or not valid_name(rank):
+            raise NetloaderError("the seed's compile key names a rank that is not plain")
+        factors = {k: str(v) for k, v in theirs.items()}
+        return cls(root.joinpath(*AOT_DIR), rank, factors).placed_as(attributes)
 
     def directories(self) -> list[tuple[str, Path]]:
         """(name prefix in the served tree, directory) for each part of the cache."""
@@ -110,9 +118,12 @@ def _offered(attributes: Mapping[str, str]) -> dict[str, object]:
     return offered
 
 
-def compile_key(model: torch.nn.Module, vllm_config: Any) -> CompileKey | str:
-    """This instance's CompileKey, or why it has no compile cache (vLLM's own
-    functions make the key, so it is the directory vLLM itself will look in)."""
+def compile_key(
+    model: torch.nn.Module, vllm_config: Any
+) -> tuple[CompileKey, Callable[[], tuple[str, ...]]] | str:
+    """This instance's CompileKey, with a function that gives vLLM's directory names once
+    it has compiled; or why this instance has no compile cache. vLLM's own functions make
+    both, so the directories are the ones vLLM itself uses."""
     import vllm.envs as envs
     from vllm.compilation.caching import aot_compile_hash_factors
     from vllm.compilation.decorators import _model_hash_key
@@ -124,41 +135,53 @@ def compile_key(model: torch.nn.Module, vllm_config: Any) -> CompileKey | str:
         return "this instance does not compile (--enforce-eager or compilation off)"
     if not envs.VLLM_USE_AOT_COMPILE or envs.VLLM_DISABLE_COMPILE_CACHE:
         return "vLLM's AOT compile cache is off (VLLM_USE_AOT_COMPILE, VLLM_DISABLE_COMPILE_CACHE)"
+
+    def keys() -> tuple[str, ...]:
+        factors = aot_compile_hash_factors(vllm_config)
+        return tuple(
+            hashlib.sha256(str([*factors, _model_hash_key(m.forward)]).encode()).hexdigest()
+            for m in compiled
+        )
+
     factors = aot_compile_hash_factors(vllm_config)
-    keys = tuple(
-        hashlib.sha256(str([*factors, _model_hash_key(m.forward)]).encode()).hexdigest()
-        for m in compiled
-    )
-    parallel = vllm_config.parallel_config
     named = {
         "vllm": str(vllm.__version__),
         "torch": str(torch.__version__),
-        "environment": factors[0],
-        "engine config": factors[1],
+        "environment": str(factors[0]),
+        "engine config": str(factors[1]),
         "inductor config": hashlib.sha256(str(factors[2:]).encode()).hexdigest()[:16],
+        "modules": ",".join(_model_hash_key(m.forward)[:16] for m in compiled),
     }
+    parallel = vllm_config.parallel_config
     root = Path(envs.VLLM_CACHE_ROOT).joinpath(*AOT_DIR)
-    return CompileKey(root, keys, f"rank_{parallel.rank}_{parallel.data_parallel_index}", named)
+    rank = f"rank_{parallel.rank}_{parallel.data_parallel_index}"
+    return CompileKey(root, rank, named), keys
 
 
-def cache_holdings(key: CompileKey, identity: Identity) -> Callable[[], Holdings]:
+def cache_holdings(
+    key: CompileKey, identity: Identity, keys: Callable[[], tuple[str, ...]] | None = None
+) -> Callable[[], Holdings]:
     """What a seed offers when a client asks for its compile cache: the files as they are
-    then (a cache is complete once each module's artifact is written)."""
+    then, under vLLM's directory names then (`keys()`; default `key.keys`). A cache is
+    complete once each module's artifact is written."""
 
     def snapshot() -> Holdings:
+        now = key if keys is None else replace(key, keys=keys())
         missing = [
-            d for _, d in key.directories() if d.name == key.rank and not (d / ARTIFACT).is_file()
+            d for _, d in now.directories() if d.name == now.rank and not (d / ARTIFACT).is_file()
         ]
-        if missing:
-            raise SourceUnavailable(f"no compile cache (yet) in {missing[0]}")
+        if missing or not now.keys:
+            raise SourceUnavailable(
+                f"no compile cache (yet) in {missing[0] if missing else now.root}"
+            )
         files: dict[str, torch.Tensor] = {}
         try:
-            for prefix, directory in key.directories():
+            for prefix, directory in now.directories():
                 if directory.is_dir():
                     files.update(tree_files(directory, COMPILE_CACHE, prefix=prefix))
         except (OSError, NetloaderError) as exc:  # told to the client, who compiles itself
             raise SourceUnavailable(f"cannot offer the compile cache: {exc}") from exc
-        attributes = {**identity.attributes, **key.attributes()}
+        attributes = {**identity.attributes, **now.attributes()}
         return LoadedTensors(files, Identity(identity.model, attributes=attributes))
 
     return snapshot
@@ -176,9 +199,10 @@ def take_offered(client: Client, manifest: Manifest, key: CompileKey, identity: 
     """`take_compile_cache` once the seed's manifest is in hand."""
     if manifest.identity.model != identity.model:
         raise NetloaderError(f"the compile cache is for {manifest.identity.model!r}")
-    differences = key.differences(dict(manifest.identity.attributes))
+    differences = key.differences(manifest.identity.attributes)
     if differences:
         raise NetloaderError("its compile key differs: " + "; ".join(differences))
+    key = key.placed_as(manifest.identity.attributes)
     check_files_manifest(manifest, COMPILE_CACHE)
     prefixes = [prefix for prefix, _ in key.directories()]
     stray = [t.name for t in manifest.tensors if not t.name.startswith(tuple(prefixes))]

@@ -454,13 +454,14 @@ def _share_compile_cache(
     config: NetloaderConfig = loader.config
     slot: Slot = loader.slot
     try:
-        key = compile_key(model, vllm_config)
+        found = compile_key(model, vllm_config)
     except Exception as exc:  # vLLM internals moved: share nothing, start as usual
         log.warning("netloader: %s shares no compile cache: %r", slot, exc)
         return None
-    if isinstance(key, str):
-        log.info("netloader: %s shares no compile cache: %s", slot, key)
+    if isinstance(found, str):
+        log.info("netloader: %s shares no compile cache: %s", slot, found)
         return None
+    key, keys = found
     sources = config.sources_for(slot.rank, draft=slot.draft)
     trusted = resolve_secret(None, config.secret_file) is not None or config.tls_ca is not None
     if sources and not trusted:
@@ -479,7 +480,7 @@ def _share_compile_cache(
         except Exception as exc:  # never let a netloader bug stop the instance from starting
             log.exception("netloader: unexpected failure taking the compile cache")
             log.warning("netloader: %s compiles itself: unexpected %r", slot, exc)
-    return cache_holdings(key, identity)
+    return cache_holdings(key, identity, keys)
 
 
 def slot_key(slot: Slot) -> tuple[int, bool]:
