@@ -53,6 +53,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installed in $((SECONDS - start)) s"
 fi
 
+# The REGISTRY client, for instances that find their seeds in a registry.
+redis_pin=$(grep -E '^redis==' "$root/requirements.lock")
+if ! "$venv/bin/python" -m pip show redis 2>/dev/null | grep -qx "Version: ${redis_pin#redis==}"; then
+  vpip install "$redis_pin"
+fi
+
 if [ ! -f "$repo_stamp" ] || [ "$(cat "$repo_stamp")" != "$root" ]; then
   say "installing netloader from $root (editable)"
   vpip install --no-deps -e "$root"

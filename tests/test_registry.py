@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,61 +23,16 @@ from netloader.discovery.registry import DEFAULT_TTL
 from netloader.settings import new_secret
 from netloader.testing.models import blocks, same_bytes, write_checkpoint
 from netloader.testing.processes import ServerProcess
+from support.redis_server import RedisServer, needs_redis
 from support.servers import NETLOADER, StartCliServer, run_cli
 
-redis = pytest.importorskip("redis", reason="the `redis` library is not installed")
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None,
-    reason="redis-server is not on PATH (scripts/setup.sh installs it with apt-get where it can)",
-)
+pytestmark = needs_redis
 
 SLACK = 5.0  # seconds beyond the TTL that a dead record may take to go (scheduling, polls)
 MEMBER = re.compile(
     r"netloader: (?:wave member (?P<position>\d+)|outside the wave) "
     r"serving on (?P<address>[^,]+), pulling from (?P<sources>.*)$"
 )
-
-
-class RedisServer:
-    """`redis-server` on 127.0.0.1:port, without persistence; stop() and start() again on
-    the same port play a registry restart (which forgets every record)."""
-
-    def __init__(self, logs: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port: int = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.logs = logs
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no"]
-        with open(self.logs / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    log = self.logs / "redis.log"
-                    raise RuntimeError(f"redis-server did not start: {log}") from None
-                time.sleep(0.05)
-            finally:
-                client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def client(self) -> Any:
-        return redis.Redis(port=self.port, socket_timeout=5)
 
 
 @pytest.fixture

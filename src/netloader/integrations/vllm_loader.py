@@ -42,7 +42,15 @@ from netloader.integrations.vllm_compile_cache import (
 )
 from netloader.integrations.weight_capture import Capture, capture, check_intact, kept_bytes
 from netloader.manifest import Identity, Manifest, config_fingerprint
-from netloader.ranks import client_for, join_wave, load_rank, relay_rank, serve_rank, sort_sources
+from netloader.ranks import (
+    client_for,
+    find_sources,
+    join_wave,
+    load_rank,
+    relay_rank,
+    serve_rank,
+    sort_sources,
+)
 from netloader.server import Holdings, LoadedTensors, Relay, Server
 from netloader.settings import resolve_secret
 
@@ -205,9 +213,10 @@ def _load_from_peers(
     try:
         if loader.relay is not None:
             return _load_from_wave(params, identity, config, slot, loader.relay)
-        sources = config.sources_for(slot.rank, draft=slot.draft)
+        sources = find_sources(config, identity, slot.rank, draft=slot.draft, checkpoints=True)
         if not sources:
-            return f"SOURCE has no sources for {slot}"
+            where = "SOURCE" if config.registry is None else "neither REGISTRY nor SOURCE"
+            return f"{where} has no sources for {slot}"
         found = sort_sources(config, sources)
         reasons = list(found.unreachable)
         if found.peers:
@@ -462,7 +471,7 @@ def _share_compile_cache(
         log.info("netloader: %s shares no compile cache: %s", slot, found)
         return None
     key, keys = found
-    sources = config.sources_for(slot.rank, draft=slot.draft)
+    sources = find_sources(config, identity, slot.rank, draft=slot.draft)
     trusted = resolve_secret(None, config.secret_file) is not None or config.tls_ca is not None
     if sources and not trusted:
         log.warning(
