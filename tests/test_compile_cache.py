@@ -28,7 +28,9 @@ FACTORS = {"vllm": "0.32.0", "torch": "2.13.0", "environment": "e", "engine conf
 SECRET = b"the compile cache test secret"
 
 
-def key(root: Path, **factors: str) -> CompileKey:
+def key(cache_root: Path, **factors: str) -> CompileKey:
+    """A key for the VLLM_CACHE_ROOT `cache_root`."""
+    root = cache_root / "torch_compile_cache" / "torch_aot_compile"
     return CompileKey(root, "rank_0_0", {**FACTORS, **factors}, ("k" * 64,))
 
 
@@ -51,6 +53,9 @@ def seed_key(tmp_path: Path) -> CompileKey:
     inductor = seed.root / seed.keys[0] / "inductor_cache" / "fxgraph" / "ab"
     inductor.mkdir(parents=True)
     (inductor / "entry").write_bytes(b"compiled")
+    info = seed.root.parent.parent / "modelinfos"  # VLLM_CACHE_ROOT/modelinfos
+    info.mkdir()
+    (info / "vllm-model_executor-models-llama-LlamaForCausalLM.json").write_text("{}")
     return seed
 
 
@@ -66,10 +71,12 @@ def test_a_seeds_cache_is_taken_whole_and_kept_when_there(
 ) -> None:
     mine = key(tmp_path / "client")
     said = take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
-    assert f"key {'k' * 64}: 3 files written" in said, said
+    assert f"key {'k' * 64}: 4 files written" in said, said
     assert tree(mine.root) == tree(seed_key.root)
+    info = "modelinfos/vllm-model_executor-models-llama-LlamaForCausalLM.json"
+    assert tree(mine.root.parent.parent)[info] == b"{}"
     again = take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
-    assert "0 files written, 2 parts already there kept" in again
+    assert "0 files written, 3 parts already there kept" in again
     assert not list(mine.root.rglob(".*partial"))
 
 
@@ -89,14 +96,15 @@ def test_corrupted_or_cut_off_leaves_the_cache_directory_as_it_was(
     mine = key(tmp_path / "client")
     mine.root.mkdir(parents=True)
     (mine.root / "unrelated").write_text("mine")
-    before = tree(mine.root)
+    before = tree(mine.root.parent.parent)
     at = 600_000  # inside the artifact's bytes: past the handshake and the manifest
     bad = proxy(str(seed.address), **({"flip_at": at} if fault == "flip" else {"cut_at": at}))
     client = Client([bad.address], secret=SECRET, timeouts=netloader.Timeouts(stall=2))
     with pytest.raises(TransferError):
         take_compile_cache(client, mine, IDENTITY)
-    assert tree(mine.root) == before
+    assert tree(mine.root.parent.parent) == before
     assert [p.name for p in mine.root.iterdir()] == ["unrelated"]
+    assert [p.name for p in mine.root.parent.parent.iterdir()] == ["torch_compile_cache"]
 
 
 def test_a_seed_that_has_not_compiled_offers_no_cache(tmp_path: Path) -> None:
@@ -129,7 +137,7 @@ def test_names_outside_the_key_are_refused(tmp_path: Path) -> None:
         pytest.raises(NetloaderError, match="file named"),
     ):
         take_compile_cache(Client([server.address]), key(tmp_path / "c"), IDENTITY)
-    assert not (tmp_path / "c").exists() and not (tmp_path / "evil").exists()
+    assert not (tmp_path / "c").exists() and not list(tmp_path.rglob("evil"))
 
 
 def test_the_cli_takes_a_cache_only_with_a_secret(
@@ -142,6 +150,7 @@ def test_the_cli_takes_a_cache_only_with_a_secret(
     monkeypatch.setenv("NETLOADER_SECRET", SECRET.decode())
     taken = run_cli(*argv)
     assert taken.returncode == 0, taken.stderr
-    assert "took the compile cache (3 files" in taken.stdout
+    assert "took the compile cache (4 files" in taken.stdout
     aot = root / "torch_compile_cache" / "torch_aot_compile"
     assert tree(aot) == tree(seed_key.root)
+    assert (root / "modelinfos").is_dir()

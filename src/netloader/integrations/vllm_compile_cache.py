@@ -44,6 +44,7 @@ log = logging.getLogger("netloader.vllm")
 AOT_DIR = ("torch_compile_cache", "torch_aot_compile")
 INDUCTOR_DIR = "inductor_cache"
 ARTIFACT = "model"  # vLLM writes it once a module is compiled
+MODEL_INFO_DIR = "modelinfos"  # beside torch_compile_cache in VLLM_CACHE_ROOT
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,17 @@ class CompileKey:
         return cls(root.joinpath(*AOT_DIR), rank, factors).placed_as(attributes)
 
     def directories(self) -> list[tuple[str, Path]]:
-        """(name prefix in the served tree, directory) for each part of the cache."""
+        """(name prefix in the served tree, directory) for each part of the cache: per
+        key, this rank's artifacts and the inductor cache; and vLLM's model-inspection
+        cache (JSON, read before the engine starts: it saves a new node seconds when
+        `netloader pull --compile-cache` brings it before vLLM starts)."""
         return [
-            (f"{key}/{part}/", self.root / key / part)
-            for key in self.keys
-            for part in (self.rank, INDUCTOR_DIR)
+            *(
+                (f"{key}/{part}/", self.root / key / part)
+                for key in self.keys
+                for part in (self.rank, INDUCTOR_DIR)
+            ),
+            (f"{MODEL_INFO_DIR}/", self.root.parent.parent / MODEL_INFO_DIR),
         ]
 
 
