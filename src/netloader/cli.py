@@ -35,6 +35,7 @@ from netloader.errors import NetloaderError, SourceUnavailable
 from netloader.files import check_files_manifest, empty_files, model_files, write_files
 from netloader.integrations.vllm_compile_cache import CompileKey, take_offered
 from netloader.manifest import Identity, Manifest
+from netloader.metrics import serve_metrics
 from netloader.protocol import Part
 from netloader.ranks import (
     client_for,
@@ -65,6 +66,13 @@ class EndpointParam(click.ParamType):  # type: ignore[type-arg]
             return parse_endpoint(value, allow_zero=self.allow_zero)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+metrics_option = click.option(
+    "--metrics",
+    type=EndpointParam(allow_zero=False),
+    help="Expose Prometheus metrics at http://HOST:PORT/metrics (off by default).",
+)
 
 
 secret_option = click.option(
@@ -178,6 +186,7 @@ def main(verbose: bool) -> None:
 )
 @click.option("--output-prefix", help="Write the address to {prefix}0.txt once listening.")
 @registry_option
+@metrics_option
 @secret_option
 @_with(*tls_cert_options)
 @_fail_cleanly
@@ -188,12 +197,15 @@ def serve(
     advertise: str | None,
     output_prefix: str | None,
     registry: str | None,
+    metrics: Endpoint | None,
     secret_file: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
 ) -> None:
     """Load a safetensors checkpoint into memory and serve it until interrupted, with the
     directory's other files (config, tokenizer) for nodes that start with nothing."""
+    if metrics is not None:
+        serve_metrics(metrics)
     config = _config(
         listen=listen,
         ADVERTISE_HOST=advertise,
@@ -280,6 +292,7 @@ def serve(
 @_with(*_listen_options("Where a wave member serves what it received."))
 @click.option("--connect-timeout", type=float, default=Timeouts.connect, show_default=True)
 @click.option("--stall-timeout", type=float, default=Timeouts.stall, show_default=True)
+@metrics_option
 @secret_option
 @tls_ca_option
 @_with(*tls_cert_options)
@@ -300,6 +313,7 @@ def pull(
     advertise: str | None,
     connect_timeout: float,
     stall_timeout: float,
+    metrics: Endpoint | None,
     secret_file: Path | None,
     tls_ca: Path | None,
     tls_cert: Path | None,
@@ -308,6 +322,8 @@ def pull(
     """Fetch a model from SOURCES (all at once, disjoint parts from each) into a directory
     that engines load as it is: the weights as safetensors, verified, and the source's
     other files; or, with --wave, from the wave's seeds and members."""
+    if metrics is not None:
+        serve_metrics(metrics)
     config = _config(
         listen=listen,
         ADVERTISE_HOST=advertise,

@@ -66,6 +66,7 @@ class NetloaderConfig:
     wave_dir: str | None = None
     registry: str | None = None
     share_compile_cache: bool = False
+    metrics_port: int | None = None
     _given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -141,6 +142,17 @@ class NetloaderConfig:
                 shifted = (Endpoint(e.host, e.port + DRAFT_PORT_OFFSET) for e in entry.sources)
                 return tuple(e for e in shifted if e.port <= MAX_PORT)
         return ()
+
+    def metrics_endpoint_for(self, rank: int) -> Endpoint | None:
+        """Where rank's metrics are exposed: LISTEN_HOST, METRICS_PORT + rank (one port per
+        worker, since each worker process counts its own); None when unset or out of range."""
+        if self.metrics_port is None:
+            return None
+        port = self.metrics_port + rank
+        if not MIN_PORT <= port <= MAX_PORT:
+            log.warning("netloader: METRICS_PORT %d + %d is out of range", self.metrics_port, rank)
+            return None
+        return Endpoint(self.listen_host, port)
 
     def listen_port_for(self, rank: int, *, draft: bool = False) -> int | None:
         """Port for rank's listener: LISTEN_PORT + rank (+ DRAFT_PORT_OFFSET for a draft
@@ -310,5 +322,6 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "TLS_CA": ("tls_ca", _str),
     "WAVE_DIR": ("wave_dir", _str),
     "REGISTRY": ("registry", _registry),
+    "METRICS_PORT": ("metrics_port", _int),
     "SHARE_COMPILE_CACHE": ("share_compile_cache", _bool),
 }

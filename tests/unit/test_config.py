@@ -234,3 +234,10 @@ def test_share_compile_cache_is_an_explicit_boolean(value: object, expected: boo
     assert NetloaderConfig.from_dict({"SHARE_COMPILE_CACHE": value}).share_compile_cache is expected
     with pytest.raises(ConfigError, match=r"SHARE_COMPILE_CACHE.*true or false"):
         NetloaderConfig.from_dict({"SHARE_COMPILE_CACHE": "yes"})
+
+
+def test_metrics_port_is_one_per_rank() -> None:
+    config = NetloaderConfig.from_dict({"METRICS_PORT": 9400, "LISTEN_HOST": "0.0.0.0"})
+    assert config.metrics_endpoint_for(3) == Endpoint("0.0.0.0", 9403)
+    assert NetloaderConfig().metrics_endpoint_for(0) is None
+    assert NetloaderConfig.from_dict({"METRICS_PORT": 65535}).metrics_endpoint_for(1) is None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from netloader import metrics
 from netloader import protocol as p
 from netloader.client.shared import PullObserver, SharedPull
 from netloader.endpoint import Endpoint, parse_endpoint
@@ -153,6 +154,27 @@ class Client:
         started = time.perf_counter()
         if within is not None and (unknown := set(dest) - {t.name for t in within.tensors}):
             raise UsageError(f"not in the manifest: {', '.join(sorted(unknown)[:5])}")
+        metrics.TRANSFERS_STARTED.labels("client").inc()
+        failure: TransferError | None = None
+        try:
+            return self._load(dest, identity, progress, observer, within, part, started)
+        except TransferError as exc:
+            failure = exc
+            raise
+        finally:
+            metrics.TRANSFERS_FINISHED.labels("client", metrics.kind(failure)).inc()
+            metrics.TRANSFER_SECONDS.labels("client").observe(time.perf_counter() - started)
+
+    def _load(
+        self,
+        dest: Mapping[str, torch.Tensor],
+        identity: Identity,
+        progress: Callable[[int], None] | None,
+        observer: PullObserver | None,
+        within: Manifest | None,
+        part: p.Part,
+        started: float,
+    ) -> LoadReport:
         expected = within or expected_manifest(identity, dest)
         pull = SharedPull(
             expected, dest, self.sources, progress, observer, self.huge_pages, within, part

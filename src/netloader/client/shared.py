@@ -9,6 +9,7 @@ from typing import Protocol
 
 import torch
 
+from netloader import metrics
 from netloader.client.scheduler import Scheduler
 from netloader.client.sink import VerifyingSink
 from netloader.endpoint import Endpoint
@@ -100,6 +101,8 @@ class SharedPull:
             self.plan.leave(source)
 
     def failed(self, source: Endpoint, batch: list[Chunk], exc: TransferError) -> None:
+        if (refusal := metrics.kind(exc)) in metrics.REFUSAL_KINDS:
+            metrics.REFUSALS.labels(refusal).inc()
         with self.changed:
             sink = self.sink
             undelivered = [c for c in batch if sink is None or not sink.is_done(c)]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from netloader import metrics
 from netloader.errors import IntegrityError
 from netloader.manifest import Chunk, Manifest, digest
 from netloader.tensors import advise_huge_pages, byte_view, flat_bytes, prefault
@@ -75,12 +76,14 @@ class VerifyingSink:
         if arrived is None:
             arrived = digest(byte_view(self._view(chunk)))
         if arrived != entry.digests[chunk.number]:
+            metrics.INTEGRITY_FAILURES.inc()
             sender = f" from {source}" if source else ""
             raise IntegrityError(
                 f"tensor {entry.name!r} chunk {chunk.number}{sender}: digest mismatch, "
                 "bytes rejected",
                 source=source,
             )
+        metrics.RECEIVED_BYTES.inc(chunk.length)
         with self._lock:
             self.done_chunks.add((chunk.tensor, chunk.number))
             self.bytes += chunk.length

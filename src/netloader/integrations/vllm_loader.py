@@ -18,16 +18,18 @@ so a wave of instances started together forms a chain instead of all reading the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from netloader import metrics
 from netloader.config import NetloaderConfig
 from netloader.errors import NetloaderError
 from netloader.files import model_files
@@ -114,15 +116,18 @@ def _loader_class() -> type:
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
             slot = self.slot or _slot(self.config, None, model_config)
             identity = _identity(slot, model_config)
+            _expose_metrics(self.config, slot)
             self.relay = _start_relay(self.config, slot) if self.config.wave_dir else None
-            reason = _load_from_peers(model, model_config, identity, self, slot)
+            with _phase("pull"):
+                reason = _load_from_peers(model, model_config, identity, self, slot)
             if reason is not None:
                 log.warning(
                     "netloader: %s loads from disk with the default loader: %s", slot, reason
                 )
                 if self.relay is not None:  # its clients move on to their next source
                     self.relay.arrivals.fail(f"it loads from disk: {reason}")
-                self.default.load_weights(model, model_config)
+                with _phase("disk"):
+                    self.default.load_weights(model, model_config)
             params = {name: p.detach() for name, p in model.named_parameters()}
             self.capture = capture(params, identity, self.config)
 
@@ -134,7 +139,8 @@ def _loader_class() -> type:
                 if self.config.share_compile_cache:
                     cache = _share_compile_cache(self, model, vllm_config, self.capture.identity)
                 files = _model_files(model_config)
-                _serve(model, self.capture, self.config, self.slot, self.relay, files, cache)
+                with _phase("serve"):
+                    _serve(model, self.capture, self.config, self.slot, self.relay, files, cache)
                 self.capture = self.relay = None
             return model
 
@@ -209,31 +215,64 @@ def _load_from_peers(
     params = {name: p.detach() for name, p in model.named_parameters()}
     try:
         if loader.relay is not None:
-            return _load_from_wave(params, identity, config, slot, loader.relay)
+            why = _load_from_wave(params, identity, config, slot, loader.relay)
+            return _counted("peer", why, "wave")
         sources = find_sources(config, identity, slot.rank, draft=slot.draft, checkpoints=True)
         if not sources:
             where = "SOURCE" if config.registry is None else "neither REGISTRY nor SOURCE"
-            return f"{where} has no sources for {slot}"
+            return _counted("disk", f"{where} has no sources for {slot}", "no_sources")
         found = sort_sources(config, sources)
         reasons = list(found.unreachable)
         if found.peers:
             try:
                 report = client_for(config, found.peers).load_into(params, identity)
                 log.debug("netloader: %s loaded weights from peers: %s", slot, report.summary())
-                return None
+                return _counted("peer", None)
             except NetloaderError as exc:
                 reasons.append(str(exc))
         if found.checkpoints:
             why = load_from_checkpoints(model, model_config, identity, loader, found.checkpoints)
             if why is None:
-                return None
+                return _counted("checkpoint", None)
             reasons.append(why)
-        return "; ".join(reasons)
+        failed = "checkpoint" if found.checkpoints else "peers" if found.peers else "unreachable"
+        return _counted("disk", "; ".join(reasons), failed)
     except NetloaderError as exc:
-        return str(exc)
+        return _counted("disk", str(exc), "error")
     except Exception as exc:  # never let a netloader bug stop the instance from starting
         log.exception("netloader: unexpected failure")
-        return f"unexpected {type(exc).__name__}: {exc}"
+        return _counted("disk", f"unexpected {type(exc).__name__}: {exc}", "error")
+
+
+def _counted(path: str, reason: str | None, kind: str = "") -> str | None:
+    """Count the load path taken (peer, checkpoint, or disk with the kind of reason: a
+    bounded set, for metrics) and pass `reason` on."""
+    if reason is None:
+        metrics.VLLM_LOADS.labels(path, "").inc()
+    else:
+        metrics.VLLM_LOADS.labels("disk", kind).inc()
+    return reason
+
+
+@contextlib.contextmanager
+def _phase(name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.VLLM_LOAD_PHASE_SECONDS.labels(name).observe(time.perf_counter() - started)
+
+
+def _expose_metrics(config: NetloaderConfig, slot: Slot) -> None:
+    """METRICS_PORT + rank, in this worker (where the loader runs and counts)."""
+    endpoint = config.metrics_endpoint_for(slot.rank)
+    if endpoint is None:
+        return
+    endpoint = _with_host_address(config).metrics_endpoint_for(slot.rank) or endpoint
+    try:
+        metrics.serve_metrics(endpoint)
+    except OSError as exc:
+        log.error("netloader: %s cannot expose metrics on %s: %s", slot, endpoint, exc)
 
 
 def _load_from_wave(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from netloader import metrics
 from netloader import protocol as p
 from netloader.errors import (
     AuthenticationError,
@@ -91,15 +92,18 @@ class Conversation:
     def run(self) -> None:
         """Converse until BYE or a failure; never raises."""
         conn = self.conn
+        metrics.CONNECTIONS_OPEN.inc()
         try:
             self._converse()
         except SourceUnavailable as exc:  # nothing (more) to offer this client: say why
             log.info("netloader: told %s: %s", conn.peer, exc)
             conn.try_send(p.Error(p.ErrorCode.UNAVAILABLE, str(exc)))
         except VersionMismatch as exc:
+            metrics.REFUSALS.labels("version").inc()
             log.warning("netloader: %s: %s; refused", conn.peer, exc)
             conn.try_send(p.Error(p.ErrorCode.VERSION, str(exc)))
         except AuthenticationError:
+            metrics.REFUSALS.labels("auth").inc()
             log.warning("netloader: %s failed authentication", conn.peer)
             conn.try_send(p.Error(p.ErrorCode.AUTH, "authentication failed"))
         except (NetloaderError, OSError) as exc:
@@ -111,6 +115,7 @@ class Conversation:
             log.exception("netloader: connection from %s failed", conn.peer)
             conn.try_send(p.Error(p.ErrorCode.INTERNAL, "internal server error"))
         finally:
+            metrics.CONNECTIONS_OPEN.dec()
             conn.close()
 
     def _converse(self) -> None:
@@ -159,19 +164,29 @@ class Conversation:
         if self.tls is not None and not transport.tls:
             raise ProtocolError(f"this server uses TLS: transport {fetch.transport!r} refused")
         if not self.transfers.acquire(blocking=False):
+            metrics.REFUSALS.labels("busy").inc()
             raise SourceUnavailable(
                 f"server busy: {self.max_transfers} transfers in progress (limit)"
             )
+        metrics.TRANSFERS_STARTED.labels("server").inc()
+        chunks = [manifest.chunk(t, c) for t, c in fetch.chunks]
+        sent = sum(c.length for c in chunks)
+        started = time.perf_counter()
+        failure: BaseException | None = None
         try:
-            chunks = [manifest.chunk(t, c) for t, c in fetch.chunks]
-            started = time.perf_counter()
             transport.send_chunks(
                 self.conn, HeldChunks(holdings, answer_within), chunks, self.timeouts
             )
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             self.transfers.release()
-        seconds = time.perf_counter() - started
-        sent = sum(c.length for c in chunks)
+            seconds = time.perf_counter() - started
+            metrics.TRANSFERS_FINISHED.labels("server", metrics.kind(failure)).inc()
+            metrics.TRANSFER_SECONDS.labels("server").observe(seconds)
+            if failure is None:
+                metrics.SENT_BYTES.inc(sent)
         log.info(
             "netloader: sent %d chunks, %d bytes to %s over %s in %.3f s (%.2f GB/s)",
             len(chunks),

@@ -14,6 +14,7 @@ from typing import TypedDict, Unpack
 
 import torch
 
+from netloader import metrics
 from netloader import protocol as p
 from netloader.endpoint import Endpoint
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
@@ -185,6 +186,7 @@ class Server:
             conn = Connection(sock, peer, p.ServerSession(self._secret, peer))
             refusal = self._make_room(addr[0])
             if refusal is not None:
+                metrics.REFUSALS.labels("busy").inc()
                 log.warning("netloader: refused %s: %s", conn.peer, refusal)
                 conn.try_send(p.Error(p.ErrorCode.BUSY, refusal), timeout=0.2)
                 conn.close()
