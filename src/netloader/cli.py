@@ -47,8 +47,10 @@ from netloader.ranks import (
     relay_rank,
     serve_rank,
 )
-from netloader.server import LoadedTensors, Relay
+from netloader.server import LoadedTensors, Relay, Server
 from netloader.settings import Timeouts, new_secret, resolve_secret
+
+DRAIN_TIMEOUT = 30.0  # seconds SIGTERM leaves transfers in progress to finish
 
 
 class EndpointParam(click.ParamType):  # type: ignore[type-arg]
@@ -187,6 +189,13 @@ def main(verbose: bool) -> None:
 @click.option("--output-prefix", help="Write the address to {prefix}0.txt once listening.")
 @registry_option
 @metrics_option
+@click.option(
+    "--drain-timeout",
+    type=float,
+    default=DRAIN_TIMEOUT,
+    show_default=True,
+    help="On SIGTERM, how long transfers in progress may take to finish.",
+)
 @secret_option
 @_with(*tls_cert_options)
 @_fail_cleanly
@@ -198,12 +207,14 @@ def serve(
     output_prefix: str | None,
     registry: str | None,
     metrics: Endpoint | None,
+    drain_timeout: float,
     secret_file: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
 ) -> None:
     """Load a safetensors checkpoint into memory and serve it until interrupted, with the
-    directory's other files (config, tokenizer) for nodes that start with nothing."""
+    directory's other files (config, tokenizer) for nodes that start with nothing. SIGTERM
+    drains (withdraw, finish the transfers in progress, stop); SIGINT stops at once."""
     if metrics is not None:
         serve_metrics(metrics)
     config = _config(
@@ -231,7 +242,7 @@ def serve(
         if registry is not None:
             click.echo(f"netloader: registering in {reg.mask_url(registry)} once serving")
         sys.stdout.flush()
-        _wait_for_signal()
+        _serve_until_signal(server, drain_timeout)
     click.echo("netloader: stopped")
 
 
@@ -439,7 +450,7 @@ def pull(
                 register_server(config, 0, relay, manifest.identity)
                 click.echo(f"netloader: serving on {relay.address} until interrupted")
                 sys.stdout.flush()
-                _wait_for_signal()
+                _serve_until_signal(relay)
     finally:
         if relay is not None:
             if not pulled and position is not None:
@@ -526,11 +537,23 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _wait_for_signal() -> None:
+def _serve_until_signal(server: Server, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+    """Serve until SIGINT (stop now) or SIGTERM (drain: withdraw, finish the transfers in
+    progress for up to `drain_timeout` seconds, then stop)."""
+    received: list[int] = []
     stop = threading.Event()
+
+    def note(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, note)
     stop.wait()
+    if received[0] == signal.SIGTERM:
+        click.echo(f"netloader: draining (up to {drain_timeout:.0f} s)")
+        sys.stdout.flush()
+        server.drain(drain_timeout)
 
 
 @main.command()

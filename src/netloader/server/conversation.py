@@ -59,6 +59,7 @@ class Conversation:
     transfers: the server's semaphore of transfers in progress.
     tls:       a server context, to require TLS before anything else.
     closing:   set when the server is shutting down (quieter logs).
+    draining:  set when the server drains: no new transfer starts.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class Conversation:
         max_transfers: int,
         tls: ssl.SSLContext | None,
         closing: threading.Event,
+        draining: threading.Event | None = None,
     ) -> None:
         self.conn = conn
         # What each part's holdings are when a client asks for it.
@@ -86,6 +88,7 @@ class Conversation:
         self.max_transfers = max_transfers
         self.tls = tls
         self.closing = closing
+        self.draining = draining or threading.Event()
         self.opened = time.monotonic()
         self.authenticated = threading.Event()  # handshake done: no longer shed first
 
@@ -144,6 +147,8 @@ class Conversation:
             message = conn.receive()
             if isinstance(message, p.Bye):
                 return
+            if self.draining.is_set() and isinstance(message, (p.GetManifest, p.Fetch)):
+                raise SourceUnavailable("server is draining (shutting down): go elsewhere")
             if isinstance(message, p.GetManifest):
                 offered = self.parts[message.part]
                 if offered is None:

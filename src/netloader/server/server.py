@@ -26,6 +26,7 @@ from netloader.transports.connection import Connection
 log = logging.getLogger(__name__)
 
 ACCEPT_POLL = 0.2
+DRAINING = "server is draining (shutting down): go elsewhere"
 LOOPBACK_ANY_PORT = Endpoint("127.0.0.1", 0)
 
 
@@ -80,6 +81,7 @@ class Server:
         self._secret = secret
         self._transfers = _Slots(limits.max_transfers)
         self._closing = threading.Event()
+        self._draining = threading.Event()
         self._at_close: list[Callable[[], None]] = []
         # Each connection's conversation and the thread running it.
         self._running: dict[Connection, tuple[Conversation, threading.Thread]] = {}
@@ -144,14 +146,34 @@ class Server:
         registry before its listener goes away."""
         self._at_close.append(callback)
 
-    def close(self) -> None:
-        """Stop accepting, end every connection, and wait (briefly) for their threads."""
+    def drain(self, deadline: float) -> bool:
+        """Stop gracefully: withdraw from any registry at once, answer new connections and
+        new FETCHes with 'unavailable: draining' (clients go to their other sources), let
+        the transfers in progress finish for up to `deadline` seconds, then close. Returns
+        whether they all finished in time."""
+        self._withdraw()
+        self._draining.set()
+        log.info("netloader: draining %s (up to %.0f s)", self.address, deadline)
+        until = time.monotonic() + deadline
+        while self._transfers.taken and time.monotonic() < until:
+            time.sleep(0.05)
+        finished = self._transfers.taken == 0
+        if not finished:
+            log.warning("netloader: %s closes with transfers still in progress", self.address)
+        self.close()
+        return finished
+
+    def _withdraw(self) -> None:
         callbacks, self._at_close = self._at_close, []
         for callback in callbacks:
             try:
                 callback()
             except Exception:
                 log.exception("netloader: a close callback failed")
+
+    def close(self) -> None:
+        """Stop accepting, end every connection, and wait (briefly) for their threads."""
+        self._withdraw()
         self._closing.set()
         self._accept_thread.join(timeout=5)
         self._listener.close()
@@ -184,6 +206,10 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = str(Endpoint(addr[0], addr[1]))
             conn = Connection(sock, peer, p.ServerSession(self._secret, peer))
+            if self._draining.is_set():
+                conn.try_send(p.Error(p.ErrorCode.UNAVAILABLE, DRAINING), timeout=0.2)
+                conn.close()
+                continue
             refusal = self._make_room(addr[0])
             if refusal is not None:
                 metrics.REFUSALS.labels("busy").inc()
@@ -201,6 +227,7 @@ class Server:
                 max_transfers=self.limits.max_transfers,
                 tls=self._tls,
                 closing=self._closing,
+                draining=self._draining,
             )
             thread = threading.Thread(
                 target=self._run, args=(conversation,), name=f"netloader-{peer}", daemon=True
@@ -255,6 +282,12 @@ class Relay(Server):
     def __init__(self, **options: Unpack[ServerOptions]) -> None:
         self.arrivals = Arrivals()
         super().__init__(self.arrivals, **options)
+
+    def drain(self, deadline: float) -> bool:
+        """As Server.drain; a relay still receiving also tells the clients waiting for
+        chunks it has not got that none will come, so they move on at once."""
+        self.arrivals.fail("the relay is draining (shutting down)")
+        return super().drain(deadline)
 
     def finish(
         self,

@@ -1,0 +1,69 @@
+"""Graceful drain, with real processes: SIGTERM to `netloader serve` lets the pull in
+progress finish, sends a pull that arrives meanwhile to its other source at once, and
+then exits; a draining relay tells the clients waiting on it to move on."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import netloader
+from netloader import Client, Identity, SourceUnavailable
+from netloader.testing.models import blocks, same_bytes, write_checkpoint
+from support.servers import NETLOADER, MakeProxy, StartCliServer, run_cli
+
+
+def test_sigterm_finishes_the_pull_in_progress_and_turns_new_ones_away(
+    tmp_path: Path, cli_server: StartCliServer, proxy: MakeProxy
+) -> None:
+    model = blocks(8)
+    ckpt = write_checkpoint(tmp_path / "ckpt", model).parent
+    draining = cli_server(ckpt, "--drain-timeout", "60")
+    other = cli_server(ckpt)
+    slow = proxy(draining.address, rate=8 << 20)  # about 4 s for the whole model
+    in_progress = subprocess.Popen(
+        [NETLOADER, "pull", slow.address, "--out", str(tmp_path / "a")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while slow.forwarded < (4 << 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    draining.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the server has begun draining
+    started = time.monotonic()
+    elsewhere = run_cli("pull", draining.address, other.address, "--out", str(tmp_path / "b"))
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert f"from {other.address} over tcp" in elsewhere.stdout  # nothing from the drainer
+    assert time.monotonic() - started < 20
+    _, err = in_progress.communicate(timeout=60)
+    assert in_progress.returncode == 0, err
+    for name in ("a", "b"):
+        pulled = load_file(tmp_path / name / "model.safetensors")
+        assert all(same_bytes(pulled[n], t) for n, t in model.items())
+    draining.read_until("netloader: stopped")
+    assert "netloader: draining" in draining.output
+    assert draining.proc.wait(timeout=30) == 0
+
+
+def test_a_draining_relay_sends_its_waiting_clients_on_at_once() -> None:
+    relay = netloader.relay()
+    tensors = {"w": torch.ones(4)}
+    identity = Identity("m")
+    with netloader.serve(tensors, identity) as upstream:
+        manifest = Client([upstream.address]).manifest()
+        relay.arrivals.begin(manifest, {"w": torch.empty(4)})  # nothing has arrived yet
+        relay.drain(5)
+    started = time.monotonic()
+    try:
+        Client([relay.address]).load_into({"w": torch.empty(4)}, identity)
+        raise AssertionError("a closed relay served")
+    except SourceUnavailable as exc:
+        assert "cannot connect" in str(exc) or "draining" in str(exc)
+    assert time.monotonic() - started < 5
