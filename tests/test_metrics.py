@@ -17,15 +17,9 @@ import netloader
 from netloader import Client, Identity, IntegrityError, metrics
 from netloader import protocol as p
 from netloader.testing.models import blocks, write_checkpoint
+from netloader.testing.vllm import free_port
 from support.proxy import host_port
 from support.servers import MakeProxy, StartCliServer, run_cli
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
