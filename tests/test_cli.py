@@ -155,7 +155,9 @@ def test_interrupted_pull_leaves_no_complete_looking_file(
 ) -> None:
     ckpt = write_checkpoint(tmp_path / "big", blocks()).parent
     address = cli_server(ckpt).address
-    slow = proxy(address, rate=8 << 20)  # ~8 s for 64 MiB
+    # The proxy stops forwarding after 16 MiB of the 64: the pull is interrupted mid-way
+    # however fast or slow this machine is at the moment.
+    slow = proxy(address, freeze_after=16 << 20)
     out = tmp_path / "out"
     pull = subprocess.Popen(
         [NETLOADER, "pull", slow.address, "--out", str(out)],
@@ -164,8 +166,9 @@ def test_interrupted_pull_leaves_no_complete_looking_file(
         text=True,
     )
     deadline = time.monotonic() + 30
-    while slow.forwarded < (16 << 20) and time.monotonic() < deadline:
+    while not slow.frozen and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert slow.frozen
     pull.send_signal(signal.SIGINT)
     pull.wait(timeout=20)
     assert pull.returncode != 0
@@ -205,11 +208,11 @@ def test_sigterm_during_a_pull_removes_the_partial_file(
     tmp_path: Path, proxy: MakeProxy, cli_server: StartCliServer
 ) -> None:
     address = cli_server(write_checkpoint(tmp_path / "big", blocks()).parent).address
-    slow = proxy(address, rate=8 << 20)
+    slow = proxy(address, freeze_after=8 << 20)  # the pull cannot finish before the signal
     out = tmp_path / "out"
     pull = subprocess.Popen([NETLOADER, "pull", slow.address, "--out", str(out)], text=True)
     deadline = time.monotonic() + 30
-    while slow.forwarded < (8 << 20) and time.monotonic() < deadline:
+    while not slow.frozen and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list(out.glob(".model.safetensors.*.partial"))
     pull.terminate()

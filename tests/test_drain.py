@@ -25,7 +25,7 @@ def test_sigterm_finishes_the_pull_in_progress_and_turns_new_ones_away(
     ckpt = write_checkpoint(tmp_path / "ckpt", model).parent
     draining = cli_server(ckpt, "--drain-timeout", "60")
     other = cli_server(ckpt)
-    slow = proxy(draining.address, rate=8 << 20)  # about 4 s for the whole model
+    slow = proxy(draining.address, rate=2 << 20)  # about 4 s for the whole model
     in_progress = subprocess.Popen(
         [NETLOADER, "pull", slow.address, "--out", str(tmp_path / "a")],
         stdout=subprocess.PIPE,
@@ -33,9 +33,10 @@ def test_sigterm_finishes_the_pull_in_progress_and_turns_new_ones_away(
         text=True,
     )
     deadline = time.monotonic() + 30
-    while slow.forwarded < (4 << 20) and time.monotonic() < deadline:
+    while slow.forwarded < (2 << 20) and time.monotonic() < deadline:
         time.sleep(0.05)
     draining.proc.send_signal(signal.SIGTERM)
+    assert in_progress.poll() is None  # the drain begins while this pull is under way
     time.sleep(0.5)  # the server has begun draining
     started = time.monotonic()
     elsewhere = run_cli("pull", draining.address, other.address, "--out", str(tmp_path / "b"))
