@@ -74,7 +74,7 @@ from common import (
     timed,
     verdict,
 )
-from netloader import Client, Identity
+from netloader import Client
 from netloader.testing.models import (
     TensorSpec,
     checkpoint_specs,
@@ -430,8 +430,10 @@ def bench_netloader_pulls(
     repeat: int,
 ) -> list[Result]:
     client = Client([address], transport=transport)
-    client.manifest()  # waits until the server's digests are ready: not part of a pull
-    identity = Identity(model)
+    # Waits until the server's digests are ready (not part of a pull); a served checkpoint's
+    # identity is its name plus what it is (`checkpoint.checkpoint_identity`).
+    identity = client.manifest().identity
+    assert identity.model == model
     dest = fresh_tensors(layout)
     reported: list[float] = []
 

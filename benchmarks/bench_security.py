@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common import serve_checkpoint
-from netloader import Client, Identity
+from netloader import Client
 from netloader.testing.certs import self_signed_certificate
 from netloader.testing.models import checkpoint_specs, empty_like, llama_like, write_checkpoint
 from netloader.transports.tls import client_context
@@ -56,8 +56,7 @@ def main() -> None:
                     secret=secret_value.encode() if secret_value else None,
                     tls=None if ca is None else client_context(ca),
                 )
-                client.manifest()  # digests ready
-                identity = Identity(server.ready["model"])
+                identity = client.manifest().identity  # once its digests are ready
                 seconds = []
                 for _ in range(args.repeat):
                     started = time.perf_counter()

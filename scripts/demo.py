@@ -65,12 +65,16 @@ def main() -> None:
         print(f"server process {server.pid}: {server.ready.string.strip()}")
         address = server.address
 
+        # A served checkpoint's identity: its name plus what it is (weights=checkpoint
+        # and its config's fingerprint), as the server states it.
+        identity = netloader.Client([address]).manifest().identity
+        assert identity.model == "demo", identity
         results: dict[str, float] = {}
         for transport in ("tcp", "gloo"):
             dest = empty_model(ckpt)
-            report = netloader.load(dest, [address], "demo", transport=transport)
+            report = netloader.load(dest, [address], identity, transport=transport)
             results[f"netloader pull over {transport}, into fresh memory"] = report.seconds
-            report = netloader.load(dest, [address], "demo", transport=transport)
+            report = netloader.load(dest, [address], identity, transport=transport)
             results[f"netloader pull over {transport}, into loaded memory"] = report.seconds
             print(f"client: {report.summary()}")
 

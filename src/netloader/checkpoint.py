@@ -76,16 +76,25 @@ def checkpoint_identity(name: str, directory: Path) -> Identity:
     recognises tensors it must shard and fuse itself), and its config.json's fingerprint
     when it has one (what tells two fine-tunes of the same shapes apart)."""
     attributes = {"weights": CHECKPOINT_WEIGHTS}
-    config = directory / "config.json" if directory.is_dir() else None
-    if config is not None and config.is_file():
-        try:
-            parsed = json.loads(config.read_text())
-        except (OSError, ValueError) as exc:
-            raise NetloaderError(f"{config} is not valid JSON: {exc}") from exc
-        if not isinstance(parsed, dict):
-            raise NetloaderError(f"{config} does not hold a JSON object")
-        attributes["config"] = config_fingerprint(parsed)
+    fingerprint = directory_fingerprint(directory)
+    if fingerprint is not None:
+        attributes["config"] = fingerprint
     return Identity(name, attributes=attributes)
+
+
+def directory_fingerprint(directory: Path) -> str | None:
+    """The fingerprint of a model directory's config.json; None without one (or when
+    `directory` is a file); NetloaderError when it is not a JSON object."""
+    config = directory / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        parsed = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise NetloaderError(f"{config} is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise NetloaderError(f"{config} does not hold a JSON object")
+    return config_fingerprint(parsed)
 
 
 def shards_from_index(index: bytes, manifest: Manifest) -> dict[str, str]:

@@ -7,7 +7,6 @@ written, so that a checkpoint lacking a tensor falls back instead of loading sil
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -16,9 +15,11 @@ from typing import Any, cast
 
 import torch
 
+from netloader.checkpoint import directory_fingerprint
 from netloader.client import stream_tensors
 from netloader.endpoint import Endpoint
-from netloader.manifest import Identity, Manifest, config_fingerprint
+from netloader.errors import NetloaderError
+from netloader.manifest import Identity, Manifest
 from netloader.ranks import client_for
 
 log = logging.getLogger("netloader.vllm")
@@ -127,8 +128,7 @@ def _not_loaded(
 
 def _checkpoint_config(model_config: Any) -> str | None:
     """The fingerprint of this instance's config.json, as a served checkpoint's is made."""
-    path = Path(str(model_config.model)) / "config.json"
     try:
-        return config_fingerprint(json.loads(path.read_text()))
-    except (OSError, ValueError, AttributeError):
+        return directory_fingerprint(Path(str(model_config.model)))
+    except NetloaderError:  # unreadable: the server's fingerprint cannot be confirmed
         return None

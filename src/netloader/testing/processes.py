@@ -3,7 +3,8 @@ listens, a worker that prints JSON lines. Their stdout is read line by line in a
 so every wait has a timeout and an early exit is reported with the output and the log.
 
     with ServerProcess([netloader_command(), "serve", str(ckpt)], log=tmp / "serve.log") as s:
-        netloader.load(dest, [s.address], identity=s.ready["model"])
+        identity = netloader.Client([s.address]).manifest().identity  # a served checkpoint's
+        netloader.load(dest, [s.address], identity)
 """
 
 from __future__ import annotations
