@@ -67,6 +67,7 @@ from common import (
     interleaved,
     median_result,
     progress,
+    same_host_verdict,
     serve_checkpoint,
     start_child,
     stop_child,
@@ -83,7 +84,9 @@ from netloader.testing.models import (
     write_checkpoint,
 )
 from netloader.testing.processes import netloader_command
+from netloader.transports import process_memory
 
+TRANSPORTS = ("tcp", "same-host", "gloo")
 CHUNK_BYTES = 16 << 20  # the chunk size of the raw paths (netloader's default chunk too)
 GLOO_WINDOW = 4  # outstanding send/recv ops on the raw gloo path
 RECV_PIECE = 128 << 10  # the bounded-recv variant of raw TCP reads at most this per call
@@ -185,6 +188,59 @@ def bench_memcpy(source: dict[str, torch.Tensor], layout: Layout, repeat: int) -
     return [
         median_result("a", "memcpy: torch copy_, 1 process, touched destination", warm),
         Result("a", "memcpy: torch copy_, fresh destination", first, [first], note="single"),
+    ]
+
+
+# ---- (a) raw process_vm_readv (the same-host path's limit) --------------------------------
+
+
+def memory_holder(path: str, pipe: PipeEnd) -> None:
+    """Child process: hold the checkpoint in memory and say where each chunk is."""
+    try:
+        tensors, _views = _source_views(path)
+        layout = read_layout(Path(path))
+        flats = [flat_u8(tensors[t.name]) for t in layout.tensors]
+        pipe.send(("ready", os.getpid()))
+        pipe.send([flats[i].data_ptr() + start for i, start, _, _ in layout.chunks()])
+        pipe.recv()  # until the reader is done
+    except BaseException:
+        pipe.send(("error", traceback.format_exc()))
+        raise
+
+
+def bench_raw_process_vm_readv(
+    ckpt: Path, source: dict[str, torch.Tensor], layout: Layout, repeat: int
+) -> list[Result]:
+    """One thread copying every chunk out of another process with process_vm_readv (one
+    kernel copy), without and with the per-chunk xxh3 check, into touched memory."""
+    proc, pipe, pid = start_child(memory_holder, str(ckpt))
+    ok = False
+    try:
+        addresses = pipe.recv()
+        chunks = layout.chunks()
+        dest = fresh_region(layout.total_bytes)
+        dest.fill_(0)
+        base = dest.data_ptr()
+        view = dest.numpy().data
+
+        def read_all(verify: bool) -> None:
+            for (_, _, off, length), address in zip(chunks, addresses, strict=True):
+                process_memory.read(pid, base + off, address, length)
+                if verify:
+                    xxhash.xxh3_128(view[off : off + length]).digest()
+
+        plain = [timed(lambda: read_all(False)) for _ in range(repeat)]
+        verified = [timed(lambda: read_all(True)) for _ in range(repeat)]
+        check_flat(dest, source, layout)
+        pipe.send("done")
+        ok = True
+    finally:
+        stop_child(proc, pipe, ok)
+    return [
+        median_result("a", "raw process_vm_readv, 1 thread, touched destination", plain),
+        median_result(
+            "a", "reference: raw process_vm_readv + xxh3-128 per chunk, 1 thread", verified
+        ),
     ]
 
 
@@ -593,13 +649,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument(
-        "--transports", default="tcp,gloo", help="comma-separated subset of tcp,gloo"
+        "--transports", default=",".join(TRANSPORTS), help="comma-separated subset of those"
     )
     args = parser.parse_args(argv)
     args.transports = [t.strip() for t in args.transports.split(",") if t.strip()]
-    unknown = set(args.transports) - {"tcp", "gloo"}
+    unknown = set(args.transports) - set(TRANSPORTS)
     if unknown or not args.transports:
-        parser.error(f"--transports: choose from tcp,gloo (got {args.transports})")
+        parser.error(f"--transports: choose from {','.join(TRANSPORTS)} (got {args.transports})")
     if args.repeat < 1 or args.size_gib <= 0:
         parser.error("--repeat must be >= 1 and --size-gib > 0")
     return args
@@ -616,7 +672,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     progress("(a) memcpy ...")
     results += bench_memcpy(source, layout, args.repeat)
-    raw_benches = {"tcp": bench_raw_tcp, "gloo": bench_raw_gloo}
+    raw_benches = {
+        "tcp": bench_raw_tcp,
+        "gloo": bench_raw_gloo,
+        "same-host": bench_raw_process_vm_readv,
+    }
     for transport in args.transports:
         progress(f"(a) raw {transport} ...")
         results += raw_benches[transport](ckpt, source, layout, args.repeat)
@@ -656,6 +716,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"CLI pull ({transport}) file check: {check.detail}")
     reached, line = verdict(results)
     print(line)
+    local_line = same_host_verdict(results)
+    print(local_line)
     best = best_raw(results)
     return {
         "config": {
@@ -689,6 +751,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "cli_file_checks": {t: asdict(c) for t, c in checks.items()},
         "netloader_reached_90pct": reached,
         "verdict": line,
+        "same_host_verdict": local_line,
     }
 
 

@@ -154,7 +154,7 @@ def test_the_registry_stopped_mid_wave_and_restarted(
         registry.stop()
         second = member(seed.address)  # SOURCE given: the fallback
         assert second.ready["position"] is None and second.ready["sources"] == seed.address
-        assert f"from {seed.address} over tcp, verified" in second.output
+        assert f"from {seed.address} over same-host, verified" in second.output
         fallbacks = [ln for ln in second.log_text().splitlines() if "using SOURCE only" in ln]
         assert len(fallbacks) == 1 and "unreachable" in fallbacks[0]
 
@@ -204,5 +204,5 @@ def test_planted_records_get_no_further_than_a_planted_wave_file(
     assert result.returncode == 0, result.stderr
     listed = re.search(r"pulling from (.*)", result.stdout)
     assert listed is not None and set(listed[1].split(", ")) == {*planted, genuine.address}
-    assert f"from {genuine.address} over tcp, verified" in result.stdout
+    assert f"from {genuine.address} over same-host, verified" in result.stdout
     assert_same_checkpoint(out, ckpt)

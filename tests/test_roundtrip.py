@@ -16,7 +16,7 @@ from support.servers import StartServer
 from support.tensors import empty_like_set
 
 
-@pytest.mark.parametrize("transport", ["tcp", "gloo"])
+@pytest.mark.parametrize("transport", ["tcp", "same-host", "gloo", "auto"])
 def test_all_dtypes_round_trip_bit_identical(start_server: StartServer, transport: str) -> None:
     server = start_server("all_dtypes", "--model", "m", "--chunk-bytes", str(256 << 10))
     expected = all_dtypes()
@@ -25,6 +25,7 @@ def test_all_dtypes_round_trip_bit_identical(start_server: StartServer, transpor
     assert report.tensors == len(expected)
     assert report.bytes == sum(t.numel() * t.element_size() for t in expected.values())
     assert report.verified and report.sources == (server.address,)
+    assert report.transport == {"auto": "same-host"}.get(transport, transport)
     for name, tensor in expected.items():
         assert same_bytes(dest[name], tensor), name
     # float8 types really were exercised where this torch has them

@@ -46,7 +46,7 @@ def test_cli_wave_forms_a_chain_of_real_processes(
     assert f"pulling from {address}" in outputs[0]
     assert f"pulling from {member_addresses[0]}, {address}" in outputs[1]
     assert f"pulling from {member_addresses[1]}, {member_addresses[0]}, {address}" in outputs[2]
-    assert f"from {member_addresses[1]} over tcp, verified" in outputs[2]
+    assert f"from {member_addresses[1]} over same-host, verified" in outputs[2]
     for i in range(3):
         got = load_file(tmp_path / f"m{i}" / "model.safetensors")
         assert (tmp_path / f"m{i}" / "config.json").exists()

@@ -30,6 +30,10 @@ def main() -> None:
     parser.add_argument("--secret")
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--mutate", help="serve this tensor with one byte changed")
+    parser.add_argument(
+        "--flip-after-digests",
+        help="flip a byte of this tensor in place once the digests are computed",
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
@@ -50,6 +54,8 @@ def main() -> None:
         tensors, identity, listen=args.listen, secret=args.secret, chunk_bytes=args.chunk_bytes
     )
     server.manifest()  # digests ready before we announce ourselves
+    if args.flip_after_digests:  # memory gone bad under a running server
+        tensors[args.flip_after_digests].reshape(-1).view(torch.uint8)[0] ^= 0xFF
     print(f"ADDR {server.address}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -238,3 +238,59 @@ def test_without_a_secret_frames_are_not_tagged() -> None:
     client, server = handshake(None, None)
     assert not client.keyed and not server.keyed
     assert client.send(p.GetManifest()) == p.GetManifest().encode()
+
+
+OFFER = p.SameHostOffer("boot", "127.0.0.1:5000", "netloader-" + "ab" * 16, b"t" * 32, 4096)
+
+
+@pytest.mark.parametrize("secret", [None, SECRET])
+def test_same_host_accepted_ends_with_done(secret: bytes | None) -> None:
+    client, server = handshake(secret, secret)
+    pipe(client, server, client.send(p.Fetch("same-host", ((0, 0), (0, 1)))))
+    assert pipe(server, client, server.send(OFFER)) == OFFER
+    assert isinstance(pipe(client, server, client.send(p.SameHostAccept())), p.SameHostAccept)
+    named = pipe(server, client, server.send(p.SameHostChunk(0, 0, 1 << 47)))
+    assert named == p.SameHostChunk(0, 0, 1 << 47)
+    with pytest.raises(ProtocolError, match="sent DATA in phase same_host"):
+        server.send(p.Data(0, 1, b"x" * 16))  # no bytes on the connection once accepted
+    pipe(server, client, server.send(p.SameHostChunk(0, 1, 8192)))
+    pipe(server, client, server.send(p.End()))
+    assert client.phase is p.Phase.OUT_OF_BAND  # the server waits for the reads
+    pipe(client, server, client.send(p.Done()))
+    assert client.phase is server.phase is p.Phase.READY
+
+
+def test_same_host_declined_falls_back_to_data_frames() -> None:
+    client, server = handshake(None, None)
+    pipe(client, server, client.send(p.Fetch("same-host", ((0, 0),))))
+    pipe(server, client, server.send(OFFER))
+    with pytest.raises(ProtocolError, match="sent DATA in phase same_host_offered"):
+        server.send(p.Data(0, 0, b"x" * 16))  # not before the client answered
+    declined = pipe(client, server, client.send(p.SameHostDecline("another host")))
+    assert declined == p.SameHostDecline("another host")
+    assert pipe(server, client, server.send(p.Data(0, 0, b"x" * 16))) == p.Data(0, 0, b"x" * 16)
+    pipe(server, client, server.send(p.End()))
+    assert client.phase is server.phase is p.Phase.READY
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("socket", "../../tmp/x", "malformed same-host offer"),
+        ("socket", "netloader-" + "zz" * 16, "malformed same-host offer"),
+        ("boot_id", "b" * 65, "malformed same-host offer"),
+        ("probe", -1, "not a 64-bit address"),
+        ("probe", 1 << 64, "not a 64-bit address"),
+        ("probe", True, "wrong type"),
+        ("token", "ab", "must be 32 bytes"),
+    ],
+)
+def test_a_malformed_same_host_offer_is_refused(field: str, value: object, error: str) -> None:
+    body = OFFER.body() | {field: value}
+    with pytest.raises(ProtocolError, match=error):
+        p.SameHostOffer.decode(body)
+
+
+def test_a_chunk_address_must_be_a_64_bit_address() -> None:
+    with pytest.raises(ProtocolError, match="not a 64-bit address"):
+        p.SameHostChunk.decode({"tensor": 0, "chunk": 0, "address": 1 << 64})

@@ -202,7 +202,7 @@ class Client:
         assert pull.sink is not None
         report = LoadReport(
             sources=tuple(pull.plan.delivered),
-            transport=self.transport.name,
+            transport="+".join(sorted(pull.transports)) or self.transport.name,
             tensors=len(dest),
             bytes=pull.sink.bytes,
             seconds=time.perf_counter() - started,
@@ -224,10 +224,10 @@ class Client:
                 sink = pull.adopt(offered, source)
                 while batch := pull.take(source):
                     started = time.perf_counter()
-                    conn.send(
-                        p.Fetch(self.transport.name, tuple((c.tensor, c.number) for c in batch))
-                    )
-                    self.transport.receive_chunks(conn, batch, sink, self.timeouts)
+                    transport = self.transport.for_connection(conn)
+                    conn.send(p.Fetch(transport.name, tuple((c.tensor, c.number) for c in batch)))
+                    transport.receive_chunks(conn, batch, sink, self.timeouts)
+                    pull.transports.add(transport.for_connection(conn).name)
                     pull.done(source, batch, time.perf_counter() - started)
                 pull.leave(source)
                 _bye(conn)  # an idle connection is closed, not held open on the server

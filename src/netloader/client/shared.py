@@ -50,6 +50,7 @@ class SharedPull:
         self.observer = observer
         self.huge_pages = huge_pages
         self.plan = Scheduler(sources)
+        self.transports: set[str] = set()  # the ones bytes actually came over
         self.changed = threading.Condition()
         self.reference = reference  # the bytes every source must hold (the first one's)
         self.sink: VerifyingSink | None = None

@@ -13,6 +13,7 @@ per message type, which read best side by side.)
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from enum import Enum, IntEnum
@@ -29,8 +30,9 @@ from netloader.errors import (
 )
 from netloader.manifest import Manifest
 
-# 2: control frames after an authenticated handshake carry a tag; 3: GET_MANIFEST names a part
-PROTOCOL_VERSION = 3
+# 2: control frames after an authenticated handshake carry a tag; 3: GET_MANIFEST names a
+# part; 4: the same-host transport's messages
+PROTOCOL_VERSION = 4
 MAGIC = b"NLDR"
 HEADER = struct.Struct("!4sB3xQ")
 DATA_PREFIX = struct.Struct("!II")
@@ -53,6 +55,10 @@ class MsgType(IntEnum):
     DONE = 10
     ERROR = 11
     BYE = 12
+    SAME_HOST_OFFER = 13
+    SAME_HOST_ACCEPT = 14
+    SAME_HOST_DECLINE = 15
+    SAME_HOST_CHUNK = 16
 
 
 # Largest body each type may claim: a peer cannot make us allocate more than this.
@@ -396,6 +402,89 @@ class Done(Message):
     TYPE: ClassVar[MsgType] = MsgType.DONE
 
 
+SOCKET_NAME = re.compile(r"netloader-[0-9a-f]{16,64}")
+MAX_ADDRESS = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class SameHostOffer(Message):
+    """Server: the FETCH's chunks can be read straight from this process's memory, if the
+    client is on this host (`boot_id`), connected directly (`peer`: its address as the
+    server sees it), and the kernel lets it read: it connects to the abstract Unix socket
+    `socket` and sends `token`, which the server also holds at `probe` for a test read."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SAME_HOST_OFFER
+    boot_id: str
+    peer: str
+    socket: str
+    token: bytes
+    probe: int
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "boot_id": self.boot_id,
+            "peer": self.peer,
+            "socket": self.socket,
+            "token": self.token.hex(),
+            "probe": self.probe,
+        }
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> SameHostOffer:
+        boot_id, peer = _field(body, "boot_id", str), _field(body, "peer", str)
+        name = _field(body, "socket", str)
+        if len(boot_id) > 64 or len(peer) > 300 or not SOCKET_NAME.fullmatch(name):
+            raise ProtocolError("malformed same-host offer")
+        return cls(boot_id, peer, name, _nonce(body, "token"), _address(body, "probe"))
+
+
+@dataclass(frozen=True)
+class SameHostAccept(Message):
+    """Client: it read the probe; send the chunks' addresses."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SAME_HOST_ACCEPT
+
+
+@dataclass(frozen=True)
+class SameHostDecline(Message):
+    """Client: it cannot read this server's memory (`reason`): send DATA frames instead."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SAME_HOST_DECLINE
+    reason: str
+
+    def body(self) -> dict[str, Any]:
+        return {"reason": self.reason[:MAX_ERROR_TEXT]}
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> SameHostDecline:
+        return cls(_field(body, "reason", str)[:MAX_ERROR_TEXT])
+
+
+@dataclass(frozen=True)
+class SameHostChunk(Message):
+    """Server: chunk `tensor`/`chunk` is at `address` in its memory (until DONE)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SAME_HOST_CHUNK
+    tensor: int
+    chunk: int
+    address: int
+
+    def body(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "chunk": self.chunk, "address": self.address}
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> SameHostChunk:
+        tensor, chunk = _field(body, "tensor", int), _field(body, "chunk", int)
+        return cls(tensor, chunk, _address(body, "address"))
+
+
+def _address(body: dict[str, Any], name: str) -> int:
+    value = _field(body, name, int)
+    if not 0 <= value <= MAX_ADDRESS:
+        raise ProtocolError(f"field {name!r} is not a 64-bit address")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Error(Message):
     """Either side, instead of what was expected; the connection closes after it."""
@@ -441,6 +530,10 @@ MESSAGES: dict[MsgType, type[Message]] = {
         End,
         ProcessGroupSetup,
         Done,
+        SameHostOffer,
+        SameHostAccept,
+        SameHostDecline,
+        SameHostChunk,
         Error,
         Bye,
     )

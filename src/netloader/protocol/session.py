@@ -83,7 +83,9 @@ class Phase(Enum):
     READY = auto()  # the client asks: GET_MANIFEST, FETCH or BYE
     MANIFEST = auto()  # the server is to send its manifest
     TRANSFER = auto()  # the server sends DATA... END, or sets up a process group
-    OUT_OF_BAND = auto()  # bytes move on a process group; the client confirms with DONE
+    OUT_OF_BAND = auto()  # bytes move elsewhere; the client confirms with DONE
+    SAME_HOST_OFFERED = auto()  # the client is to accept or decline reading the server's memory
+    SAME_HOST = auto()  # the server names chunks' addresses, then END
     CLOSED = auto()
 
 
@@ -100,6 +102,11 @@ TRANSITIONS: dict[tuple[Phase, Role, MsgType], Phase] = {
     (Phase.TRANSFER, S, MsgType.END): Phase.READY,
     (Phase.TRANSFER, S, MsgType.GLOO): Phase.OUT_OF_BAND,
     (Phase.OUT_OF_BAND, C, MsgType.DONE): Phase.READY,
+    (Phase.TRANSFER, S, MsgType.SAME_HOST_OFFER): Phase.SAME_HOST_OFFERED,
+    (Phase.SAME_HOST_OFFERED, C, MsgType.SAME_HOST_DECLINE): Phase.TRANSFER,  # DATA frames
+    (Phase.SAME_HOST_OFFERED, C, MsgType.SAME_HOST_ACCEPT): Phase.SAME_HOST,
+    (Phase.SAME_HOST, S, MsgType.SAME_HOST_CHUNK): Phase.SAME_HOST,
+    (Phase.SAME_HOST, S, MsgType.END): Phase.OUT_OF_BAND,
     (Phase.READY, C, MsgType.BYE): Phase.CLOSED,
 }
 HANDSHAKE = frozenset({Phase.START, Phase.WELCOMING, Phase.AUTHENTICATING})

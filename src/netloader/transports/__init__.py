@@ -5,13 +5,13 @@ one module plus one line below."""
 from __future__ import annotations
 
 from netloader.errors import UsageError
+from netloader.transports import same_host
 from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
-from netloader.transports.process_group import GLOO, NCCL
+from netloader.transports.process_group import GLOO
 from netloader.transports.tcp import TCP
 
-REGISTRY: dict[str, Transport] = {t.name: t for t in (TCP, GLOO, NCCL)}
-DEFAULT = TCP.name  # chosen by measurement: see README, "Benchmark"
-AUTO = "auto"  # the configuration's word for DEFAULT
+REGISTRY: dict[str, Transport] = {t.name: t for t in (TCP, same_host.SAME_HOST, GLOO)}
+AUTO = "auto"  # same-host where client and server share a host, else tcp: see README
 
 
 def names() -> tuple[str, ...]:
@@ -20,8 +20,9 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> Transport:
-    """The transport called `name` ("auto": the default); UsageError if there is none."""
-    transport = REGISTRY.get(DEFAULT if name == AUTO else name)
+    """The transport called `name` ("auto": same-host where it can, else tcp); UsageError
+    if there is none."""
+    transport = same_host.AUTO if name == AUTO else REGISTRY.get(name)
     if transport is None:
         raise UsageError(f"unknown transport {name!r}; known: {', '.join(names())}")
     return transport
@@ -29,7 +30,6 @@ def get(name: str) -> Transport:
 
 __all__ = [
     "AUTO",
-    "DEFAULT",
     "REGISTRY",
     "ChunkList",
     "ChunkSink",

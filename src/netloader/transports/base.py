@@ -45,6 +45,11 @@ class Transport(ABC):
     tls: bool
     memory: frozenset[str]
 
+    def for_connection(self, conn: Connection) -> Transport:
+        """The transport to ask `conn`'s server for (one that fell back on this connection
+        names the one it fell back to)."""
+        return self
+
     @abstractmethod
     def send_chunks(
         self, conn: Connection, source: ChunkSource, chunks: ChunkList, timeouts: Timeouts

@@ -42,6 +42,7 @@ class Connection:
         self._deadline_what = ""
         self._deadline_seconds = 0.0
         self._applied: float | None = None  # the timeout the socket has now
+        self.declined: dict[str, str] = {}  # transports this connection cannot use, and why
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

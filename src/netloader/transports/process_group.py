@@ -1,5 +1,6 @@
 """Tensor bytes over a 2-rank torch.distributed process group built without the global
-default group (the seed system's design): gloo between host memories, NCCL between GPUs.
+default group (the seed system's design), here with gloo between host memories. (NCCL is
+not offered: it has never run on a GPU here; NIXL is the planned device path.)
 
 The control connection carries the rendezvous: the server opens a TCPStore on a free port
 of the address the client reached it on, sends GLOO{port, backend}, and both build the
@@ -33,10 +34,6 @@ def _group(backend: str, store: Any, rank: int, local_host: str, timeout: float)
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
         opts._timeout = delta
         return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
-    if backend == "nccl":
-        nccl_opts = dist.ProcessGroupNCCL.Options()
-        nccl_opts._timeout = delta
-        return dist.ProcessGroupNCCL(prefixed, rank, 2, nccl_opts)
     raise ValueError(f"unknown process-group backend {backend!r}")
 
 
@@ -53,7 +50,7 @@ def _wait(work: Any, peer: str) -> None:
 
 
 class ProcessGroupTransport(Transport):
-    """Chunks over a 2-rank group of `backend` ("gloo": host memory; "nccl": GPU memory).
+    """Chunks over a 2-rank group of `backend` ("gloo": host memory).
     TLS cannot cover it: the bytes travel outside the control connection."""
 
     tls = False
@@ -132,4 +129,3 @@ def _shutdown(group: Any) -> None:
 
 
 GLOO = ProcessGroupTransport("gloo", frozenset({"cpu"}))
-NCCL = ProcessGroupTransport("nccl", frozenset({"cuda"}))
