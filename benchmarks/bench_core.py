@@ -84,9 +84,9 @@ from netloader.testing.models import (
     write_checkpoint,
 )
 from netloader.testing.processes import netloader_command
-from netloader.transports import process_memory
+from netloader.transports import nixl, process_memory
 
-TRANSPORTS = ("tcp", "same-host", "gloo")
+TRANSPORTS = ("tcp", "same-host", "gloo", "nixl")
 CHUNK_BYTES = 16 << 20  # the chunk size of the raw paths (netloader's default chunk too)
 GLOO_WINDOW = 4  # outstanding send/recv ops on the raw gloo path
 RECV_PIECE = 128 << 10  # the bounded-recv variant of raw TCP reads at most this per call
@@ -653,6 +653,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    if "nixl" in args.transports and (why := nixl.import_error()) is not None:
+        progress(f"skipping nixl: {why}")
+        args.transports.remove("nixl")
     unknown = set(args.transports) - set(TRANSPORTS)
     if unknown or not args.transports:
         parser.error(f"--transports: choose from {','.join(TRANSPORTS)} (got {args.transports})")
@@ -678,9 +681,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "same-host": bench_raw_process_vm_readv,
     }
     for transport in args.transports:
-        progress(f"(a) raw {transport} ...")
-        results += raw_benches[transport](ckpt, source, layout, args.repeat)
-        gc.collect()
+        if transport in raw_benches:  # nixl: its netloader rows against tcp's
+            progress(f"(a) raw {transport} ...")
+            results += raw_benches[transport](ckpt, source, layout, args.repeat)
+            gc.collect()
 
     server = serve_checkpoint(ckpt.parent, workdir / "server.log")
     checks: dict[str, FileCheck] = {}

@@ -70,7 +70,7 @@ def main() -> None:
         identity = netloader.Client([address]).manifest().identity
         assert identity.model == "demo", identity
         results: dict[str, float] = {}
-        for transport in ("tcp", "gloo"):
+        for transport in ("same-host", "tcp", "gloo"):
             dest = empty_model(ckpt)
             report = netloader.load(dest, [address], identity, transport=transport)
             results[f"netloader pull over {transport}, into fresh memory"] = report.seconds

@@ -16,7 +16,7 @@ from support.servers import StartServer
 from support.tensors import empty_like_set
 
 
-@pytest.mark.parametrize("transport", ["tcp", "same-host", "gloo", "auto"])
+@pytest.mark.parametrize("transport", ["tcp", "same-host", "gloo", "nixl", "auto"])
 def test_all_dtypes_round_trip_bit_identical(start_server: StartServer, transport: str) -> None:
     server = start_server("all_dtypes", "--model", "m", "--chunk-bytes", str(256 << 10))
     expected = all_dtypes()

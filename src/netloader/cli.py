@@ -48,7 +48,7 @@ from netloader.ranks import (
     serve_rank,
 )
 from netloader.server import LoadedTensors, Relay, Server
-from netloader.settings import Timeouts, new_secret, resolve_secret
+from netloader.settings import Limits, Timeouts, new_secret, resolve_secret
 
 DRAIN_TIMEOUT = 30.0  # seconds SIGTERM leaves transfers in progress to finish
 
@@ -196,6 +196,18 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="On SIGTERM, how long transfers in progress may take to finish.",
 )
+@click.option(
+    "--send-rate",
+    type=float,
+    help="Bytes per second all transfers together may send [default: no cap].",
+)
+@click.option(
+    "--sender-nice",
+    type=click.IntRange(0, 19),
+    default=Limits.sender_nice,
+    show_default=True,
+    help="Scheduling niceness of the threads that send.",
+)
 @secret_option
 @_with(*tls_cert_options)
 @_fail_cleanly
@@ -208,6 +220,8 @@ def serve(
     registry: str | None,
     metrics: Endpoint | None,
     drain_timeout: float,
+    send_rate: float | None,
+    sender_nice: int,
     secret_file: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -222,6 +236,8 @@ def serve(
         ADVERTISE_HOST=advertise,
         OUTPUT_PREFIX=output_prefix,
         REGISTRY=registry,
+        SEND_RATE=send_rate,
+        SENDER_NICE=sender_nice,
         SECRET_FILE=secret_file,
         TLS_CERT=tls_cert,
         TLS_KEY=tls_key,

@@ -21,7 +21,7 @@ from netloader import transports
 from netloader.discovery.registry import check_registry_url
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import ConfigError
-from netloader.settings import Timeouts
+from netloader.settings import MIN_SEND_RATE, Limits, Timeouts
 from netloader.transports import tls
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class NetloaderConfig:
     registry: str | None = None
     share_compile_cache: bool = False
     metrics_port: int | None = None
+    send_rate: float | None = Limits.send_rate
+    sender_nice: int = Limits.sender_nice
     _given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -126,6 +128,10 @@ class NetloaderConfig:
     @property
     def timeouts(self) -> Timeouts:
         return Timeouts(connect=self.connect_timeout, stall=self.stall_timeout)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(send_rate=self.send_rate, sender_nice=self.sender_nice)
 
     def is_set(self, attribute: str) -> bool:
         """Whether a field was given (by any source) rather than left at its default."""
@@ -240,6 +246,20 @@ def _seconds(key: str, value: Any) -> float:
     return float(value)
 
 
+def _send_rate(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= MIN_SEND_RATE:
+        raise ConfigError(
+            key, f"expected bytes per second, at least {MIN_SEND_RATE:.0f}, got {value!r}"
+        )
+    return float(value)
+
+
+def _niceness(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
+        raise ConfigError(key, f"expected an integer from 0 to 19, got {value!r}")
+    return value
+
+
 def _choice(choices: tuple[str, ...]) -> Any:
     def parse(key: str, value: Any) -> str:
         if not isinstance(value, str) or value.lower() not in choices:
@@ -324,4 +344,6 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "REGISTRY": ("registry", _registry),
     "METRICS_PORT": ("metrics_port", _int),
     "SHARE_COMPILE_CACHE": ("share_compile_cache", _bool),
+    "SEND_RATE": ("send_rate", _send_rate),
+    "SENDER_NICE": ("sender_nice", _niceness),
 }

@@ -320,6 +320,7 @@ def _server_options(config: NetloaderConfig, port: int, secret: bytes | None) ->
         "advertise_host": advertised_host(config.listen_host, config.advertise_host),
         "secret": resolve_secret(secret, config.secret_file),
         "timeouts": config.timeouts,
+        "limits": config.limits,
         "tls": config.server_tls(),
     }
 

@@ -46,19 +46,40 @@ class Timeouts:
 class Limits:
     """What a server grants at once. Each connection is a thread, so the caps keep a flood
     of connections (or one greedy peer) from growing the server without bound; each
-    transfer streams at link speed, so more transfers at once would only share it."""
+    transfer streams at link speed, so more transfers at once would only share it.
+
+    send_rate:   bytes per second all of the server's transfers together may send (None:
+                 as fast as they go); keeps sending from taking the host's CPU and network
+                 from its own work. At least MIN_SEND_RATE, so that clients' stall timeouts
+                 (`Timeouts.min_rate`) hold.
+    sender_nice: the scheduling niceness of the server's threads (0-19; 0: the host
+                 process's own): under contention they yield the CPU to inference.
+    """
 
     max_connections: int = 128
     max_connections_per_peer: int = 16
     max_transfers: int = 32
+    send_rate: float | None = None
+    sender_nice: int = 10
 
     def __post_init__(self) -> None:
         for name in ("max_connections", "max_connections_per_peer", "max_transfers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"limit {name!r} must be a positive integer, not {value!r}")
+        rate = self.send_rate
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or not rate >= MIN_SEND_RATE
+        ):
+            raise UsageError(
+                f"send_rate must be at least {MIN_SEND_RATE:.0f} bytes per second, not {rate!r}"
+            )
+        nice = self.sender_nice
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+            raise UsageError(f"sender_nice must be an integer from 0 to 19, not {nice!r}")
 
 
+MIN_SEND_RATE = 10e6
 DEFAULT_TIMEOUTS = Timeouts()
 DEFAULT_LIMITS = Limits()
 

@@ -249,11 +249,11 @@ def test_same_host_accepted_ends_with_done(secret: bytes | None) -> None:
     pipe(client, server, client.send(p.Fetch("same-host", ((0, 0), (0, 1)))))
     assert pipe(server, client, server.send(OFFER)) == OFFER
     assert isinstance(pipe(client, server, client.send(p.SameHostAccept())), p.SameHostAccept)
-    named = pipe(server, client, server.send(p.SameHostChunk(0, 0, 1 << 47)))
-    assert named == p.SameHostChunk(0, 0, 1 << 47)
-    with pytest.raises(ProtocolError, match="sent DATA in phase same_host"):
+    named = pipe(server, client, server.send(p.ChunkAddress(0, 0, 1 << 47)))
+    assert named == p.ChunkAddress(0, 0, 1 << 47)
+    with pytest.raises(ProtocolError, match="sent DATA in phase remote_read"):
         server.send(p.Data(0, 1, b"x" * 16))  # no bytes on the connection once accepted
-    pipe(server, client, server.send(p.SameHostChunk(0, 1, 8192)))
+    pipe(server, client, server.send(p.ChunkAddress(0, 1, 8192)))
     pipe(server, client, server.send(p.End()))
     assert client.phase is p.Phase.OUT_OF_BAND  # the server waits for the reads
     pipe(client, server, client.send(p.Done()))
@@ -293,4 +293,4 @@ def test_a_malformed_same_host_offer_is_refused(field: str, value: object, error
 
 def test_a_chunk_address_must_be_a_64_bit_address() -> None:
     with pytest.raises(ProtocolError, match="not a 64-bit address"):
-        p.SameHostChunk.decode({"tensor": 0, "chunk": 0, "address": 1 << 64})
+        p.ChunkAddress.decode({"tensor": 0, "chunk": 0, "address": 1 << 64})

@@ -107,6 +107,8 @@ class Client:
             raise UsageError(f"stripe must be at least 1, not {stripe}")
         self.stripe = len(self.sources) if stripe is None else stripe
         self.tls = tls
+        if (why := self.transport.unavailable()) is not None:
+            raise UsageError(why)
         if tls is not None and not self.transport.tls:
             raise UsageError(f"TLS cannot cover the {self.transport.name} transport")
 

@@ -12,6 +12,7 @@ per message type, which read best side by side.)
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import struct
@@ -58,7 +59,8 @@ class MsgType(IntEnum):
     SAME_HOST_OFFER = 13
     SAME_HOST_ACCEPT = 14
     SAME_HOST_DECLINE = 15
-    SAME_HOST_CHUNK = 16
+    CHUNK_ADDRESS = 16
+    NIXL_SETUP = 17
 
 
 # Largest body each type may claim: a peer cannot make us allocate more than this.
@@ -461,10 +463,11 @@ class SameHostDecline(Message):
 
 
 @dataclass(frozen=True)
-class SameHostChunk(Message):
-    """Server: chunk `tensor`/`chunk` is at `address` in its memory (until DONE)."""
+class ChunkAddress(Message):
+    """Server: chunk `tensor`/`chunk` is at `address` in its memory (until DONE), for the
+    client to read (same-host, nixl)."""
 
-    TYPE: ClassVar[MsgType] = MsgType.SAME_HOST_CHUNK
+    TYPE: ClassVar[MsgType] = MsgType.CHUNK_ADDRESS
     tensor: int
     chunk: int
     address: int
@@ -473,9 +476,36 @@ class SameHostChunk(Message):
         return {"tensor": self.tensor, "chunk": self.chunk, "address": self.address}
 
     @classmethod
-    def decode(cls, body: dict[str, Any]) -> SameHostChunk:
+    def decode(cls, body: dict[str, Any]) -> ChunkAddress:
         tensor, chunk = _field(body, "tensor", int), _field(body, "chunk", int)
         return cls(tensor, chunk, _address(body, "address"))
+
+
+MAX_NIXL_METADATA = 48 << 10
+
+
+@dataclass(frozen=True)
+class NixlSetup(Message):
+    """Server: read the chunks with NIXL from agent `agent`, whose metadata (NIXL's own
+    serialisation, loaded by NIXL's C++ side, never unpickled) is `metadata`."""
+
+    TYPE: ClassVar[MsgType] = MsgType.NIXL_SETUP
+    agent: str
+    metadata: bytes
+
+    def body(self) -> dict[str, Any]:
+        return {"agent": self.agent, "metadata": base64.b64encode(self.metadata).decode()}
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> NixlSetup:
+        agent, text = _field(body, "agent", str), _field(body, "metadata", str)
+        if not SOCKET_NAME.fullmatch(agent) or len(text) > MAX_NIXL_METADATA * 4 // 3 + 4:
+            raise ProtocolError("malformed nixl setup")
+        try:
+            metadata = base64.b64decode(text, validate=True)
+        except ValueError:
+            raise ProtocolError("nixl metadata is not base64") from None
+        return cls(agent, metadata)
 
 
 def _address(body: dict[str, Any], name: str) -> int:
@@ -533,7 +563,8 @@ MESSAGES: dict[MsgType, type[Message]] = {
         SameHostOffer,
         SameHostAccept,
         SameHostDecline,
-        SameHostChunk,
+        ChunkAddress,
+        NixlSetup,
         Error,
         Bye,
     )

@@ -85,7 +85,7 @@ class Phase(Enum):
     TRANSFER = auto()  # the server sends DATA... END, or sets up a process group
     OUT_OF_BAND = auto()  # bytes move elsewhere; the client confirms with DONE
     SAME_HOST_OFFERED = auto()  # the client is to accept or decline reading the server's memory
-    SAME_HOST = auto()  # the server names chunks' addresses, then END
+    REMOTE_READ = auto()  # the server names chunks' addresses for the client to read, then END
     CLOSED = auto()
 
 
@@ -104,9 +104,10 @@ TRANSITIONS: dict[tuple[Phase, Role, MsgType], Phase] = {
     (Phase.OUT_OF_BAND, C, MsgType.DONE): Phase.READY,
     (Phase.TRANSFER, S, MsgType.SAME_HOST_OFFER): Phase.SAME_HOST_OFFERED,
     (Phase.SAME_HOST_OFFERED, C, MsgType.SAME_HOST_DECLINE): Phase.TRANSFER,  # DATA frames
-    (Phase.SAME_HOST_OFFERED, C, MsgType.SAME_HOST_ACCEPT): Phase.SAME_HOST,
-    (Phase.SAME_HOST, S, MsgType.SAME_HOST_CHUNK): Phase.SAME_HOST,
-    (Phase.SAME_HOST, S, MsgType.END): Phase.OUT_OF_BAND,
+    (Phase.SAME_HOST_OFFERED, C, MsgType.SAME_HOST_ACCEPT): Phase.REMOTE_READ,
+    (Phase.TRANSFER, S, MsgType.NIXL_SETUP): Phase.REMOTE_READ,
+    (Phase.REMOTE_READ, S, MsgType.CHUNK_ADDRESS): Phase.REMOTE_READ,
+    (Phase.REMOTE_READ, S, MsgType.END): Phase.OUT_OF_BAND,
     (Phase.READY, C, MsgType.BYE): Phase.CLOSED,
 }
 HANDSHAKE = frozenset({Phase.START, Phase.WELCOMING, Phase.AUTHENTICATING})

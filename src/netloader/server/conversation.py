@@ -23,6 +23,7 @@ from netloader.errors import (
 )
 from netloader.manifest import Chunk, Manifest
 from netloader.server.holdings import Holdings
+from netloader.server.pacing import Pacer
 from netloader.settings import Timeouts
 from netloader.transports import REGISTRY
 from netloader.transports.connection import Connection
@@ -36,14 +37,22 @@ ANSWER_WITHIN = 0.8
 
 class HeldChunks:
     """ChunkSource over a server's holdings: views into the tensors' host memory (see
-    HostBytes). Waits, at most `wait` seconds, for chunks a relay has not received yet."""
+    HostBytes). Waits, at most `wait` seconds, for chunks a relay has not received yet, and
+    for the server's send rate (`pacer`)."""
 
-    def __init__(self, holdings: Holdings, wait: float) -> None:
+    def __init__(self, holdings: Holdings, wait: float, pacer: Pacer | None = None) -> None:
         self.holdings = holdings
         self.wait = wait
+        self.pacer = pacer
+
+    def region(self, chunk: Chunk) -> torch.Tensor:
+        self.holdings.wait_for(chunk, self.wait)  # a staged tensor's copy is made once, whole
+        return self.holdings.tensor_bytes(chunk.tensor)
 
     def chunk_bytes(self, chunk: Chunk) -> torch.Tensor:
         self.holdings.wait_for(chunk, self.wait)
+        if self.pacer is not None:
+            self.pacer.take(chunk.length)
         data = self.holdings.tensor_bytes(chunk.tensor)
         return data[chunk.offset : chunk.offset + chunk.length]
 
@@ -60,6 +69,7 @@ class Conversation:
     tls:       a server context, to require TLS before anything else.
     closing:   set when the server is shutting down (quieter logs).
     draining:  set when the server drains: no new transfer starts.
+    pacer:     the server's send rate, shared by its transfers.
     """
 
     def __init__(
@@ -75,8 +85,10 @@ class Conversation:
         tls: ssl.SSLContext | None,
         closing: threading.Event,
         draining: threading.Event | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self.conn = conn
+        self.pacer = pacer
         # What each part's holdings are when a client asks for it.
         self.parts: dict[p.Part, Callable[[], Holdings] | None] = {
             p.Part.WEIGHTS: lambda: holdings,
@@ -180,7 +192,7 @@ class Conversation:
         failure: BaseException | None = None
         try:
             transport.send_chunks(
-                self.conn, HeldChunks(holdings, answer_within), chunks, self.timeouts
+                self.conn, HeldChunks(holdings, answer_within, self.pacer), chunks, self.timeouts
             )
         except BaseException as exc:
             failure = exc

@@ -20,6 +20,7 @@ from netloader.endpoint import Endpoint
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server.conversation import Conversation
 from netloader.server.holdings import Arrivals, Holdings, LoadedTensors
+from netloader.server.pacing import Pacer, lower_this_thread
 from netloader.settings import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, Limits, Timeouts
 from netloader.transports.connection import Connection
 
@@ -80,6 +81,7 @@ class Server:
         self._tls = tls
         self._secret = secret
         self._transfers = _Slots(limits.max_transfers)
+        self._pacer = Pacer(limits.send_rate)
         self._closing = threading.Event()
         self._draining = threading.Event()
         self._at_close: list[Callable[[], None]] = []
@@ -192,6 +194,7 @@ class Server:
 
     # ---- background work ----------------------------------------------------------------
     def _accept_loop(self) -> None:
+        lower_this_thread(self.limits.sender_nice)  # conversations' threads inherit it
         while not self._closing.is_set():
             try:
                 sock, addr = self._listener.accept()
@@ -228,6 +231,7 @@ class Server:
                 tls=self._tls,
                 closing=self._closing,
                 draining=self._draining,
+                pacer=self._pacer,
             )
             thread = threading.Thread(
                 target=self._run, args=(conversation,), name=f"netloader-{peer}", daemon=True

@@ -7,10 +7,11 @@ from __future__ import annotations
 from netloader.errors import UsageError
 from netloader.transports import same_host
 from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
+from netloader.transports.nixl import NIXL
 from netloader.transports.process_group import GLOO
 from netloader.transports.tcp import TCP
 
-REGISTRY: dict[str, Transport] = {t.name: t for t in (TCP, same_host.SAME_HOST, GLOO)}
+REGISTRY: dict[str, Transport] = {t.name: t for t in (TCP, same_host.SAME_HOST, GLOO, NIXL)}
 AUTO = "auto"  # same-host where client and server share a host, else tcp: see README
 
 

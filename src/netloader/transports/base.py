@@ -20,6 +20,11 @@ class ChunkSource(Protocol):
 
     def chunk_bytes(self, chunk: Chunk) -> torch.Tensor: ...
 
+    def region(self, chunk: Chunk) -> torch.Tensor:
+        """The host memory the chunk's whole tensor lives in (flat uint8), once the chunk is
+        held (a transport registers it)."""
+        ...
+
 
 class ChunkSink(Protocol):
     """Client side: where a chunk's bytes go, and the check once they are there."""
@@ -44,6 +49,11 @@ class Transport(ABC):
     name: str
     tls: bool
     memory: frozenset[str]
+
+    def unavailable(self) -> str | None:
+        """Why this process cannot use the transport (a missing optional package); None
+        if it can."""
+        return None
 
     def for_connection(self, conn: Connection) -> Transport:
         """The transport to ask `conn`'s server for (one that fell back on this connection

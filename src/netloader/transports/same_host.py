@@ -15,7 +15,7 @@ Per FETCH, on the control connection:
             other's pid (SO_PEERCRED); the server lets that pid read it (Yama, if needed);
             the client reads the probe. Then SAME_HOST_ACCEPT, or SAME_HOST_DECLINE{why},
             after which the chunks come as DATA frames (the tcp transport).
-    server: SAME_HOST_CHUNK {tensor, chunk, address} per chunk, END
+    server: CHUNK_ADDRESS {tensor, chunk, address} per chunk, END
     client: reads and verifies every chunk, DONE (the server's grant ends there)
 
 Being on one host is proved three ways: the same boot id, the same TCP four-tuple seen
@@ -117,7 +117,7 @@ class SameHostTransport(Transport):
             for chunk in chunks:
                 data = source.chunk_bytes(chunk)
                 held.append(data)
-                conn.send(p.SameHostChunk(chunk.tensor, chunk.number, data.data_ptr()))
+                conn.send(p.ChunkAddress(chunk.tensor, chunk.number, data.data_ptr()))
             conn.send(p.End())
             total = sum(c.length for c in chunks)
             with conn.within(timeouts.for_chunk(total), "the client's reads"):
@@ -277,7 +277,7 @@ def _read_all(
             with conn.within(
                 timeouts.for_chunk(chunk.length), f"chunk {chunk.tensor}/{chunk.number}"
             ):
-                named = conn.expect(p.SameHostChunk)
+                named = conn.expect(p.ChunkAddress)
             if (named.tensor, named.chunk) != (chunk.tensor, chunk.number):
                 raise ProtocolError(
                     f"{conn.peer} named chunk {named.tensor}/{named.chunk}, "

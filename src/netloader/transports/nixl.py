@@ -1,0 +1,259 @@
+"""Chunks read one-sidedly with NIXL (the transfer library behind vLLM's disaggregated
+serving connectors): the server registers its tensors' memory with its NIXL agent once and
+hands the client the agent's metadata; the client registers each destination and issues
+READs, several at once, verifying each chunk when it lands. Over UCX that is RDMA between
+hosts and NVLink/shared memory within one; on hosts without either, UCX's TCP.
+
+Per FETCH, on the control connection:
+
+    client: FETCH "nixl"
+    server: NIXL_SETUP {agent name, agent metadata}; CHUNK_ADDRESS {tensor, chunk,
+            address} per chunk (as it is held, at the server's send rate); END
+    client: DONE once every chunk is read and verified
+
+The metadata is NIXL's own serialisation, parsed by its C++ agent (bounded in size; the
+Python helpers that unpickle descriptor lists are never used). TLS does not cover the
+bytes, so a TLS server refuses this transport. An optional dependency:
+`pip install 'netloader-weights[nixl]'`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from netloader import protocol as p
+from netloader.errors import (
+    PeerClosed,
+    ProtocolError,
+    SourceUnavailable,
+    TransferError,
+    TransferTimeout,
+)
+from netloader.manifest import Chunk
+from netloader.settings import Timeouts
+from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
+from netloader.transports.connection import Connection
+
+log = logging.getLogger(__name__)
+
+WINDOW = 4  # READs in flight per connection
+POLL = 0.0005  # seconds between looks at a READ in flight
+INSTALL = "TRANSPORT=nixl needs the nixl package: pip install 'netloader-weights[nixl]'"
+
+
+def import_error() -> str | None:
+    """Why NIXL cannot be used in this process; None if it can."""
+    try:
+        import nixl._api  # noqa: F401
+    except Exception as exc:  # ImportError, or a backend that fails to load
+        return f"{INSTALL} ({exc})"
+    return None
+
+
+class Agent:
+    """This process's one NIXL agent (UCX backend), its registrations kept for its life:
+    a server's tensors are registered once, however many clients read them."""
+
+    def __init__(self) -> None:
+        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+
+        self.name = f"netloader-{secrets.token_hex(16)}"
+        # Several connections (striping, concurrent clients) use the agent at once.
+        config = nixl_agent_config(
+            backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_RW
+        )
+        self.nixl = nixl_agent(self.name, config)
+        self._registered: dict[tuple[int, int], Any] = {}
+        self._remotes: dict[str, int] = {}  # remote agent -> connections using it
+        self.lock = threading.Lock()
+
+    def register(self, regions: list[torch.Tensor]) -> None:
+        """Register each region (a flat uint8 tensor) unless it already is."""
+        with self.lock:
+            new = [
+                (r.data_ptr(), r.numel(), 0, "")
+                for r in regions
+                if r.numel() and (r.data_ptr(), r.numel()) not in self._registered
+            ]
+            if new:
+                handle = self.nixl.register_memory(self.nixl.get_reg_descs(new, "DRAM"))
+                for ptr, size, _, _ in new:
+                    self._registered[(ptr, size)] = handle
+
+    def metadata(self) -> bytes:
+        with self.lock:
+            return bytes(self.nixl.get_agent_metadata())
+
+    def add_remote(self, name: str, metadata: bytes) -> str:
+        """Load a peer agent's metadata (again: it may have registered more since); the
+        name NIXL found in it. A server in this very process is this agent."""
+        with self.lock:
+            if name == self.name:
+                return name
+            name = self.nixl.add_remote_agent(metadata)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            self._remotes[name] = self._remotes.get(name, 0) + 1
+            return name
+
+    def remove_remote(self, name: str) -> None:
+        with self.lock:
+            if name == self.name:
+                return
+            left = self._remotes.get(name, 1) - 1
+            if left > 0:
+                self._remotes[name] = left
+                return
+            self._remotes.pop(name, None)
+            try:
+                self.nixl.remove_remote_agent(name)
+            except Exception as exc:
+                log.debug("netloader: nixl: removing agent %s: %s", name, exc)
+
+
+_AGENT: Agent | None = None
+_AGENT_LOCK = threading.Lock()
+
+
+def agent() -> Agent:
+    """This process's agent, made on first use; SourceUnavailable if NIXL is missing."""
+    global _AGENT
+    with _AGENT_LOCK:
+        if _AGENT is None:
+            why = import_error()
+            if why is not None:
+                raise SourceUnavailable(why)
+            _AGENT = Agent()
+        return _AGENT
+
+
+class NixlTransport(Transport):
+    name = "nixl"
+    tls = False
+    memory = frozenset({"cpu"})  # device memory is staged in host memory for now
+
+    def unavailable(self) -> str | None:
+        return import_error()
+
+    # ---- server -------------------------------------------------------------------------
+    def send_chunks(
+        self, conn: Connection, source: ChunkSource, chunks: ChunkList, timeouts: Timeouts
+    ) -> None:
+        local = agent()
+        regions = {c.tensor: source.region(c) for c in chunks}
+        local.register(list(regions.values()))
+        conn.send(p.NixlSetup(local.name, local.metadata()))
+        held = []  # every chunk's memory stays referenced until the client is done
+        for chunk in chunks:
+            data = source.chunk_bytes(chunk)
+            held.append(data)
+            conn.send(p.ChunkAddress(chunk.tensor, chunk.number, data.data_ptr()))
+        conn.send(p.End())
+        with conn.within(timeouts.for_chunk(sum(c.length for c in chunks)), "the client's reads"):
+            conn.expect(p.Done)
+
+    # ---- client -------------------------------------------------------------------------
+    def receive_chunks(
+        self, conn: Connection, chunks: ChunkList, sink: ChunkSink, timeouts: Timeouts
+    ) -> None:
+        setup = conn.expect(p.NixlSetup)
+        local = agent()
+        try:
+            remote = local.add_remote(setup.agent, setup.metadata)
+        except Exception as exc:
+            raise ProtocolError(f"{conn.peer} sent NIXL metadata NIXL refused: {exc}") from exc
+        if remote != setup.agent:
+            local.remove_remote(remote)
+            raise ProtocolError(f"{conn.peer} named agent {setup.agent}, its metadata {remote}")
+        reads: deque[_Read] = deque()
+        try:
+            for chunk in chunks:
+                with conn.within(
+                    timeouts.for_chunk(chunk.length), f"chunk {chunk.tensor}/{chunk.number}"
+                ):
+                    named = conn.expect(p.ChunkAddress)
+                if (named.tensor, named.chunk) != (chunk.tensor, chunk.number):
+                    raise ProtocolError(
+                        f"{conn.peer} named chunk {named.tensor}/{named.chunk}, "
+                        f"expected {chunk.tensor}/{chunk.number}"
+                    )
+                reads.append(_Read(local, remote, chunk, sink, named.address, conn.peer))
+                if len(reads) >= WINDOW:
+                    reads.popleft().finish(timeouts)
+            conn.expect(p.End)
+            while reads:
+                reads.popleft().finish(timeouts)
+        finally:
+            for read in reads:
+                read.abandon()
+            local.remove_remote(remote)
+        conn.send(p.Done())
+
+
+class _Read:
+    """One chunk's READ, posted on creation."""
+
+    def __init__(
+        self, local: Agent, remote: str, chunk: Chunk, sink: ChunkSink, address: int, peer: str
+    ) -> None:
+        self.local, self.chunk, self.sink, self.peer = local, chunk, sink, peer
+        self.handle: Any = None
+        if not chunk.length:
+            return
+        destination = sink.destination(chunk)
+        local.register([destination])
+        nixl = local.nixl
+        try:
+            mine = nixl.get_xfer_descs([(destination.data_ptr(), chunk.length, 0)], "DRAM")
+            theirs = nixl.get_xfer_descs([(address, chunk.length, 0)], "DRAM")
+            self.handle = nixl.initialize_xfer("READ", mine, theirs, remote)
+            if nixl.transfer(self.handle) == "ERR":
+                raise TransferError("the transfer was refused")
+        except Exception as exc:
+            self.abandon()
+            raise TransferError(
+                f"{peer}: nixl cannot read chunk {chunk.tensor}/{chunk.number} "
+                f"({chunk.length} bytes at {address:#x}): {exc}",
+                source=peer,
+            ) from exc
+
+    def finish(self, timeouts: Timeouts) -> None:
+        """Wait for the READ (bounded like any chunk), then verify it."""
+        if self.handle is not None:
+            deadline = time.monotonic() + timeouts.for_chunk(self.chunk.length)
+            nixl = self.local.nixl
+            while (state := nixl.check_xfer_state(self.handle)) == "PROC":
+                if time.monotonic() > deadline:
+                    self.abandon()
+                    raise TransferTimeout(
+                        f"{self.peer}: nixl read of chunk {self.chunk.tensor}/"
+                        f"{self.chunk.number} took longer than "
+                        f"{timeouts.for_chunk(self.chunk.length):g} s",
+                        source=self.peer,
+                    )
+                time.sleep(POLL)
+            self.abandon()
+            if state != "DONE":
+                raise PeerClosed(
+                    f"{self.peer}: nixl read of chunk {self.chunk.tensor}/{self.chunk.number} "
+                    f"failed ({state}): did the server go away?",
+                    source=self.peer,
+                )
+        self.sink.received(self.chunk, source=self.peer)
+
+    def abandon(self) -> None:
+        if self.handle is not None:
+            try:
+                self.local.nixl.release_xfer_handle(self.handle)
+            except Exception as exc:  # a READ still in flight cannot be released
+                log.debug("netloader: nixl: releasing a read: %s", exc)
+            self.handle = None
+
+
+NIXL = NixlTransport()
