@@ -196,6 +196,8 @@ class Client:
         self._work(pull, first[0] if first else None)  # the calling thread is a worker too
         for worker in workers:
             worker.join()
+        if pull.sink is not None:
+            pull.sink.settle()  # device copies still in flight
         if not pull.finished():
             error = pull.error(len(dest))
             if observer is not None:
