@@ -5,8 +5,6 @@ a TransferError that names the source, never in accepted wrong bytes."""
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from netloader.server.conversation import HeldChunks
 from netloader.settings import Timeouts
 from netloader.testing.models import differing, same_bytes, transformer_like
 from netloader.transports import nixl
-from support.servers import StartServer
+from support.servers import StartServer, pull_while_killing_the_first
 from support.tensors import empty_like_set
 
 pytestmark = pytest.mark.skipif(nixl.import_error() is not None, reason="nixl is not installed")
@@ -45,24 +43,9 @@ def test_bytes_flipped_in_the_servers_memory_are_rejected(start_server: StartSer
 
 
 def test_a_server_killed_mid_read(start_server: StartServer) -> None:
-    args = ("transformer_like", "--model", "m", "--chunk-bytes", str(128 << 10))
-    doomed, spare = start_server(*args), start_server(*args)
-    expected = transformer_like()
-    dest = empty_like_set(expected)
-    killed: list[int] = []
-
-    def kill_on_first_chunk(_: int) -> None:
-        if not killed:
-            doomed.proc.send_signal(signal.SIGKILL)
-            killed.append(doomed.proc.wait(timeout=10))
-
-    client = Client(
-        [doomed.address, spare.address], stripe=1, transport="nixl", timeouts=Timeouts(stall=2)
-    )
-    report = client.load_into(dest, Identity("m"), progress=kill_on_first_chunk)
-    assert killed == [-signal.SIGKILL]
-    assert not differing(dest, expected)
-    assert len(report.failures) == 1 and doomed.address in report.failures[0]
+    report, killed = pull_while_killing_the_first(start_server, "nixl", Timeouts(stall=2))
+    assert report.transport == "nixl"
+    assert len(report.failures) == 1 and killed in report.failures[0]
 
 
 @pytest.mark.parametrize("fault", ["unregistered address", "registration too small"])

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 from netloader import Client, Identity, IntegrityError
 from netloader.testing.models import differing, same_bytes, transformer_like
 from netloader.transports import process_memory
-from support.servers import NETLOADER, MakeProxy, StartServer
+from support.servers import NETLOADER, MakeProxy, StartServer, pull_while_killing_the_first
 from support.tensors import empty_like_set
 
 pytestmark = pytest.mark.skipif(
@@ -133,24 +132,9 @@ def test_a_client_that_may_not_read_falls_back_to_tcp(
 def test_a_server_killed_while_the_client_reads_it(start_server: StartServer) -> None:
     """The first source dies after the first chunk was read: its memory is gone, the
     client names why and takes the rest from the second source, bit-identical."""
-    args = ("transformer_like", "--model", "m", "--chunk-bytes", str(128 << 10))
-    doomed, spare = start_server(*args), start_server(*args)
-    expected = transformer_like()
-    dest = empty_like_set(expected)
-    killed: list[int] = []
-
-    def kill_on_first_chunk(_: int) -> None:
-        if not killed:
-            doomed.proc.send_signal(signal.SIGKILL)
-            killed.append(doomed.proc.wait(timeout=10))
-
-    client = Client([doomed.address, spare.address], stripe=1, transport="same-host")
-    report = client.load_into(dest, Identity("m"), progress=kill_on_first_chunk)
-    assert killed == [-signal.SIGKILL]
-    assert not differing(dest, expected)
+    report, killed = pull_while_killing_the_first(start_server, "same-host")
     assert report.transport == "same-host"
-    assert len(report.failures) == 1 and doomed.address in report.failures[0]
-    assert 0 < dict(report.bytes_by_source)[spare.address] < report.bytes
+    assert len(report.failures) == 1 and killed in report.failures[0]
 
 
 def test_an_authenticated_same_host_pull(start_server: StartServer) -> None:

@@ -62,7 +62,7 @@ def serve(
     secret:         require clients to prove they know it (default: $NETLOADER_SECRET).
     chunk_bytes:    unit of transfer and of verification.
     timeouts:       handshake (a new connection's) and stall (silence afterwards).
-    limits:         connection and transfer caps.
+    limits:         connection and transfer caps, send-rate cap, sender priority.
     tls:            netloader.transports.tls.server_context(cert, key) to require TLS.
     output_file:    write "host:port" there (atomically) once listening.
     """

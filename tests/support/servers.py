@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from netloader import Client, Identity
+from netloader import Client, Identity, LoadReport
+from netloader.settings import DEFAULT_TIMEOUTS, Timeouts
 from netloader.testing.models import differing, transformer_like
 from netloader.testing.processes import SERVING, ServerProcess, netloader_command
 from support.proxy import FaultyProxy, host_port
@@ -56,6 +57,33 @@ def assert_serves(address: str, model: str = "m") -> None:
     dest = empty_like_set(expected)
     Client([address]).load_into(dest, Identity(model))
     assert not differing(dest, expected)
+
+
+def pull_while_killing_the_first(
+    start_server: StartServer, transport: str, timeouts: Timeouts = DEFAULT_TIMEOUTS
+) -> tuple[LoadReport, str]:
+    """Pull transformer_like() from two server processes one at a time over `transport`,
+    SIGKILLing the first once the first chunk from it is verified; the report (the pull
+    must finish, bit-identical) and the killed server's address."""
+    args = ("transformer_like", "--model", "m", "--chunk-bytes", str(128 << 10))
+    doomed, spare = start_server(*args), start_server(*args)
+    expected = transformer_like()
+    dest = empty_like_set(expected)
+    killed: list[int] = []
+
+    def kill_on_first_chunk(_: int) -> None:
+        if not killed:
+            doomed.proc.send_signal(signal.SIGKILL)
+            killed.append(doomed.proc.wait(timeout=10))
+
+    client = Client(
+        [doomed.address, spare.address], stripe=1, transport=transport, timeouts=timeouts
+    )
+    report = client.load_into(dest, Identity("m"), progress=kill_on_first_chunk)
+    assert killed == [-signal.SIGKILL]
+    assert not differing(dest, expected)
+    assert 0 < dict(report.bytes_by_source)[spare.address] < report.bytes
+    return report, doomed.address
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

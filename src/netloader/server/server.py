@@ -56,7 +56,7 @@ class Server:
                     netloader.endpoint.advertised_host when binding a wildcard.
     secret:         require clients to prove they know it (HMAC); None serves anyone.
     timeouts:       handshake (a new connection's) and stall (silence afterwards).
-    limits:         connection and transfer caps.
+    limits:         connection and transfer caps, send-rate cap, sender priority.
     tls:            a server context (netloader.transports.tls.server_context).
     """
 

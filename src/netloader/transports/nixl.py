@@ -38,6 +38,7 @@ from netloader.errors import (
 )
 from netloader.manifest import Chunk
 from netloader.settings import Timeouts
+from netloader.transports.addresses import expect_address, send_addresses
 from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
 from netloader.transports.connection import Connection
 
@@ -149,14 +150,7 @@ class NixlTransport(Transport):
         regions = {c.tensor: source.region(c) for c in chunks}
         local.register(list(regions.values()))
         conn.send(p.NixlSetup(local.name, local.metadata()))
-        held = []  # every chunk's memory stays referenced until the client is done
-        for chunk in chunks:
-            data = source.chunk_bytes(chunk)
-            held.append(data)
-            conn.send(p.ChunkAddress(chunk.tensor, chunk.number, data.data_ptr()))
-        conn.send(p.End())
-        with conn.within(timeouts.for_chunk(sum(c.length for c in chunks)), "the client's reads"):
-            conn.expect(p.Done)
+        send_addresses(conn, source, chunks, timeouts)
 
     # ---- client -------------------------------------------------------------------------
     def receive_chunks(
@@ -174,16 +168,8 @@ class NixlTransport(Transport):
         reads: deque[_Read] = deque()
         try:
             for chunk in chunks:
-                with conn.within(
-                    timeouts.for_chunk(chunk.length), f"chunk {chunk.tensor}/{chunk.number}"
-                ):
-                    named = conn.expect(p.ChunkAddress)
-                if (named.tensor, named.chunk) != (chunk.tensor, chunk.number):
-                    raise ProtocolError(
-                        f"{conn.peer} named chunk {named.tensor}/{named.chunk}, "
-                        f"expected {chunk.tensor}/{chunk.number}"
-                    )
-                reads.append(_Read(local, remote, chunk, sink, named.address, conn.peer))
+                address = expect_address(conn, chunk, timeouts)
+                reads.append(_Read(local, remote, chunk, sink, address, conn.peer))
                 if len(reads) >= WINDOW:
                     reads.popleft().finish(timeouts)
             conn.expect(p.End)
