@@ -1,0 +1,136 @@
+"""`netloader inspect`, `peers` and `secret`: what a server offers, who is live, a new
+secret."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+
+from netloader.cli.common import (
+    EndpointParam,
+    config_from,
+    fail_cleanly,
+    registry_option,
+    secret_option,
+    tls_ca_option,
+)
+from netloader.discovery import registry as reg
+from netloader.discovery.wave import listing
+from netloader.endpoint import Endpoint
+from netloader.manifest import Manifest
+from netloader.ranks import client_for
+from netloader.settings import Timeouts, new_secret
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True, type=EndpointParam())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--connect-timeout", type=float, default=Timeouts.connect, show_default=True)
+@secret_option
+@tls_ca_option
+@fail_cleanly
+def inspect(
+    sources: tuple[Endpoint, ...],
+    as_json: bool,
+    connect_timeout: float,
+    secret_file: Path | None,
+    tls_ca: Path | None,
+) -> None:
+    """Print a server's manifest: model, layout, and every tensor."""
+    config = config_from(CONNECT_TIMEOUT=connect_timeout, SECRET_FILE=secret_file, TLS_CA=tls_ca)
+    manifest = client_for(config, sources).manifest()
+    if as_json:
+        click.echo(json.dumps(manifest.to_json(), indent=1))
+        return
+    click.echo(_describe(manifest))
+
+
+@click.command()
+@registry_option
+@click.option(
+    "--wave",
+    "wave_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="List the seeds and live members of this wave directory instead.",
+)
+@click.option("--model", "model_name", help="Only servers of this model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@click.option("--connect-timeout", type=float, default=Timeouts.connect, show_default=True)
+@fail_cleanly
+def peers(
+    registry: str | None,
+    wave_dir: Path | None,
+    model_name: str | None,
+    as_json: bool,
+    connect_timeout: float,
+) -> None:
+    """List live servers: model, layout, rank, address, transfers in progress, and since
+    when (from a registry), or a wave directory's seeds and live members."""
+    if (registry is None) == (wave_dir is None):
+        raise click.UsageError("give one of --registry and --wave")
+    if wave_dir is not None:
+        entries = listing(wave_dir)
+        if as_json:
+            click.echo(json.dumps([vars(e) for e in entries], indent=1))
+            return
+        for e in entries:
+            where = "seed" if e.position is None else f"member {e.position}"
+            click.echo(f"rank {e.rank}{e.kind}  {where:<10}  {e.address}")
+        return
+    assert registry is not None
+    with contextlib.closing(reg.Registry(registry, timeout=connect_timeout)) as found:
+        records = found.records()
+    chosen = sorted(
+        (r for r in records if model_name is None or r.model == model_name),
+        key=lambda r: (r.model, r.tp_size, r.pp_size, r.rank, r.transfers, r.since, r.address),
+    )
+    if as_json:
+        click.echo(json.dumps([json.loads(r.to_json()) for r in chosen], indent=1))
+        return
+    if not chosen:
+        click.echo(f"netloader: no live servers in {found.label}")
+    for r in chosen:
+        layout = r.layout or f"tp{r.tp_size}xpp{r.pp_size}"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.since))
+        click.echo(
+            f"{r.model}  {layout}  rank {r.rank}  {r.address}  "
+            f"transfers {r.transfers}  since {since}"
+        )
+
+
+@click.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@fail_cleanly
+def secret(path: Path | None) -> None:
+    """Make a random shared secret: print it, or write it to PATH (readable by you only)."""
+    value = new_secret()
+    if path is None:
+        click.echo(value)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    click.echo(f"netloader: wrote a new secret to {path}")
+
+
+def _describe(manifest: Manifest) -> str:
+    ident = manifest.identity
+    lines = [
+        f"model {ident.model}  tp {ident.tp_rank}/{ident.tp_size}  "
+        f"pp {ident.pp_rank}/{ident.pp_size}"
+        + "".join(f"  {k}={v}" for k, v in sorted(ident.attributes.items())),
+        f"{len(manifest.tensors)} tensors, {manifest.total_bytes} bytes, "
+        f"chunks of {manifest.chunk_bytes} bytes",
+    ]
+    width = max((len(t.name) for t in manifest.tensors), default=0)
+    for t in manifest.tensors:
+        lines.append(
+            f"{t.name:<{width}}  {t.dtype:<14} {list(t.shape)!s:<20} {t.nbytes:>14}  "
+            f"{t.digests[0] if t.digests else ''}"
+        )
+    return "\n".join(lines)
