@@ -12,7 +12,7 @@ from netloader.testing.processes import read_address_file
 from netloader.testing.vllm import VllmInstance
 
 LOADED = re.compile(
-    r"netloader: loaded (\d+) tensors, (\d+) bytes in .* from (\S+) over \w+, verified"
+    r"netloader: loaded (\d+) tensors, (\d+) bytes in .* from (\S+) over ([\w+-]+), verified"
 )
 SERVES = re.compile(
     r"netloader: rank (\d+) serves (\d+) tensors \((\d+) bytes\) on (\S+); "
@@ -61,8 +61,13 @@ def fallback_reasons(instance: VllmInstance) -> list[str]:
     ]
 
 
-def assert_loaded_over_network(instance: VllmInstance, source: str, ranks: int = 1) -> None:
+def assert_loaded_over_network(
+    instance: VllmInstance, source: str, ranks: int = 1, transport: str | None = None
+) -> None:
+    """`instance` loaded every rank from `source` (over `transport`, when given)."""
     found = loaded_lines(instance)
     assert len(found) == ranks, f"{instance.name}:\n" + "\n".join(instance.netloader_lines())
     assert all(m.group(3) == source for m in found), (source, [m.group(0) for m in found])
+    if transport is not None:
+        assert all(m.group(4) == transport for m in found), [m.group(0) for m in found]
     assert fallback_reasons(instance) == [], instance.netloader_lines()
