@@ -16,9 +16,16 @@ from safetensors.torch import load_file
 import netloader
 from netloader.checkpoint import load_checkpoint
 from netloader.testing.certs import self_signed_certificate
-from netloader.testing.models import blocks, same_bytes, transformer_like, write_checkpoint
+from netloader.testing.models import (
+    blocks,
+    differing,
+    same_bytes,
+    transformer_like,
+    write_checkpoint,
+)
 from netloader.testing.processes import ServerProcess
 from support.servers import NETLOADER, MakeProxy, StartCliServer, run_cli
+from support.tensors import empty_like_set, untouched
 
 MODEL_FILES = {
     "config.json": b'{"model_type": "llama", "hidden_size": 64}',
@@ -68,6 +75,49 @@ def test_pull_writes_the_source_directory_as_it_is(
             assert (out / name).read_bytes() == (sharded_checkpoint / name).read_bytes()
     pulled_all = load_checkpoint(out)
     assert all(same_bytes(pulled_all[n], t) for n, t in transformer_like().items())
+
+
+def test_the_api_loads_a_served_checkpoint_by_its_name(
+    served: ServerProcess, sharded_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`netloader.load(dest, [addr], NAME)` against `netloader serve DIR --model NAME`: the
+    attributes the server states (weights=checkpoint, its config's fingerprint) are not
+    constraints the caller has to copy; the name, the tensors and what the caller states are."""
+    expected = transformer_like()
+    dest = empty_like_set(expected)
+    report = netloader.load(dest, [served.address], "tiny")
+    assert not differing(dest, expected) and report.tensors == len(expected)
+
+    def refused(dest: dict[str, torch.Tensor], identity: netloader.Identity | str) -> str:
+        with pytest.raises(netloader.ManifestMismatch) as info:
+            netloader.load(dest, [served.address], identity)
+        assert untouched(dest) and info.value.completed == frozenset()
+        return str(info.value)
+
+    assert "model: expected 'other', server has 'tiny' (pass 'tiny' to load" in refused(
+        empty_like_set(expected), "other"
+    )
+    narrower = empty_like_set(expected)
+    narrower["embed.weight"] = empty_like_set({"e": torch.zeros(999, 256, dtype=torch.bfloat16)})[
+        "e"
+    ]
+    assert "tensor 'embed.weight': expected bfloat16[999, 256], server has bfloat16[1000, 256]" in (
+        refused(narrower, "tiny")
+    )
+    # A caller that states its config (here: a fine-tune with another hidden size) is held to it.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama", "hidden_size": 128}')
+    message = refused(empty_like_set(expected), netloader.checkpoint_identity("tiny", mine))
+    ours = netloader.checkpoint_identity("tiny", sharded_checkpoint).attributes["config"]
+    theirs = netloader.checkpoint_identity("tiny", mine).attributes["config"]
+    assert f"attribute config: expected {theirs!r}, server has {ours!r}" in message
+    # The same config stated explicitly loads.
+    dest = empty_like_set(expected)
+    netloader.load(
+        dest, [served.address], netloader.checkpoint_identity("tiny", sharded_checkpoint)
+    )
+    assert not differing(dest, expected)
 
 
 def test_pull_no_weights_fetches_just_the_other_files(

@@ -5,6 +5,7 @@ report = netloader.load(empty_model, [server.address], "my-model")
 """
 
 from netloader.api import load, relay, serve, tensors_of
+from netloader.checkpoint import checkpoint_identity
 from netloader.client import Client, LoadReport
 from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint
@@ -54,6 +55,7 @@ __all__ = [
     "TransferTimeout",
     "UsageError",
     "VersionMismatch",
+    "checkpoint_identity",
     "join_wave",
     "load",
     "load_rank",

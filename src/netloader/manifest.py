@@ -52,15 +52,27 @@ class Identity:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
     def differences(self, offered: Identity) -> list[str]:
+        """What in `offered` (a server's identity) contradicts this expectation. Name and
+        layout always count; an attribute counts only when this side states it, so a
+        client that names just the model accepts a server that says more about it (the
+        manifest's tensors and digests remain the contract)."""
         out = [
             f"{name}: expected {mine!r}, server has {theirs!r}"
             for name in ("model", "tp_size", "tp_rank", "pp_size", "pp_rank")
             if (mine := getattr(self, name)) != (theirs := getattr(offered, name))
         ]
-        for key in sorted(set(self.attributes) | set(offered.attributes)):
-            mine_a, theirs_a = self.attributes.get(key), offered.attributes.get(key)
-            if mine_a != theirs_a:
-                out.append(f"attribute {key}: expected {mine_a!r}, server has {theirs_a!r}")
+        if self.model != offered.model:
+            out[0] += f" (pass {offered.model!r} to load the model it serves)"
+        for key in sorted(self.attributes):
+            mine_a, theirs_a = self.attributes[key], offered.attributes.get(key)
+            if mine_a == theirs_a:
+                continue
+            hint = (
+                "the server does not state it; leave it out to accept any"
+                if theirs_a is None
+                else "a different model or build: `netloader inspect` shows the server's identity"
+            )
+            out.append(f"attribute {key}: expected {mine_a!r}, server has {theirs_a!r} ({hint})")
         return out
 
 

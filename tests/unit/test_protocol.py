@@ -37,12 +37,26 @@ def test_manifest_json_round_trip() -> None:
     ]
 
 
+def test_only_the_attributes_a_client_states_are_constraints() -> None:
+    server = Identity("m", attributes={"dtype": "bf16", "config": "abc"})
+    assert Identity("m").differences(server) == []
+    assert Identity("m", attributes={"dtype": "bf16"}).differences(server) == []
+    assert Identity("m", attributes={"dtype": "fp16", "quant": "int8"}).differences(server) == [
+        "attribute dtype: expected 'fp16', server has 'bf16' (a different model or build: "
+        "`netloader inspect` shows the server's identity)",
+        "attribute quant: expected 'int8', server has None (the server does not state it; "
+        "leave it out to accept any)",
+    ]
+    assert Identity("n").differences(server) == [
+        "model: expected 'n', server has 'm' (pass 'm' to load the model it serves)"
+    ]
+
+
 def test_manifest_report_is_precise() -> None:
     mine = expected_manifest(Identity("m", 2, 0), {"a": torch.zeros(11), "b": torch.zeros(3, 4)})
     diffs = mine.differences(MANIFEST)
     assert diffs == [
         "tp_rank: expected 0, server has 1",
-        "attribute dtype: expected None, server has 'bf16'",
         "tensor 'a': expected float32[11], server has float32[10]",
         "tensor 'b': expected float32[3, 4], server has bfloat16[3, 4]",
         "tensor 'e' on server only (float32[0])",

@@ -20,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+import netloader
 from netloader import Client
 from netloader.config import DRAFT_PORT_OFFSET
+from netloader.tensors import dtype_from_name
+from netloader.testing.models import TensorSpec, empty_like
 from netloader.testing.processes import read_address_file
 from netloader.testing.vllm import PROMPTS, VllmInstance, free_port, make_weightless_dir
 from support.vllm_checks import (
@@ -62,6 +67,36 @@ class TestFloat32SeedAndClients:
         # The trap: post-processing replaced the linear weights with empty tensors; the
         # originals are kept by reference (not copied), so some but not all bytes are extra.
         assert 0 < kept < total, served.group(0)
+
+    def test_the_python_api_loads_from_a_vllm_seed_by_its_name(
+        self, start: Starter, seed32: VllmInstance, tiny_model: Path
+    ) -> None:
+        """`netloader.load(tensors, [addr], "tiny")` from a vLLM seed: the tensors are the
+        seed's parameters as vLLM names them (fused qkv_proj, gate_up_proj), the
+        checkpoint's bytes in float32."""
+        address = start.source("seed32")["sources"][0]
+        manifest = Client([address]).manifest()
+        specs = [TensorSpec(t.name, dtype_from_name(t.dtype), t.shape) for t in manifest.tensors]
+        dest = empty_like(specs, fill=0)
+        report = netloader.load(dest, [address], "tiny")
+        assert report.tensors == len(dest) > 0
+        checkpoint = load_file(tiny_model / "model.safetensors")
+        fused = {
+            "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+            "gate_up_proj": ("gate_proj", "up_proj"),
+        }
+        for name, tensor in dest.items():
+            parts = next(
+                ([name.replace(f, p) for p in ps] for f, ps in fused.items() if f in name),
+                [name],
+            )
+            assert all(p in checkpoint for p in parts), f"{name}: no {parts} in the checkpoint"
+            original = torch.cat([checkpoint[p] for p in parts]).float()
+            assert torch.equal(tensor, original), name
+        with pytest.raises(
+            netloader.ManifestMismatch, match=re.escape("server has 'tiny' (pass 'tiny'")
+        ):
+            netloader.load(empty_like(dest, fill=0), [address], "llama")
 
     def test_client_loads_from_seed_and_answers_identically(
         self,
