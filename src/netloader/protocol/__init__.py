@@ -1,42 +1,34 @@
-"""The netloader protocol, free of I/O: typed messages and their wire format
-(`messages`), and the conversation's state machine with its authentication (`session`)."""
+"""The netloader protocol, free of I/O: framing (`frames`), control bodies and their field
+checks (`body`), the typed messages (`handshake`, `transfer`, `out_of_band`), the type ->
+class table (`registry`), and the conversation's state machine with its authentication
+(`session`)."""
 
-from netloader.protocol.messages import (
+from netloader.protocol.body import Message, decode_body
+from netloader.protocol.frames import (
     DATA_PREFIX,
     HEADER,
     MAGIC,
     MAX_BODY,
     PROTOCOL_VERSION,
     TAG_BYTES,
-    Auth,
-    Bye,
-    ChunkAddress,
-    Data,
-    Done,
-    End,
-    Error,
-    ErrorCode,
-    Fetch,
     FrameHeader,
-    GetManifest,
-    Hello,
-    ManifestMessage,
-    Message,
     MsgType,
+    decode_data_prefix,
+    decode_header,
+    encode,
+    encode_data_header,
+)
+from netloader.protocol.handshake import Auth, Bye, Error, ErrorCode, Hello, Welcome
+from netloader.protocol.out_of_band import (
+    ChunkAddress,
+    Done,
     NixlSetup,
-    Part,
     ProcessGroupSetup,
     SameHostAccept,
     SameHostDecline,
     SameHostOffer,
-    Welcome,
-    decode_body,
-    decode_data_prefix,
-    decode_header,
-    decode_message,
-    encode,
-    encode_data_header,
 )
+from netloader.protocol.registry import decode_message
 from netloader.protocol.session import (
     ClientSession,
     Phase,
@@ -47,6 +39,7 @@ from netloader.protocol.session import (
     proof,
     proof_matches,
 )
+from netloader.protocol.transfer import Data, End, Fetch, GetManifest, ManifestMessage, Part
 
 __all__ = [
     "DATA_PREFIX",

@@ -42,29 +42,24 @@ import secrets
 from enum import Enum, auto
 
 from netloader.errors import AuthenticationError, ProtocolError, VersionMismatch
-from netloader.protocol.messages import (
+from netloader.protocol.body import MAX_CONTAINERS, NONCE_BYTES, Message, containers_within
+from netloader.protocol.frames import (
     DATA_PREFIX,
     HEADER,
     MAGIC,
     MAX_BODY,
-    MAX_CONTAINERS,
-    NONCE_BYTES,
     PROTOCOL_VERSION,
     SMALL_BODY,
     TAG_BYTES,
-    Auth,
-    Data,
     FrameHeader,
-    Hello,
-    Message,
     MsgType,
-    Welcome,
-    containers_within,
     decode_data_prefix,
     decode_header,
-    decode_message,
     encode_data_header,
 )
+from netloader.protocol.handshake import Auth, Hello, Welcome
+from netloader.protocol.registry import decode_message
+from netloader.protocol.transfer import Data
 
 
 class Role(Enum):

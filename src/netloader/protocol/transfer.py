@@ -1,0 +1,117 @@
+"""The messages that move a model in band: which part the client wants (GET_MANIFEST),
+what the server holds of it (MANIFEST), the chunks requested (FETCH), and their bytes as
+DATA frames until END. A FETCH over another transport is answered with that transport's
+messages (`out_of_band.py`) instead of DATA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+from netloader.errors import ProtocolError
+from netloader.manifest import Manifest
+from netloader.protocol.body import Message, typed_field
+from netloader.protocol.frames import MsgType, encode_data_header
+
+
+class Part(Enum):
+    """What a server offers, each with its own manifest and chunks: the weights, the
+    model directory's other files (config, tokenizer: what a node needs beside them), and
+    an engine's compile cache (code the client will run: see SHARE_COMPILE_CACHE)."""
+
+    WEIGHTS = "weights"
+    FILES = "files"
+    COMPILE_CACHE = "compile-cache"
+
+
+@dataclass(frozen=True)
+class GetManifest(Message):
+    """Client: the manifest of `part`; FETCHes that follow name its chunks."""
+
+    TYPE: ClassVar[MsgType] = MsgType.GET_MANIFEST
+    part: Part = Part.WEIGHTS
+
+    def body(self) -> dict[str, Any]:
+        return {"part": self.part.value}
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> GetManifest:
+        try:
+            return cls(Part(body.get("part", Part.WEIGHTS.value)))
+        except ValueError:
+            raise ProtocolError(
+                f"GET_MANIFEST names an unknown part {body.get('part')!r}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class ManifestMessage(Message):
+    """The server's manifest (see manifest.py for its JSON form and validation)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.MANIFEST
+    manifest: Manifest
+
+    def body(self) -> dict[str, Any]:
+        return self.manifest.to_json()
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> ManifestMessage:
+        return cls(Manifest.from_json(body))
+
+
+@dataclass(frozen=True)
+class Fetch(Message):
+    """Client: send these (tensor, chunk) pairs over `transport`."""
+
+    TYPE: ClassVar[MsgType] = MsgType.FETCH
+    transport: str
+    chunks: tuple[tuple[int, int], ...]
+
+    def body(self) -> dict[str, Any]:
+        return {"transport": self.transport, "chunks": [list(c) for c in self.chunks]}
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> Fetch:
+        transport = typed_field(body, "transport", str)
+        chunks = []
+        for item in typed_field(body, "chunks", list):
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+            ):
+                raise ProtocolError("FETCH chunks must be [tensor, chunk] integer pairs")
+            chunks.append((item[0], item[1]))
+        return cls(transport, tuple(chunks))
+
+    def validate(self, manifest: Manifest) -> Fetch:
+        """Every chunk must exist in `manifest`, none twice; returns self."""
+        seen: set[tuple[int, int]] = set()
+        for t, c in self.chunks:
+            if not (0 <= t < len(manifest.tensors) and 0 <= c < manifest.chunk_count(t)):
+                raise ProtocolError(f"FETCH names chunk {t}/{c}, which the manifest does not have")
+            if (t, c) in seen:
+                raise ProtocolError(f"FETCH names chunk {t}/{c} twice")
+            seen.add((t, c))
+        return self
+
+
+@dataclass(frozen=True)
+class Data:
+    """A chunk's bytes (in memory; the socket path reads them straight into tensors)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.DATA
+    tensor: int
+    chunk: int
+    payload: bytes
+
+    def encode(self) -> bytes:
+        return encode_data_header(self.tensor, self.chunk, len(self.payload)) + self.payload
+
+
+@dataclass(frozen=True)
+class End(Message):
+    """Server: every chunk of the FETCH was sent as DATA."""
+
+    TYPE: ClassVar[MsgType] = MsgType.END
