@@ -5,9 +5,10 @@ Measures, in one run on loopback (127.0.0.1 only), moving one safetensors checkp
   (a) raw paths between two processes: plain TCP (sendall of memoryviews -> recv_into
       straight into a preallocated uint8 tensor) and gloo send/recv (TCPStore +
       ProcessGroupGloo built without the default group, a window of outstanding ops),
-      plus single-process memcpy (torch copy_) as a reference. Rows marked "reference"
-      add netloader's integrity check (xxh3-128 per chunk) to a raw path, to show what
-      verification costs; they are not candidates for "best raw path";
+      plus single-process memcpy (torch copy_) as a reference, and process_vm_readv out of
+      another process's memory (the same-host path's limit) on 1 and 2 threads. Rows
+      marked "reference" add netloader's integrity check (xxh3-128 per chunk) to a raw
+      path, to show what verification costs; they are not candidates for "best raw path";
   (b) netloader: a real `netloader serve` subprocess, pulled from this process with
       Client.load_into (verification on) over each transport, first into freshly
       allocated tensors, then repeatedly into the same touched tensors; and the CLI
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -50,6 +52,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection as PipeEnd
 from pathlib import Path
@@ -84,12 +87,13 @@ from netloader.testing.models import (
     write_checkpoint,
 )
 from netloader.testing.processes import netloader_command
-from netloader.transports import nixl, process_memory
+from netloader.transports import nixl, process_memory, same_host
 
 TRANSPORTS = ("tcp", "same-host", "gloo", "nixl")
 CHUNK_BYTES = 16 << 20  # the chunk size of the raw paths (netloader's default chunk too)
 GLOO_WINDOW = 4  # outstanding send/recv ops on the raw gloo path
 RECV_PIECE = 128 << 10  # the bounded-recv variant of raw TCP reads at most this per call
+READ_PIECE = 1 << 20  # the streaming-hash variant of process_vm_readv reads this per call
 ALIGN = 64  # byte alignment of each tensor inside a fresh destination region
 MODEL_NAME = "bench-model"  # checkpoint directory name, which `netloader serve` serves as
 SUBPROCESS_TIMEOUT = 600.0
@@ -211,37 +215,93 @@ def memory_holder(path: str, pipe: PipeEnd) -> None:
 def bench_raw_process_vm_readv(
     ckpt: Path, source: dict[str, torch.Tensor], layout: Layout, repeat: int
 ) -> list[Result]:
-    """One thread copying every chunk out of another process with process_vm_readv (one
-    kernel copy), without and with the per-chunk xxh3 check, into touched memory."""
+    """Every chunk copied out of another process with process_vm_readv (one kernel copy per
+    call) into touched memory, on 1 thread and on a pool of threads as the same-host
+    transport reads (2, and its READERS when that differs): without the check, with the
+    per-chunk xxh3 check after each chunk is read (what netloader does), with each 1 MiB
+    piece hashed as soon as it lands, while it is in cache (streaming xxh3), and the check
+    alone (the chunks hashed where they lie, nothing read: the cost of the check)."""
     proc, pipe, pid = start_child(memory_holder, str(ckpt))
     ok = False
     try:
         addresses = pipe.recv()
-        chunks = layout.chunks()
+        chunks = [
+            (off, length, address)
+            for (_, _, off, length), address in zip(layout.chunks(), addresses, strict=True)
+        ]
         dest = fresh_region(layout.total_bytes)
         dest.fill_(0)
         base = dest.data_ptr()
         view = dest.numpy().data
 
-        def read_all(verify: bool) -> None:
-            for (_, _, off, length), address in zip(chunks, addresses, strict=True):
+        def read_chunk(off: int, length: int, address: int, check: str) -> None:
+            if check == "piece":
+                hasher = xxhash.xxh3_128()
+                for start in range(0, length, READ_PIECE):
+                    n = min(READ_PIECE, length - start)
+                    process_memory.read(pid, base + off + start, address + start, n)
+                    hasher.update(view[off + start : off + start + n])
+                hasher.digest()
+                return
+            if check != "hash":
                 process_memory.read(pid, base + off, address, length)
-                if verify:
-                    xxhash.xxh3_128(view[off : off + length]).digest()
+            if check in ("chunk", "hash"):
+                xxhash.xxh3_128(view[off : off + length]).digest()
 
-        plain = [timed(lambda: read_all(False)) for _ in range(repeat)]
-        verified = [timed(lambda: read_all(True)) for _ in range(repeat)]
+        threads = sorted({1, 2, same_host.READERS})
+        pools = {n: ThreadPoolExecutor(n) for n in threads if n > 1}
+
+        def read_all(n: int, check: str) -> None:
+            if n == 1:
+                for chunk in chunks:
+                    read_chunk(*chunk, check)
+                return
+            # map submits every chunk at once; list() re-raises the first failed read.
+            list(pools[n].map(lambda chunk: read_chunk(*chunk, check), chunks))
+
+        checks = ("plain", "chunk", "piece", "hash")
+        try:
+            samples = interleaved(
+                {
+                    f"{n}/{check}": functools.partial(read_all, n, check)
+                    for n in threads
+                    for check in checks
+                },
+                repeat,
+            )
+        finally:
+            for pool in pools.values():
+                pool.shutdown()
         check_flat(dest, source, layout)
         pipe.send("done")
         ok = True
     finally:
         stop_child(proc, pipe, ok)
-    return [
-        median_result("a", "raw process_vm_readv, 1 thread, touched destination", plain),
-        median_result(
-            "a", "reference: raw process_vm_readv + xxh3-128 per chunk, 1 thread", verified
-        ),
-    ]
+    piece = f"{READ_PIECE >> 20} MiB"
+    results: list[Result] = []
+    for n in threads:
+        label = f"{n} thread{'s' if n > 1 else ''}"
+        results += [
+            median_result(
+                "a", f"raw process_vm_readv, {label}, touched destination", samples[f"{n}/plain"]
+            ),
+            median_result(
+                "a",
+                f"reference: raw process_vm_readv + xxh3-128 per chunk, {label}",
+                samples[f"{n}/chunk"],
+            ),
+            median_result(
+                "a",
+                f"reference: raw process_vm_readv + streaming xxh3-128 per {piece} piece, {label}",
+                samples[f"{n}/piece"],
+            ),
+            median_result(
+                "a",
+                f"reference: xxh3-128 per chunk alone (no copy, in memory), {label}",
+                samples[f"{n}/hash"],
+            ),
+        ]
+    return results
 
 
 # ---- (a) raw TCP --------------------------------------------------------------------------

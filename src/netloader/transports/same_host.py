@@ -280,7 +280,7 @@ def _read_all(
 
 def _read_one(pid: int, address: int, chunk: Chunk, sink: ChunkSink, peer: str) -> None:
     """Copy one chunk, then let the sink hash it. (Hashing 1 MiB pieces as they land, in
-    cache, measured no faster here: xxh3 holds the GIL, and the copy is the larger cost.)"""
+    cache, measured no faster: the process_vm_readv rows of benchmarks/bench_core.py.)"""
     destination = sink.destination(chunk)
     if chunk.length:
         try:
