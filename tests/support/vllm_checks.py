@@ -5,10 +5,18 @@ session's vLLM python and log directory."""
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from netloader.testing.processes import read_address_file
+import torch
+
+import netloader
+from netloader import Client, Manifest
+from netloader.tensors import dtype_from_name
+from netloader.testing.models import TensorSpec, empty_like
+from netloader.testing.processes import ServerProcess, netloader_command, read_address_file
 from netloader.testing.vllm import VllmInstance
 
 LOADED = re.compile(
@@ -71,3 +79,45 @@ def assert_loaded_over_network(
     if transport is not None:
         assert all(m.group(4) == transport for m in found), [m.group(0) for m in found]
     assert fallback_reasons(instance) == [], instance.netloader_lines()
+
+
+# ---- checkpoint-format sources (`netloader serve MODEL_DIR`) ------------------------------
+CHECKPOINT_LOADED = re.compile(
+    r"netloader: loaded (\d+) checkpoint tensors, (\d+) bytes from (\S+) through the "
+    r"model's load_weights in .* for tp rank (\d+)/(\d+), pp rank (\d+)/(\d+), verified"
+)
+
+
+def serve_directory(directory: Path, log: Path, *args: str) -> ServerProcess:
+    """`netloader serve DIRECTORY --model tiny`, until the test stops it."""
+    argv = [netloader_command(), "serve", str(directory), "--model", "tiny", *args]
+    return ServerProcess(argv, log=log, stop_signal=signal.SIGINT)
+
+
+def pull_no_weights(source: str, out: Path, *args: str) -> Path:
+    """`netloader pull --no-weights`: what a node that starts with nothing runs first."""
+    done = subprocess.run(
+        [netloader_command(), "pull", source, "--out", str(out), "--no-weights", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not [f for f in out.iterdir() if f.name.endswith(".safetensors")]
+    assert {"config.json", "tokenizer.json"} <= {f.name for f in out.iterdir()}
+    return out
+
+
+def checkpoint_lines(instance: VllmInstance) -> list[re.Match[str]]:
+    return [m for line in instance.netloader_lines() if (m := CHECKPOINT_LOADED.search(line))]
+
+
+def pull_parameters(address: str, model: str) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """What a vLLM instance serves, pulled with the Python API by the model's name alone
+    into tensors made from its manifest, every chunk verified: (manifest, tensors)."""
+    manifest = Client([address]).manifest()
+    specs = [TensorSpec(t.name, dtype_from_name(t.dtype), t.shape) for t in manifest.tensors]
+    dest = empty_like(specs, fill=0)
+    report = netloader.load(dest, [address], model)
+    assert report.tensors == len(dest) > 0, report.summary()
+    return manifest, dest

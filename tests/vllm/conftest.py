@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import VllmInstance, make_weightless_dir
-from support.vllm_checks import Starter
+from support.vllm_checks import Starter, serve_directory
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "runs" / "models"
@@ -100,11 +101,22 @@ def start(vllm_python: str, vllm_logs: Path) -> Starter:
 
 @pytest.fixture(scope="session")
 def seed32(start: Starter, tiny_model: Path) -> Iterator[VllmInstance]:
-    """Loads from disk (no SOURCE), float32, serves; writes seed32_0.txt. Shared by the
-    test files: the reference outputs, and a vLLM peer."""
-    config = {"MODEL": "tiny", "OUTPUT_PREFIX": start.prefix("seed32")}
+    """Loads from disk (its SOURCE lists no source for rank 0), float32, serves; writes
+    seed32_0.txt. Shared by the test files: the reference outputs, and a vLLM peer."""
+    config = {
+        "MODEL": "tiny",
+        "SOURCE": [{"device_id": 0, "sources": []}],
+        "OUTPUT_PREFIX": start.prefix("seed32"),
+    }
     with start("seed32", tiny_model, config, dtype="float32") as seed:
         yield seed
+
+
+@pytest.fixture(scope="session")
+def checkpoint_server(tiny_model: Path, vllm_logs: Path) -> Iterator[ServerProcess]:
+    """`netloader serve` of the tiny model's directory: a checkpoint-format source."""
+    with serve_directory(tiny_model, vllm_logs / "checkpoint_server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from netloader.testing.vllm import VllmInstance
+from netloader.testing.vllm import VllmInstance, running
 from support.proxy import FaultyProxy
 from support.vllm_checks import Starter, assert_loaded_over_network, serve_line
 
@@ -95,40 +95,48 @@ def test_a_client_takes_weights_and_compile_cache_and_compiles_nothing(
         assert looked in client.log_text(), f"vLLM did not look in {looked}"
 
 
-@pytest.mark.parametrize("case", ["no_secret", "other_key", "corrupted"])
-def test_a_refused_cache_leaves_the_instance_compiling_itself(
-    start: Starter,
-    seed: VllmInstance,
-    reference: dict[str, str],
-    tiny_model: Path,
-    tmp_path: Path,
-    case: str,
-) -> None:
-    """Each has the weights on disk too (without the secret they come from there)."""
+REFUSALS = {
+    "no_secret": "proved the shared secret or a trusted certificate",
+    "other_key": "its compile key differs: engine config: seed",
+    "corrupted": "digest mismatch",
+}
+
+
+@pytest.fixture(scope="module")
+def refused(
+    start: Starter, seed: VllmInstance, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[VllmInstance, str]]]:
+    """One instance per REFUSALS case, each with the weights on disk too (without the
+    secret they come from there), started together: case -> (instance, its source)."""
     address = start.source("cc_seed")["sources"][0]
     # The proxy flips one byte: past the weights (which arrive first), 1 MB into the cache.
-    weights = int(serve_line(seed).group(3))
-    proxy = FaultyProxy(address, flip_at=weights + (1 << 20)) if case == "corrupted" else None
-    source = proxy.address if proxy is not None else address
-    config = {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": [source]}]}
-    # Another engine configuration makes another cache key.
-    kw: dict[str, Any] = {"extra_args": ("--max-num-batched-tokens", "768")}
-    reason = {
-        "no_secret": "proved the shared secret or a trusted certificate",
-        "other_key": "its compile key differs: engine config: seed",
-        "corrupted": "digest mismatch",
-    }[case]
-    try:
-        with compiled(
-            start, f"cc_{case}", tiny_model, config, tmp_path / "cache",
+    proxy = FaultyProxy(address, flip_at=int(serve_line(seed).group(3)) + (1 << 20))
+    instances = {}
+    for case in REFUSALS:
+        source = proxy.address if case == "corrupted" else address
+        config = {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": [source]}]}
+        # Another engine configuration makes another cache key.
+        kw: dict[str, Any] = {"extra_args": ("--max-num-batched-tokens", "768")}
+        instance = compiled(
+            start, f"cc_{case}", tiny_model, config, tmp_path_factory.mktemp(f"cache_{case}"),
             secret=case != "no_secret", **(kw if case == "other_key" else {}),
-        ) as instance:  # fmt: skip
-            said = netloader_says(instance, COMPILES_ITSELF)
-            assert len(said) == 1 and reason in said[0], instance.netloader_lines()
-            assert netloader_says(instance, TOOK) == []
-            assert instance.completions() == reference
-            if case == "corrupted":
-                assert_loaded_over_network(instance, source)
+        )  # fmt: skip
+        instances[case] = (instance, source)
+    try:
+        with running(*(instance for instance, _ in instances.values())):
+            yield instances
     finally:
-        if proxy is not None:
-            proxy.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_refused_cache_leaves_the_instance_compiling_itself(
+    refused: dict[str, tuple[VllmInstance, str]], reference: dict[str, str], case: str
+) -> None:
+    instance, source = refused[case]
+    said = netloader_says(instance, COMPILES_ITSELF)
+    assert len(said) == 1 and REFUSALS[case] in said[0], instance.netloader_lines()
+    assert netloader_says(instance, TOOK) == []
+    assert instance.completions() == reference
+    if case == "corrupted":
+        assert_loaded_over_network(instance, source)
