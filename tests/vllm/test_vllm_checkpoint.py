@@ -31,56 +31,72 @@ from support.vllm_checks import (
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 
-def test_an_empty_node_starts_from_a_checkpoint_server(
+@pytest.fixture(scope="module")
+def empty_nodes(
     start: Starter,
+    seed32: VllmInstance,
     checkpoint_server: ServerProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, tuple[VllmInstance, Path]]]:
+    """Two nodes that start with nothing: `pull --no-weights`, then vLLM, one with the
+    checkpoint server as its SOURCE, one with the vLLM seed listed after it. The two
+    instances start together. name -> (instance, its model directory)."""
+    seed = start.source("seed32")["sources"][0]
+    ckpt = checkpoint_server.address
+    base = tmp_path_factory.mktemp("nodes")
+    nodes = {
+        "from_checkpoint": (pull_no_weights(ckpt, base / "ckpt"), [ckpt]),
+        "from_seed": (pull_no_weights(seed, base / "seed", "--model", "tiny"), [ckpt, seed]),
+    }
+    instances = {
+        name: (
+            start(
+                f"node_{name}", directory,
+                {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": sources}]},
+                dtype="float32",
+            ),
+            directory,
+        )
+        for name, (directory, sources) in nodes.items()
+    }  # fmt: skip
+    with running(*(instance for instance, _ in instances.values())):
+        yield instances
+
+
+def test_an_empty_node_starts_from_a_checkpoint_server(
+    empty_nodes: dict[str, tuple[VllmInstance, Path]],
     reference32: dict[str, str],
     tiny_model: Path,
-    tmp_path: Path,
 ) -> None:
-    """pull --no-weights, then vLLM with SOURCE = the checkpoint server: the checkpoint's
-    tensors (bfloat16, the checkpoint's names) go through vLLM's load_weights into a
-    float32 model with fused layers; no weight file ever touches this node's disk."""
-    node = pull_no_weights(checkpoint_server.address, tmp_path / "node")
+    """The checkpoint's tensors (bfloat16, the checkpoint's names) go through vLLM's
+    load_weights into a float32 model with fused layers; no weight file ever touches
+    this node's disk."""
+    instance, node = empty_nodes["from_checkpoint"]
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (node / name).read_bytes() == (tiny_model / name).read_bytes()
-    config = {
-        "MODEL": "tiny",
-        "SOURCE": [{"device_id": 0, "sources": [checkpoint_server.address]}],
-        "OUTPUT_PREFIX": str(tmp_path / "node_"),
-    }
-    with start("ckpt_node", node, config, dtype="float32") as node_instance:
-        found = checkpoint_lines(node_instance)
-        assert len(found) == 1, node_instance.netloader_lines()
-        checkpoint = load_file(tiny_model / "model.safetensors")
-        assert int(found[0].group(1)) == len(checkpoint)
-        assert int(found[0].group(2)) == sum(t.nbytes for t in checkpoint.values())
-        assert fallback_reasons(node_instance) == []
-        assert node_instance.completions() == reference32
-        # Loaded, it serves its own (vLLM-layout) parameters to the next instance.
-        assert int(serve_line(node_instance).group(3)) > 0
+    found = checkpoint_lines(instance)
+    assert len(found) == 1, instance.netloader_lines()
+    checkpoint = load_file(tiny_model / "model.safetensors")
+    assert int(found[0].group(1)) == len(checkpoint)
+    assert int(found[0].group(2)) == sum(t.nbytes for t in checkpoint.values())
+    assert fallback_reasons(instance) == []
+    assert instance.completions() == reference32
+    # Loaded, it serves its own (vLLM-layout) parameters to the next instance.
+    assert int(serve_line(instance).group(3)) > 0
 
 
 def test_an_empty_node_starts_from_a_vllm_seed_preferred_to_a_checkpoint_source(
     start: Starter,
-    seed32: VllmInstance,
-    checkpoint_server: ServerProcess,
+    empty_nodes: dict[str, tuple[VllmInstance, Path]],
     reference32: dict[str, str],
-    tmp_path: Path,
 ) -> None:
-    """A vLLM seed serves its model directory's files too: pull --no-weights from it, then
-    load the weights from it. Listed after a checkpoint source, the same-layout peer is
-    still the one used (no resharding through load_weights)."""
-    seed = start.source("seed32")["sources"][0]
-    node = pull_no_weights(seed, tmp_path / "node", "--model", "tiny")
-    config = {
-        "MODEL": "tiny",
-        "SOURCE": [{"device_id": 0, "sources": [checkpoint_server.address, seed]}],
-    }
-    with start("vllm_node", node, config, dtype="float32") as client:
-        assert_loaded_over_network(client, seed)
-        assert checkpoint_lines(client) == []
-        assert client.completions() == reference32
+    """A vLLM seed serves its model directory's files too; listed after a checkpoint
+    source, the same-layout peer is still the one the weights come from (no resharding
+    through load_weights)."""
+    instance, _ = empty_nodes["from_seed"]
+    assert_loaded_over_network(instance, start.source("seed32")["sources"][0])
+    assert checkpoint_lines(instance) == []
+    assert instance.completions() == reference32
 
 
 MISSING = {
