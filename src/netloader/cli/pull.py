@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 import torch
-from tqdm import tqdm
 
 from netloader import transports
 from netloader.checkpoint import INDEX_NAME, CheckpointWriter, shards_from_index
@@ -221,22 +222,15 @@ def pull(
             if INDEX_NAME in files
             else None
         )
-        with (
-            CheckpointWriter(out_dir, manifest, shards) as writer,
-            tqdm(
-                total=manifest.total_bytes,
-                unit="B",
-                unit_scale=True,
-                desc="pull",
-                disable=not sys.stderr.isatty(),
-            ) as bar,
-        ):
-            report = client.load_into(
-                writer.tensors,
-                manifest.identity,
-                progress=bar.update,
-                observer=None if relay is None else relay.arrivals,
-            )
+        with CheckpointWriter(out_dir, manifest, shards) as writer:
+            # The bar is closed before anything else is printed.
+            with _progress_bar(manifest.total_bytes) as advance:
+                report = client.load_into(
+                    writer.tensors,
+                    manifest.identity,
+                    progress=advance,
+                    observer=None if relay is None else relay.arrivals,
+                )
             paths = writer.commit()
             write_files(out_dir, files)  # the index last: it names shards that now exist
             pulled = True
@@ -315,6 +309,23 @@ def _pull_files(
     client.load_into(files, manifest.identity, within=manifest, part=Part.FILES)
     # The index is where a pull's sharding comes from, and it is written last.
     return {name: files[name] for name in sorted(files, key=lambda n: n == INDEX_NAME)}
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr when it is a terminal (gone once the block is left), else
+    nothing; yields the function that advances it by a byte count."""
+    if not sys.stderr.isatty():
+        yield lambda nbytes: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="pull") as bar:
+
+        def advance(nbytes: int) -> None:
+            bar.update(nbytes)
+
+        yield advance
 
 
 def _trusted(config: NetloaderConfig) -> bool:
