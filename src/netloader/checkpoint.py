@@ -10,6 +10,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -127,7 +128,8 @@ class CheckpointWriter:
     mappings so a pull receives straight into the files.
 
     Each file is written under a fresh hidden name (`.<name>.*.partial`) and renamed only
-    by `commit()`, so an interrupted pull never leaves a file that looks complete.
+    by `commit()`, once durable, so an interrupted pull never leaves a file that looks
+    complete.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class CheckpointWriter:
             raise NetloaderError(f"{out_dir} has {free} bytes free; the model needs {total}")
         self.files: list[_MappedFile] = []
         self.tensors: dict[str, torch.Tensor] = {}
+        self.timings: dict[str, float] = {}  # seconds commit() spent: "sync", "rename"
         self._committed = False
         try:
             for name, entries in by_file.items():
@@ -161,10 +164,14 @@ class CheckpointWriter:
     def commit(self) -> list[Path]:
         """Make the files durable and give them their final names. The tensors stay valid
         (the mappings follow the renamed files) until the writer is closed."""
+        started = time.perf_counter()
         for mapped in self.files:
             mapped.sync()
+        synced = time.perf_counter()
         self._committed = True
-        return [mapped.rename() for mapped in self.files]
+        paths = [mapped.rename() for mapped in self.files]
+        self.timings = {"sync": synced - started, "rename": time.perf_counter() - synced}
+        return paths
 
     def close(self) -> None:
         if not self._committed:

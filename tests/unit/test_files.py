@@ -106,6 +106,7 @@ def test_a_pull_keeps_the_index_sharding(tmp_path: Path) -> None:
         for name, tensor in WEIGHTS.items():
             writer.tensors[name].copy_(tensor)
         paths = writer.commit()
+    assert set(writer.timings) == {"sync", "rename"}  # what `pull -v` logs
     assert sorted(p.name for p in paths) == ["one.safetensors", "two.safetensors"]
     one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert sorted(one) == ["a", "c"] and sorted(two) == ["b"]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
 from netloader import transports
 from netloader.checkpoint import INDEX_NAME, CheckpointWriter, shards_from_index
@@ -20,6 +22,7 @@ from netloader.cli.common import (
     fail_cleanly,
     listen_options,
     metrics_option,
+    process_age,
     registry_option,
     secret_option,
     serve_until_signal,
@@ -32,7 +35,6 @@ from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint
 from netloader.errors import NetloaderError, SourceUnavailable
 from netloader.files import check_files_manifest, empty_files, write_files
-from netloader.integrations.vllm_compile_cache import CompileKey, take_offered
 from netloader.manifest import Identity, Manifest
 from netloader.metrics import serve_metrics
 from netloader.protocol import Part
@@ -47,6 +49,11 @@ from netloader.ranks import (
 )
 from netloader.server import LoadedTensors, Relay
 from netloader.settings import Timeouts, resolve_secret
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
 
 
 @click.command()
@@ -136,6 +143,7 @@ def pull(
     """Fetch a model from SOURCES (all at once, disjoint parts from each) into a directory
     that engines load as it is: the weights as safetensors, verified, and the source's
     other files; or, with --wave, from the wave's seeds and members."""
+    phases = _Phases()
     if metrics is not None:
         serve_metrics(metrics)
     config = config_from(
@@ -215,6 +223,7 @@ def pull(
                 "give SOURCES, or --wave with a seed in it, or --registry with live servers"
             )
         manifest = _manifest(config, all_sources, model_name)
+        phases.end("manifest")
         client = client_for(config, all_sources, stripe=stripe)
         files = _pull_files(client, manifest.identity.model, identity=manifest.identity)
         shards = (
@@ -222,7 +231,9 @@ def pull(
             if INDEX_NAME in files
             else None
         )
+        phases.end("files")
         with CheckpointWriter(out_dir, manifest, shards) as writer:
+            phases.end("layout")
             # The bar is closed before anything else is printed.
             with _progress_bar(manifest.total_bytes) as advance:
                 report = client.load_into(
@@ -231,9 +242,13 @@ def pull(
                     progress=advance,
                     observer=None if relay is None else relay.arrivals,
                 )
+            phases.end("receive")
             paths = writer.commit()
+            phases.add(writer.timings)
             write_files(out_dir, files)  # the index last: it names shards that now exist
+            phases.end("other files")
             pulled = True
+            log.info("netloader: pull phases: %s", phases)
             if relay is not None and files:  # later members can start with nothing too
                 relay.offer_files(LoadedTensors(files, manifest.identity))
             click.echo(
@@ -311,6 +326,30 @@ def _pull_files(
     return {name: files[name] for name in sorted(files, key=lambda n: n == INDEX_NAME)}
 
 
+class _Phases:
+    """Where a pull's time went, phase by phase (logged with -v; benchmarks/bench_pull_cli.py
+    reads it): "start-up" is from the process's start to the command's."""
+
+    def __init__(self) -> None:
+        age = process_age()
+        self.spans: dict[str, float] = {} if age is None else {"start-up": age}
+        self._last = time.perf_counter()
+
+    def end(self, name: str) -> None:
+        """The phase `name` ends now; it began where the last one ended."""
+        now = time.perf_counter()
+        self.spans[name] = now - self._last
+        self._last = now
+
+    def add(self, spans: dict[str, float]) -> None:
+        """Phases timed elsewhere, which ended just now."""
+        self.spans.update(spans)
+        self._last = time.perf_counter()
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {seconds:.3f} s" for name, seconds in self.spans.items())
+
+
 @contextlib.contextmanager
 def _progress_bar(total: int) -> Iterator[Callable[[int], None]]:
     """A progress bar on stderr when it is a terminal (gone once the block is left), else
@@ -335,6 +374,8 @@ def _trusted(config: NetloaderConfig) -> bool:
 def _pull_compile_cache(client: Client, root: Path) -> None:
     """A vLLM seed's compile cache, verified, into the cache root `root`, each part at
     once; vLLM uses it only where its own cache key is the seed's."""
+    from netloader.integrations.vllm_compile_cache import CompileKey, take_offered
+
     manifest = client.manifest(Part.COMPILE_CACHE)
     key = CompileKey.offered(manifest.identity.attributes, root)
     click.echo(f"netloader: {take_offered(client, manifest, key, manifest.identity)}")
