@@ -68,7 +68,7 @@ def test_bad_descriptors_are_refused(monkeypatch: pytest.MonkeyPatch, fault: str
 
 
 def test_a_server_without_nixl_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    def missing() -> nixl.Agent:
+    def missing(*, serving: bool) -> nixl.Agent:
         raise SourceUnavailable(nixl.INSTALL)
 
     monkeypatch.setattr(nixl, "agent", missing)

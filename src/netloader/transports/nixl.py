@@ -59,16 +59,22 @@ def import_error() -> str | None:
 
 
 class Agent:
-    """This process's one NIXL agent (UCX backend), its registrations kept for its life:
-    a server's tensors are registered once, however many clients read them."""
+    """One of this process's NIXL agents (UCX backend), its registrations kept for its
+    life: a server's tensors are registered once, however many clients read them.
 
-    def __init__(self) -> None:
+    serving: the agent others read from. Its progress thread answers their reads, polling
+    without pause, so only a process that serves over NIXL has one; a pulling agent's
+    transfers progress when their state is checked, and it costs nothing once idle."""
+
+    def __init__(self, *, serving: bool) -> None:
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         self.name = f"netloader-{secrets.token_hex(16)}"
         # Several connections (striping, concurrent clients) use the agent at once.
         config = nixl_agent_config(
-            backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_RW
+            enable_prog_thread=serving,
+            backends=["UCX"],
+            sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_RW,
         )
         self.nixl = nixl_agent(self.name, config)
         self._registered: dict[tuple[int, int], Any] = {}
@@ -118,20 +124,20 @@ class Agent:
                 log.debug("netloader: nixl: removing agent %s: %s", name, exc)
 
 
-_AGENT: Agent | None = None
+_AGENTS: dict[bool, Agent] = {}  # serving -> this process's agent for that side
 _AGENT_LOCK = threading.Lock()
 
 
-def agent() -> Agent:
-    """This process's agent, made on first use; SourceUnavailable if NIXL is missing."""
-    global _AGENT
+def agent(*, serving: bool) -> Agent:
+    """This process's serving or pulling agent, made on first use; SourceUnavailable if
+    NIXL is missing."""
     with _AGENT_LOCK:
-        if _AGENT is None:
+        if serving not in _AGENTS:
             why = import_error()
             if why is not None:
                 raise SourceUnavailable(why)
-            _AGENT = Agent()
-        return _AGENT
+            _AGENTS[serving] = Agent(serving=serving)
+        return _AGENTS[serving]
 
 
 class NixlTransport(Transport):
@@ -146,7 +152,7 @@ class NixlTransport(Transport):
     def send_chunks(
         self, conn: Connection, source: ChunkSource, chunks: ChunkList, timeouts: Timeouts
     ) -> None:
-        local = agent()
+        local = agent(serving=True)
         regions = {c.tensor: source.region(c) for c in chunks}
         local.register(list(regions.values()))
         conn.send(p.NixlSetup(local.name, local.metadata()))
@@ -157,7 +163,7 @@ class NixlTransport(Transport):
         self, conn: Connection, chunks: ChunkList, sink: ChunkSink, timeouts: Timeouts
     ) -> None:
         setup = conn.expect(p.NixlSetup)
-        local = agent()
+        local = agent(serving=False)
         try:
             remote = local.add_remote(setup.agent, setup.metadata)
         except Exception as exc:
