@@ -84,18 +84,21 @@ _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
 def prefault(tensor: torch.Tensor) -> None:
-    """Map every page of a CPU tensor's memory, writable, in one call, unless it already is.
+    """`prefault_range` over a CPU tensor's memory (a no-op for other devices)."""
+    if tensor.device.type == "cpu":
+        prefault_range(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+def prefault_range(start: int, size: int) -> None:
+    """Map every page of [start, start + size), writable, in one call, unless it already is.
 
     A socket receive into never-touched memory takes one page fault per 4 KiB inside the
     kernel's copy; populating the range first is faster (README, "How it works"). On memory
     already mapped the same call is pure cost, so a page in the middle of the range is
     probed first (mincore): mapped means the range was written before (a reload), and it
-    is left alone. Best effort: a no-op where
-    unsupported."""
-    size = tensor.numel() * tensor.element_size()
-    if tensor.device.type != "cpu" or size < 2 * _PAGE or _libc is None:
+    is left alone. Best effort: a no-op where unsupported."""
+    if size < 2 * _PAGE or _libc is None:
         return
-    start = tensor.data_ptr()
     middle = (start + size // 2) & ~(_PAGE - 1)
     resident = ctypes.c_ubyte(0)
     probe = _libc.mincore(ctypes.c_void_p(middle), ctypes.c_size_t(_PAGE), ctypes.byref(resident))
@@ -107,6 +110,11 @@ def prefault(tensor: torch.Tensor) -> None:
         ctypes.c_size_t(start + size - page_start),
         _MADV_POPULATE_WRITE,
     )
+
+
+def address_of(buffer: bytearray) -> int:
+    """The address of a bytearray's memory (valid while it is neither resized nor freed)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if buffer else 0
 
 
 def advise_huge_pages(tensor: torch.Tensor) -> None:
