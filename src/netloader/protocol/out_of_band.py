@@ -127,7 +127,9 @@ class ChunkAddress(Message):
         if len(addresses) > MAX_PIECES or not all(
             type(a) is int and 0 <= a <= MAX_ADDRESS for a in addresses
         ):
-            raise ProtocolError(f"CHUNK_ADDRESS must name at most {MAX_PIECES} 64-bit addresses")
+            raise ProtocolError(
+                f"CHUNK_ADDRESS must name at most {MAX_PIECES} pieces, each at a 64-bit address"
+            )
         return cls(chunk, tuple(addresses))
 
 
