@@ -48,6 +48,10 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}") from None
 
 
+def known_dtypes() -> tuple[str, ...]:
+    return tuple(_DTYPES)
+
+
 def is_known_dtype(name: str) -> bool:
     return name in _DTYPES
 

@@ -56,7 +56,7 @@ def test_a_fetch_is_bounded_by_the_model_it_names() -> None:
     server = p.ServerSession(None)
     server.phase = p.Phase.READY
     server.expect_fetches(chunks=3)
-    server.receive_data(p.HEADER.pack(p.MAGIC, p.MsgType.FETCH, 32 << 20))
+    server.receive_data(p.HEADER.pack(p.MAGIC, p.MsgType.FETCH, 64 << 20))
     with pytest.raises(ProtocolError, match="at most"):
         server.next_event()
 

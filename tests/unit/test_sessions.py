@@ -8,7 +8,7 @@ import torch
 
 from netloader import AuthenticationError, ProtocolError, VersionMismatch
 from netloader import protocol as p
-from netloader.manifest import Identity, build_manifest
+from netloader.manifest import MAX_PIECES, Identity, Manifest, TensorEntry, build_manifest
 
 MANIFEST = build_manifest(Identity("m"), {"a": torch.arange(10.0)}, chunk_bytes=16)
 SECRET = b"a shared secret of decent length"
@@ -296,3 +296,29 @@ def test_a_chunk_address_must_be_a_64_bit_address() -> None:
         p.ChunkAddress.decode({"chunk": 0, "addresses": [8192, 1 << 64]})
     with pytest.raises(ProtocolError, match="at most 1024"):
         p.ChunkAddress.decode({"chunk": 0, "addresses": [8192] * 1025})
+
+
+def test_a_100k_tensor_manifest_is_sent_parsed_and_adopted_within_the_bounds() -> None:
+    """A mixture-of-experts checkpoint with its scales: 100,000 tiny tensors. The manifest
+    stays far below the MANIFEST bound, and the client's structure bound (set from the
+    tensors it expects) admits it."""
+    entries = tuple(
+        TensorEntry(
+            f"model.layers.{i // 1000}.mlp.experts.{i % 1000}.weight_scale", "float32", (4,), 16
+        )
+        for i in range(100_000)
+    )
+    chunks = Manifest(Identity("m"), entries).chunk_total
+    assert chunks == 100_000 // MAX_PIECES + 1  # coalesced: the piece cap, not the bytes
+    manifest = Manifest(Identity("m"), entries, digests=tuple(f"{n:032x}" for n in range(chunks)))
+    client, server = handshake(SECRET, SECRET)
+    client.expect_manifest(len(entries))
+    pipe(client, server, client.send(p.GetManifest()))
+    frame = server.send(p.ManifestMessage(manifest))
+    assert len(frame) < p.MAX_BODY[p.MsgType.MANIFEST] // 16
+    got = pipe(server, client, frame)
+    assert isinstance(got, p.ManifestMessage) and got.manifest == manifest
+    assert Manifest(Identity("m"), entries).differences(got.manifest) == []
+    server.expect_fetches(chunks)
+    fetch = pipe(client, server, client.send(p.Fetch("tcp", tuple(range(chunks)))))
+    assert isinstance(fetch, p.Fetch) and fetch.validate(manifest).chunks == tuple(range(chunks))

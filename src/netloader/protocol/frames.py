@@ -53,7 +53,7 @@ class MsgType(IntEnum):
 SMALL_BODY = 64 << 10
 MAX_BODY: dict[MsgType, int] = {t: SMALL_BODY for t in MsgType}
 MAX_BODY[MsgType.MANIFEST] = 256 << 20
-MAX_BODY[MsgType.FETCH] = 48 << 20  # every index of MAX_CHUNKS chunks
+MAX_BODY[MsgType.FETCH] = 64 << 20
 MAX_BODY[MsgType.DATA] = DATA_PREFIX.size + MAX_DATA_BYTES
 
 
