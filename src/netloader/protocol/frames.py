@@ -54,6 +54,7 @@ SMALL_BODY = 64 << 10
 MAX_BODY: dict[MsgType, int] = {t: SMALL_BODY for t in MsgType}
 MAX_BODY[MsgType.MANIFEST] = 256 << 20
 MAX_BODY[MsgType.FETCH] = 64 << 20
+MAX_BODY[MsgType.NIXL_SETUP] = 8 << 20
 MAX_BODY[MsgType.DATA] = DATA_PREFIX.size + MAX_DATA_BYTES
 
 

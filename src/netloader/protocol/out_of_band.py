@@ -18,7 +18,7 @@ from netloader.protocol.frames import MsgType
 
 SOCKET_NAME = re.compile(r"netloader-[0-9a-f]{16,64}")
 MAX_ADDRESS = (1 << 64) - 1
-MAX_NIXL_METADATA = 48 << 10
+MAX_NIXL_METADATA = 6 << 20  # grows with the regions registered (one per tensor)
 
 
 def _address(body: dict[str, Any], name: str) -> int:
