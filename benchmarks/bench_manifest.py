@@ -29,7 +29,7 @@ from common import progress, serve_checkpoint
 from netloader import Client
 from netloader import protocol as p
 from netloader.manifest import Identity, Manifest, build_manifest
-from netloader.testing.models import random_bytes, write_checkpoint
+from netloader.testing.models import random_bytes, same_bytes, write_checkpoint
 
 
 def scales(count: int) -> dict[str, torch.Tensor]:
@@ -102,7 +102,7 @@ def main() -> int:
                 dest = {n: torch.zeros_like(t) for n, t in tensors.items()}
                 puller = Client([server.address], transport=transport)
                 puller.load_into(dest, identity)
-                if not all(torch.equal(dest[n], t) for n, t in tensors.items()):
+                if not all(same_bytes(dest[n], t) for n, t in tensors.items()):
                     raise RuntimeError(f"{transport}: other bytes arrived")
                 pull = functools.partial(puller.load_into, dest, identity)
                 pulled = median_seconds(pull, args.repeat)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from common import drop_page_cache, interleaved, progress, serve_checkpoint, timed
 from netloader import Client
 from netloader.tensors import byte_view
-from netloader.testing.models import random_bytes, write_checkpoint
+from netloader.testing.models import random_bytes, same_bytes, write_checkpoint
 
 COUNTS = (16, 1000, 8000, 64000)
 LIMIT_CHUNK = 16 << 20
@@ -93,7 +93,7 @@ def measure_count(
         identity = next(iter(clients.values())).manifest().identity  # digests ready
         for transport, client in clients.items():  # once, checked, outside the timing
             client.load_into(dest, identity)
-            if not all(torch.equal(dest[n], t) for n, t in tensors.items()):
+            if not all(same_bytes(dest[n], t) for n, t in tensors.items()):
                 raise RuntimeError(f"{transport}: the pull delivered other bytes")
         rounds = {t: (lambda c=c: c.load_into(dest, identity)) for t, c in clients.items()}
         for transport, samples in interleaved(rounds, repeat).items():

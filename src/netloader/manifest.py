@@ -195,14 +195,22 @@ class Manifest:
     def chunk_total(self) -> int:
         return len(self.chunks)
 
+    def chunks_of(self, tensor: int) -> range:
+        """The numbers of the chunks holding tensor `tensor`'s bytes (consecutive: chunks
+        follow the tensors' order)."""
+        first, last = self._spans
+        return range(first[tensor], last[tensor] + 1)
+
     @cached_property
-    def chunks_of(self) -> tuple[tuple[int, ...], ...]:
-        """For each tensor, the indices of the chunks holding its bytes."""
-        found: list[list[int]] = [[] for _ in self.tensors]
+    def _spans(self) -> tuple[list[int], list[int]]:
+        first, last = [0] * len(self.tensors), [0] * len(self.tensors)
+        for chunk in reversed(self.chunks):
+            for piece in chunk.pieces:
+                first[piece.tensor] = chunk.number
         for chunk in self.chunks:
             for piece in chunk.pieces:
-                found[piece.tensor].append(chunk.number)
-        return tuple(tuple(c) for c in found)
+                last[piece.tensor] = chunk.number
+        return first, last
 
     def describe_chunk(self, chunk: Chunk) -> str:
         """Which tensors a chunk holds, for messages: "tensor 'a'", or "tensors 'a' ...
@@ -271,6 +279,12 @@ class Manifest:
             "digests": "".join(self.digests),
         }
 
+    @cached_property
+    def json_bytes(self) -> bytes:
+        """`to_json`, encoded (once: a server sends the same manifest to every client, and
+        a mixture-of-experts manifest is megabytes)."""
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
     @classmethod
     def from_json(cls, obj: Any) -> Manifest:
         """Decode and validate a manifest from untrusted JSON; raise ProtocolError."""
@@ -317,7 +331,9 @@ class Manifest:
                 raise ProtocolError(
                     f"manifest carries {len(digests)} digests for {manifest.chunk_total} chunks"
                 )
+            planned = manifest.chunks
             manifest = cls(identity, manifest.tensors, chunk_bytes, digests)
+            manifest.__dict__["chunks"] = planned  # the cached plan: the same tensors
         return manifest
 
 
@@ -424,4 +440,4 @@ def digest_of(views: Sequence[memoryview]) -> str:
 
 
 def _entry(name: str, t: torch.Tensor) -> TensorEntry:
-    return TensorEntry(name, tb.dtype_name(t.dtype), tuple(t.shape), t.numel() * t.element_size())
+    return TensorEntry(name, tb.dtype_name(t.dtype), tuple(t.size()), t.nbytes)

@@ -69,10 +69,16 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     `tensor` alive for as long as the view is used."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("byte_view needs a contiguous CPU tensor")
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes == 0:
+    return memory_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+def memory_at(address: int, length: int) -> memoryview:
+    """A writable view of `length` bytes of this process's memory at `address` (no copy;
+    the caller keeps that memory alive and mapped while the view is used)."""
+    if not length:
         return memoryview(bytearray())
-    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+    view: memoryview = _memory_view(address, length, _PYBUF_WRITE)
+    return view
 
 
 def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -121,16 +127,15 @@ def address_of(buffer: bytearray) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if buffer else 0
 
 
-def advise_huge_pages(tensor: torch.Tensor) -> None:
-    """Ask Linux to back the (not yet touched) memory of a large CPU tensor with 2 MiB pages.
+def advise_huge_pages_at(start: int, size: int) -> None:
+    """Ask Linux to back [start, start + size) of (not yet touched) host memory with 2 MiB
+    pages.
 
     Receiving into freshly allocated memory is bound by page faults, not by the network:
     one fault per 4 KiB page. With transparent huge pages in `madvise` mode (a common
     default) this cuts the faults 512-fold. Best effort: a no-op where unsupported."""
-    size = tensor.numel() * tensor.element_size()
-    if tensor.device.type != "cpu" or size < 2 * _HUGE_PAGE or _libc is None:
+    if size < 2 * _HUGE_PAGE or _libc is None:
         return
-    start = tensor.data_ptr()
     aligned = (start + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
     length = (start + size - aligned) & ~(_HUGE_PAGE - 1)
     if length > 0:
@@ -145,3 +150,7 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _libc = _load_libc()
+_PYBUF_WRITE = 0x200
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_memory_view.restype = ctypes.py_object

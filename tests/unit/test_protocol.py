@@ -86,7 +86,7 @@ def test_the_plan_depends_on_shapes_only_so_unchanged_chunks_keep_their_digests(
     old, new = build_manifest(Identity("m"), before, 256), build_manifest(Identity("m"), after, 256)
     assert old.chunks == new.chunks
     changed = [n for n, (a, b) in enumerate(zip(old.digests, new.digests, strict=True)) if a != b]
-    assert changed == [old.chunks_of[7][0]]
+    assert changed == [old.chunks_of(7)[0]]
     assert "t7" in old.tensor_names(changed)
 
 

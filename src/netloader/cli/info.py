@@ -129,7 +129,7 @@ def _describe(manifest: Manifest) -> str:
     ]
     width = max((len(t.name) for t in manifest.tensors), default=0)
     for i, t in enumerate(manifest.tensors):
-        chunks = manifest.chunks_of[i]
+        chunks = manifest.chunks_of(i)
         where = f"chunk {chunks[0]}" if len(chunks) == 1 else f"chunks {chunks[0]}-{chunks[-1]}"
         lines.append(
             f"{t.name:<{width}}  {t.dtype:<14} {list(t.shape)!s:<20} {t.nbytes:>14}  {where}"

@@ -12,7 +12,14 @@ import torch
 from netloader import metrics
 from netloader.errors import IntegrityError, TransferTimeout
 from netloader.manifest import Chunk, Manifest, digest_of
-from netloader.tensors import address_of, advise_huge_pages, byte_view, flat_bytes, prefault_range
+from netloader.tensors import (
+    address_of,
+    advise_huge_pages_at,
+    byte_view,
+    flat_bytes,
+    memory_at,
+    prefault_range,
+)
 from netloader.transports.base import Landing
 
 RING_SLOTS = 8  # chunks for device tensors in host memory at once (>= any transport's window)
@@ -24,7 +31,7 @@ PREFAULT_PIECES = 256 << 10
 
 def on_device(tensor: torch.Tensor) -> bool:
     """Destinations that go through the ring: contiguous tensors in device memory."""
-    return tensor.device.type != "cpu" and tensor.is_contiguous()
+    return not tensor.is_cpu and tensor.is_contiguous()
 
 
 class Slot:
@@ -107,21 +114,18 @@ class VerifyingSink:
         # By manifest index, for the tensors `dest` names (all, unless a subset is pulled).
         self.dest = {i: dest[t.name] for i, t in enumerate(manifest.tensors) if t.name in dest}
         self.ringed = {i for i, t in self.dest.items() if ringed(t)}
+        # Host memory each tensor's pieces land in: the tensor's own, or a staging buffer
+        # (copied in once the tensor is complete) where it is not contiguous host memory.
         self.staged = {
-            i
+            i: torch.empty(t.nbytes, dtype=torch.uint8)
             for i, t in self.dest.items()
-            if i not in self.ringed and (t.device.type != "cpu" or not t.is_contiguous())
+            if not (t.is_cpu and t.is_contiguous()) and i not in self.ringed
         }
-        # Host memory each tensor's pieces land in: the tensor itself, or its staging copy.
-        self.hosts = {
-            i: torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
-            if i in self.staged
-            else t.detach()
+        self.bases = {
+            i: self.staged.get(i, t).data_ptr()
             for i, t in self.dest.items()
             if i not in self.ringed
         }
-        self.views = {i: byte_view(h) for i, h in self.hosts.items()}
-        self.bases = {i: h.data_ptr() for i, h in self.hosts.items()}
         # The chunks to fetch: those holding any wanted tensor.
         self.wanted = [c for c in manifest.chunks if any(p.tensor in self.dest for p in c.pieces)]
         self.ring: DeviceRing | None = None
@@ -132,9 +136,9 @@ class VerifyingSink:
             pinned = torch.cuda.is_available()
             self.ring = DeviceRing(RING_SLOTS, largest, pinned)
         if huge_pages:
-            for host in self.hosts.values():
-                advise_huge_pages(host)
-        self.missing = {i: len(manifest.chunks_of[i]) for i in self.dest}
+            for i, base in self.bases.items():
+                advise_huge_pages_at(base, manifest.tensors[i].nbytes)
+        self.missing = {i: len(manifest.chunks_of(i)) for i in self.dest}
         self.done_chunks: set[int] = set()
         self.bytes = 0
         self.progress = progress
@@ -164,7 +168,7 @@ class VerifyingSink:
         landing = self._landing(chunk, slot, scratch)
         if len(chunk.pieces) == 1 or chunk.length >= PREFAULT_PIECES * len(chunk.pieces):
             for piece, address in zip(chunk.pieces, landing.addresses, strict=True):
-                if piece.tensor in self.hosts:
+                if piece.tensor in self.bases:
                     prefault_range(address, piece.length)
         return landing
 
@@ -173,10 +177,10 @@ class VerifyingSink:
         addresses: list[int] = []
         position = 0  # within the chunk (where a piece sits in a slot or the scratch)
         for piece in chunk.pieces:
-            end = piece.offset + piece.length
-            if piece.tensor in self.views:
-                views.append(self.views[piece.tensor][piece.offset : end])
-                addresses.append(self.bases[piece.tensor] + piece.offset)
+            if piece.tensor in self.bases:
+                address = self.bases[piece.tensor] + piece.offset
+                views.append(memory_at(address, piece.length))
+                addresses.append(address)
             elif piece.tensor in self.ringed:
                 assert slot is not None
                 views.append(slot.view[position : position + piece.length])
@@ -229,7 +233,7 @@ class VerifyingSink:
                 self.progress(chunk.length)
         for index in completed:
             target = self.dest[index]
-            target.copy_(self.hosts[index].view(target.dtype).reshape(target.shape))
+            target.copy_(self.staged[index].view(target.dtype).reshape(target.shape))
         if self.verified is not None:  # staged bytes are servable only once in place
             self._notify(chunk, completed)
 
@@ -239,7 +243,7 @@ class VerifyingSink:
         assert self.verified is not None
         candidates = {chunk.number}
         for index in completed:
-            candidates.update(self.manifest.chunks_of[index])
+            candidates.update(self.manifest.chunks_of(index))
         for number in sorted(candidates):
             candidate = self.manifest.chunks[number]
             with self._lock:

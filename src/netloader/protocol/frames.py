@@ -95,5 +95,13 @@ def decode_data_prefix(data: bytes) -> int:
 
 def encode(kind: MsgType, body: dict[str, Any]) -> bytes:
     """A control frame from its type and JSON body (the typed classes use this)."""
-    payload = json.dumps(body, separators=(",", ":")).encode()
+    return encode_json(kind, json_bytes(body))
+
+
+def json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def encode_json(kind: MsgType, payload: bytes) -> bytes:
+    """A control frame from its type and its body already in JSON."""
     return HEADER.pack(MAGIC, kind, len(payload)) + payload

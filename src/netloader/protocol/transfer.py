@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from netloader.errors import ProtocolError
 from netloader.manifest import Manifest
 from netloader.protocol.body import Message, typed_field
-from netloader.protocol.frames import MsgType, encode_data_header
+from netloader.protocol.frames import MsgType, encode_data_header, encode_json
 
 
 class Part(Enum):
@@ -54,6 +54,9 @@ class ManifestMessage(Message):
 
     def body(self) -> dict[str, Any]:
         return self.manifest.to_json()
+
+    def encode(self) -> bytes:
+        return encode_json(self.TYPE, self.manifest.json_bytes)
 
     @classmethod
     def decode(cls, body: dict[str, Any]) -> ManifestMessage:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol
 
 import torch
 
 from netloader.errors import SourceUnavailable
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Chunk, Identity, Manifest, build_manifest
-from netloader.tensors import byte_view, flat_bytes
+from netloader.tensors import flat_bytes, memory_at
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,18 @@ class HostBytes:
         self._made: dict[int, HostTensor] = {}
         self._lock = threading.Lock()
 
-    def bytes_of(self, index: int, tensor: torch.Tensor) -> HostTensor:
+    def bytes_of(self, index: int, tensor_of: Callable[[int], torch.Tensor]) -> HostTensor:
+        """Tensor `index`'s host bytes (`tensor_of(index)` is the tensor, asked once)."""
         made = self._made.get(index)
         if made is not None:
             return made
         with self._lock:
             made = self._made.get(index)
             if made is None:
-                flat = flat_bytes(tensor.detach()).cpu()
-                made = self._made[index] = HostTensor(flat, byte_view(flat), flat.data_ptr())
+                flat = flat_bytes(tensor_of(index).detach()).cpu()
+                made = self._made[index] = HostTensor(
+                    flat, memory_at(flat.data_ptr(), flat.numel()), flat.data_ptr()
+                )
             return made
 
 
@@ -119,7 +122,11 @@ class LoadedTensors:
 
     def host(self, index: int) -> HostTensor:
         assert self._manifest is not None
-        return self._host.bytes_of(index, self._tensors[self._manifest.tensors[index].name])
+        return self._host.bytes_of(index, self._tensor)
+
+    def _tensor(self, index: int) -> torch.Tensor:
+        assert self._manifest is not None
+        return self._tensors[self._manifest.tensors[index].name]
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         return None  # everything is here
@@ -192,7 +199,7 @@ class Arrivals:
             return self._manifest
 
     def host(self, index: int) -> HostTensor:
-        return self._host.bytes_of(index, self._tensors[index])
+        return self._host.bytes_of(index, self._tensors.__getitem__)
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         with self._changed:

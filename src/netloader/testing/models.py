@@ -140,11 +140,8 @@ def experts(total_mib: int = 64, count: int = 4096, seed: int = 600) -> Tensors:
     a mixture-of-experts model: many small tensors, the layout whose per-tensor costs
     matter (16 KiB each with the defaults)."""
     rows = (total_mib << 20) // count // 256
-    data = random_bytes(count * rows * 256, seed).view(torch.bfloat16)
-    return {
-        f"layers.{i // 64}.experts.{i % 64}.w": part.reshape(rows, 128)
-        for i, part in enumerate(data.split(rows * 128))
-    }
+    data = random_bytes(count * rows * 256, seed).view(torch.bfloat16).reshape(count, rows, 128)
+    return {f"layers.{i // 64}.experts.{i % 64}.w": data[i] for i in range(count)}
 
 
 def mixed_sizes() -> Tensors:
