@@ -131,6 +131,7 @@ class VerifyingSink:
         self.ring: DeviceRing | None = None
         self._slots: dict[int, Slot] = {}  # ringed chunks, between arrival and check
         self._scratch: dict[int, bytearray] = {}  # unwanted pieces, between arrival and check
+        self._landed: dict[int, Landing] = {}  # each chunk's landing, until it is checked
         if self.ringed:
             largest = max(c.length for c in self.wanted if self._has_ringed(c))
             pinned = torch.cuda.is_available()
@@ -166,6 +167,8 @@ class VerifyingSink:
             with self._lock:
                 scratch = self._scratch.setdefault(chunk.number, bytearray(chunk.length))
         landing = self._landing(chunk, slot, scratch)
+        with self._lock:
+            self._landed[chunk.number] = landing
         if len(chunk.pieces) == 1 or chunk.length >= PREFAULT_PIECES * len(chunk.pieces):
             for piece, address in zip(chunk.pieces, landing.addresses, strict=True):
                 if piece.tensor in self.bases:
@@ -205,8 +208,9 @@ class VerifyingSink:
         with self._lock:
             slot = self._slots.pop(chunk.number, None)
             scratch = self._scratch.pop(chunk.number, None)
+            landing = self._landed.pop(chunk.number, None)
         if arrived is None:
-            arrived = digest_of(self._landing(chunk, slot, scratch).views)
+            arrived = digest_of((landing or self._landing(chunk, slot, scratch)).views)
         if arrived != self.manifest.digests[chunk.number]:
             if slot is not None:
                 self.ring.release(slot)  # type: ignore[union-attr]  # no device copy
