@@ -15,7 +15,10 @@ Measures, in one run on loopback (127.0.0.1 only), moving one safetensors checkp
       `netloader pull --out DIR` to disk;
   (c) what users do today: safetensors.torch.load_file, warm and cold page cache. Since
       safetensors 0.7 load_file only maps the file; the bytes are read when a loader copies
-      them into the model, so that copy is timed too.
+      them into the model, so that copy is timed too;
+  (d) the tensor count as an axis (tensor_counts.py): the same bytes as 16, 1,000, 8,000
+      and 64,000 tensors, pulled over tcp and same-host, beside safetensors and the
+      verified-copy limit, all in the same run (`--sections d` runs it alone).
 
 Sources on both sides are the checkpoint as load_file returns it, read once beforehand
 (the netloader server does the same when it computes digests). "Fresh" destinations are

@@ -19,16 +19,11 @@ when its .stamp.json matches the parameters.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_tiny_llama import build_tokenizer, make_corpus, train
+from make_tiny_llama import build_tokenizer, cached_build, make_corpus, train
 
 VERSION = 1  # bump when the build changes, so cached models are rebuilt
 NAME = "tiny-moe"
@@ -72,25 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     name = NAME if args.dtype == "bfloat16" else f"{NAME}-{args.dtype}"
     out = args.cache_dir.resolve() / name
     params = {"version": VERSION, "name": NAME, "dtype": args.dtype, "seed": args.seed}
-    stamp = out / ".stamp.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == params:
-        print(f"make_tiny_moe: {out} is up to date", file=sys.stderr)
-        print(out)
-        return 0
-    started = time.monotonic()
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=args.cache_dir))
-    try:
-        build(tmp, args.dtype, args.seed)
-        (tmp / ".stamp.json").write_text(json.dumps(params) + "\n")
-        tmp.chmod(0o755)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"make_tiny_moe: built {out} in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    print(out)
-    return 0
+    return cached_build(out, params, lambda tmp: build(tmp, args.dtype, args.seed), "make_tiny_moe")
 
 
 if __name__ == "__main__":

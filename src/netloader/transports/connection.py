@@ -124,14 +124,7 @@ class Connection:
         with self._sending():
             while pending:
                 self._before_io()
-                sent = self.sock.sendmsg(list(itertools.islice(pending, IOV_MAX)))
-                while sent:
-                    first = pending[0]
-                    if sent < len(first):
-                        pending[0] = first[sent:]
-                        break
-                    sent -= len(first)
-                    pending.popleft()
+                _consume(pending, self.sock.sendmsg(list(itertools.islice(pending, IOV_MAX))))
 
     def send_bytes(self, data: bytes | memoryview) -> None:
         """Raw bytes, already accounted for by the session (a frame it produced)."""
@@ -217,13 +210,7 @@ class Connection:
                         source=self.peer,
                     )
                 got += n
-                while n:
-                    first = pending[0]
-                    if n < len(first):
-                        pending[0] = first[n:]
-                        break
-                    n -= len(first)
-                    pending.popleft()
+                _consume(pending, n)
 
     @contextlib.contextmanager
     def _receiving(self) -> Iterator[None]:
@@ -272,6 +259,17 @@ class Connection:
         if not isinstance(message, kind):
             raise ProtocolError(f"{self.peer} sent {message.TYPE.name}, expected {kind.TYPE.name}")
         return message
+
+
+def _consume(pending: deque[memoryview], done: int) -> None:
+    """Drop the first `done` bytes of the buffers in `pending` (a partial send or receive)."""
+    while done:
+        first = pending[0]
+        if done < len(first):
+            pending[0] = first[done:]
+            return
+        done -= len(first)
+        pending.popleft()
 
 
 def connect(host: str, port: int, timeout: float) -> socket.socket:
