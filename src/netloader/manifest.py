@@ -119,8 +119,9 @@ class Chunk(NamedTuple):
     length: int
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
+    """One tensor of a manifest (a tuple: a mixture-of-experts manifest has 100,000)."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
