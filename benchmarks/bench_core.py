@@ -15,7 +15,10 @@ Measures, in one run on loopback (127.0.0.1 only), moving one safetensors checkp
       `netloader pull --out DIR` to disk;
   (c) what users do today: safetensors.torch.load_file, warm and cold page cache. Since
       safetensors 0.7 load_file only maps the file; the bytes are read when a loader copies
-      them into the model, so that copy is timed too.
+      them into the model, so that copy is timed too;
+  (d) the tensor count as an axis (tensor_counts.py): the same bytes as 16, 1,000, 8,000
+      and 64,000 tensors, pulled over tcp and same-host, beside safetensors and the
+      verified-copy limit, all in the same run (`--sections d` runs it alone).
 
 Sources on both sides are the checkpoint as load_file returns it, read once beforehand
 (the netloader server does the same when it computes digests). "Fresh" destinations are
@@ -88,6 +91,7 @@ from netloader.testing.models import (
 )
 from netloader.testing.processes import netloader_command
 from netloader.transports import nixl, process_memory, same_host
+from tensor_counts import COUNTS, run_counts
 
 TRANSPORTS = ("tcp", "same-host", "gloo", "nixl")
 CHUNK_BYTES = 16 << 20  # the chunk size of the raw paths (netloader's default chunk too)
@@ -711,7 +715,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--transports", default=",".join(TRANSPORTS), help="comma-separated subset of those"
     )
+    parser.add_argument(
+        "--sections",
+        default="abcd",
+        help="which sections to run: a (raw paths), b (netloader), c (safetensors), "
+        "d (the tensor-count axis; tcp and same-host only)",
+    )
+    parser.add_argument(
+        "--counts",
+        default=",".join(map(str, COUNTS)),
+        help="section d: the tensor counts to hold the same bytes as",
+    )
     args = parser.parse_args(argv)
+    args.counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    if not set(args.sections) <= set("abcd") or not args.sections:
+        parser.error("--sections: letters from abcd")
     args.transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     if "nixl" in args.transports and (why := nixl.import_error()) is not None:
         progress(f"skipping nixl: {why}")
@@ -725,6 +743,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    if set(args.sections) & set("abc"):
+        report = run_sections_abc(args, workdir)
+    if "d" in args.sections:
+        load_before = os.getloadavg()[0]
+        transports = [t for t in args.transports if t in ("tcp", "same-host")]
+        lines, report["tensor_counts"] = run_counts(
+            workdir, int(args.size_gib * 2**30), transports, args.repeat, args.counts
+        )
+        print("\n".join(lines))
+        print(
+            f"machine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.2f} at "
+            f"start, {os.getloadavg()[0]:.2f} at end"
+        )
+    return report
+
+
+def run_sections_abc(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     progress(f"writing a {args.size_gib} GiB checkpoint under {workdir} ...")
     ckpt = write_checkpoint(workdir / MODEL_NAME, llama_like(int(args.size_gib * 2**30)))

@@ -20,11 +20,9 @@ with atheris.instrument_imports():
 # A small manifest for FETCH validation: 2 tensors, 3 chunks.
 MANIFEST = Manifest(
     Identity("m"),
-    (
-        TensorEntry("a", "float32", (4,), 16, ("0" * 32,)),
-        TensorEntry("b", "uint8", (40,), 40, ("1" * 32, "2" * 32)),
-    ),
+    (TensorEntry("a", "float32", (4,), 16), TensorEntry("b", "uint8", (40,), 40)),
     chunk_bytes=32,
+    digests=("0" * 32, "1" * 32, "2" * 32),
 )
 
 
@@ -47,6 +45,7 @@ def one_input(data: bytes) -> None:
             p.MsgType.ERROR: p.Error.decode,
             p.MsgType.AUTH: p.Auth.decode,
             p.MsgType.GLOO: p.ProcessGroupSetup.decode,
+            p.MsgType.CHUNK_ADDRESS: p.ChunkAddress.decode,
         }.get(header.type)
         if decoder is not None:
             decoder(body)

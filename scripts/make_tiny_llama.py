@@ -32,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,23 +181,33 @@ def main(argv: list[str] | None = None) -> int:
     name = args.size if args.dtype == "bfloat16" else f"{args.size}-{args.dtype}"
     out = args.cache_dir.resolve() / name
     params = {"version": VERSION, "size": args.size, "dtype": args.dtype, "seed": args.seed}
+    return cached_build(
+        out, params, lambda tmp: build(tmp, args.size, args.dtype, args.seed), "make_tiny_llama"
+    )
+
+
+def cached_build(
+    out: Path, params: dict[str, object], build: Callable[[Path], None], who: str
+) -> int:
+    """Build into `out` unless its .stamp.json says it was built with `params`: into a
+    temporary directory beside it, renamed into place when complete; prints `out` last."""
     stamp = out / ".stamp.json"
     if stamp.exists() and json.loads(stamp.read_text()) == params:
-        print(f"make_tiny_llama: {out} is up to date", file=sys.stderr)
+        print(f"{who}: {out} is up to date", file=sys.stderr)
         print(out)
         return 0
     started = time.monotonic()
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{args.size}-", dir=args.cache_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        build(tmp, args.size, args.dtype, args.seed)
+        build(tmp)
         (tmp / ".stamp.json").write_text(json.dumps(params) + "\n")
         tmp.chmod(0o755)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"make_tiny_llama: built {out} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    print(f"{who}: built {out} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     print(out)
     return 0
 

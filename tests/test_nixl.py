@@ -55,10 +55,14 @@ def test_bad_descriptors_are_refused(monkeypatch: pytest.MonkeyPatch, fault: str
     expected = transformer_like()
     if fault == "unregistered address":
         stray = torch.zeros(64 << 20, dtype=torch.uint8)  # never registered
-        monkeypatch.setattr(HeldChunks, "chunk_bytes", lambda self, chunk: stray[: chunk.length])
+        monkeypatch.setattr(
+            HeldChunks, "addresses", lambda self, chunk: [stray.data_ptr()] * len(chunk.pieces)
+        )
     else:
-        whole = HeldChunks.region
-        monkeypatch.setattr(HeldChunks, "region", lambda self, c: whole(self, c)[: c.length // 2])
+        whole = HeldChunks.regions
+        monkeypatch.setattr(
+            HeldChunks, "regions", lambda self, c: [r[: c.length // 2] for r in whole(self, c)]
+        )
     with netloader.serve(expected, "m", chunk_bytes=256 << 10) as server:
         dest = empty_like_set(expected)
         with pytest.raises(TransferError, match="nixl cannot read chunk") as info:

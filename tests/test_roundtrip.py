@@ -11,16 +11,24 @@ import torch
 
 import netloader
 from netloader import Client, Identity
-from netloader.testing.models import all_dtypes, same_bytes, transformer_like
+from netloader.manifest import MAX_PIECES
+from netloader.testing.models import all_dtypes, mixed_sizes, same_bytes, transformer_like
 from support.servers import StartServer
 from support.tensors import empty_like_set
 
 
 @pytest.mark.parametrize("transport", ["tcp", "same-host", "gloo", "nixl", "auto"])
-def test_all_dtypes_round_trip_bit_identical(start_server: StartServer, transport: str) -> None:
-    server = start_server("all_dtypes", "--model", "m", "--chunk-bytes", str(256 << 10))
-    expected = all_dtypes()
+def test_every_dtype_and_size_round_trips_bit_identical(
+    start_server: StartServer, transport: str
+) -> None:
+    """Empty tensors, scalars, odd lengths, a tensor larger than a chunk, non-contiguous
+    ones, and thousands of tiny ones sharing chunks, on every transport."""
+    server = start_server("mixed_sizes", "--model", "m", "--chunk-bytes", str(256 << 10))
+    expected = mixed_sizes()
     dest = empty_like_set(expected)
+    manifest = Client([server.address]).manifest()
+    assert max(len(c.pieces) for c in manifest.chunks) == MAX_PIECES  # coalesced
+    assert any(len(c.pieces) == 1 and c.length < 256 << 10 for c in manifest.chunks)
     report = Client([server.address], transport=transport).load_into(dest, Identity("m"))
     assert report.tensors == len(expected)
     assert report.bytes == sum(t.numel() * t.element_size() for t in expected.values())

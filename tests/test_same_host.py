@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from netloader import Client, Identity, IntegrityError
-from netloader.testing.models import differing, same_bytes, transformer_like
+from netloader.testing.models import differing, mixed_sizes, same_bytes, transformer_like
 from netloader.transports import process_memory
 from support.servers import NETLOADER, MakeProxy, StartServer, pull_while_killing_the_first
 from support.tensors import empty_like_set
@@ -43,6 +43,36 @@ def test_bytes_flipped_in_the_servers_memory_are_rejected(
         Client([server.address], transport=transport).load_into(dest, Identity("m"))
     assert VICTIM not in info.value.completed
     for name in info.value.completed:  # whatever was accepted is right
+        assert same_bytes(dest[name], expected[name])
+
+
+@pytest.mark.parametrize("transport", ["same-host", "tcp"])
+def test_a_byte_flipped_inside_a_coalesced_chunk_is_rejected_naming_its_tensors(
+    start_server: StartServer, transport: str
+) -> None:
+    """One tiny tensor among the thousand that share a chunk changed after the digests:
+    the chunk is refused, the message names the tensors it holds, and every tensor
+    accepted (those of other chunks) is right."""
+    victim = "tiny.1500"
+    server = start_server(
+        "mixed_sizes",
+        "--model",
+        "m",
+        "--chunk-bytes",
+        str(256 << 10),
+        "--flip-after-digests",
+        victim,
+    )
+    expected = mixed_sizes()
+    dest = empty_like_set(expected)
+    with pytest.raises(
+        IntegrityError, match=r"chunk \d+ \(tensors 'tiny\.\d+' \.\.\. 'tiny\.\d+'"
+    ) as info:
+        Client([server.address], transport=transport).load_into(dest, Identity("m"))
+    first, last = re.search(r"'tiny\.(\d+)' \.\.\. 'tiny\.(\d+)'", str(info.value)).groups()  # type: ignore[union-attr]
+    assert int(first) <= 1500 <= int(last)
+    assert victim not in info.value.completed and info.value.completed
+    for name in info.value.completed:
         assert same_bytes(dest[name], expected[name])
 
 

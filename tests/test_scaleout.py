@@ -12,7 +12,7 @@ import torch
 
 import netloader
 from netloader import Client, Identity, SourceUnavailable
-from netloader.testing.models import blocks, differing
+from netloader.testing.models import blocks, differing, experts
 from support.servers import MakeProxy, StartServer
 from support.tensors import empty_like_set
 
@@ -47,13 +47,19 @@ def test_faster_source_delivers_more(start_server: StartServer, proxy: MakeProxy
     assert delivered[fast.address] > 2 * delivered.get(slow.address, 0), delivered
 
 
+# Few large tensors, and 4,096 small ones coalesced 64 to a chunk.
+MODELS = {"blocks": ((), blocks), "experts": (("--chunk-bytes", str(MIB)), experts)}
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_source_killed_mid_transfer_others_finish(
-    start_server: StartServer, proxy: MakeProxy
+    start_server: StartServer, proxy: MakeProxy, model: str
 ) -> None:
-    servers = [start_server("blocks", "--model", "m") for _ in range(3)]
+    args, make = MODELS[model]
+    servers = [start_server(model, "--model", "m", *args) for _ in range(3)]
     throttled = [proxy(s.address, rate=20 * MIB) for s in servers]
     victim, victim_proxy = servers[0], throttled[0]
-    expected = blocks()
+    expected = make()
     dest = empty_like_set(expected)
 
     def kill_victim_midway(_: int) -> None:
@@ -91,12 +97,14 @@ def test_stripe_one_uses_sources_in_order(start_server: StartServer) -> None:
     assert report.sources == (servers[0].address,)
 
 
+@pytest.mark.parametrize("model", MODELS)
 def test_relay_serves_chunks_while_still_receiving(
-    start_server: StartServer, proxy: MakeProxy
+    start_server: StartServer, proxy: MakeProxy, model: str
 ) -> None:
-    seed = start_server("blocks", "--model", "m")
+    args, make = MODELS[model]
+    seed = start_server(model, "--model", "m", *args)
     upstream = proxy(seed.address, rate=40 * MIB)  # the relay's own pull takes ~1.6 s
-    expected = blocks()
+    expected = make()
     relay_dest, client_dest = empty_like_set(expected), empty_like_set(expected)
     with netloader.relay() as relay_server:
         relay_report: list[netloader.LoadReport] = []

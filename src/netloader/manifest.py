@@ -1,15 +1,26 @@
 """The contract between server and client: who the model is, and every tensor's bytes.
 
-A manifest names the model and its parallel layout, then lists each tensor's name, dtype,
-shape, byte length and one xxh3-128 digest per chunk of `chunk_bytes`. Chunks are the unit
-of transfer and of verification, so a transfer can be split, resumed and relayed.
+A manifest names the model and its parallel layout, lists each tensor's name, dtype, shape
+and byte length, and carries one xxh3-128 digest per chunk. Chunks are the unit of
+transfer and of verification, so a transfer can be split, resumed and relayed.
+
+The chunks are not listed: both sides plan them from the tensors and `chunk_bytes`
+(`plan_chunks`), so they depend on the tensors' shapes alone, never on their contents.
+Three things rest on that plan:
+- small tensors are coalesced: a chunk holds consecutive tensors, whole, up to
+  `chunk_bytes` and MAX_PIECES of them, so every chunk costs about the same whatever the
+  tensor sizes (a mixture-of-experts checkpoint holds tens of thousands of small tensors);
+- a tensor larger than `chunk_bytes` has chunks of its own, cut on row (dim 0)
+  boundaries, so a reader can fetch and verify a range of rows without the rest;
+- two versions of a model with the same shapes have the same chunks, so a chunk whose
+  digest is unchanged need not move again.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -20,14 +31,19 @@ import xxhash
 from netloader import tensors as tb
 from netloader.errors import ProtocolError
 
-MANIFEST_FORMAT = 1  # carried in the JSON field "protocol"
+# 2: chunks coalesce small tensors and split large ones on rows, one digest per chunk
+MANIFEST_FORMAT = 2  # carried in the JSON field "protocol"
 DIGEST_ALGORITHM = "xxh3_128"
 DEFAULT_CHUNK_BYTES = 16 << 20
+MAX_PIECES = 1024  # tensors in one chunk: the iovecs one process_vm_readv or sendmsg takes
 MAX_TENSORS = 1_000_000
+MAX_CHUNKS = 4_000_000
 MAX_NAME_LENGTH = 1024
 MAX_DIMS = 16
 MAX_TENSOR_BYTES = 1 << 44  # 16 TiB: bounds every length a manifest may claim
 MAX_CHUNK_BYTES = 1 << 28  # a chunk is received (and its memory prefaulted) in one piece
+_HEX = frozenset("0123456789abcdef")
+_ITEMSIZE = {name: tb.itemsize(name) for name in tb.known_dtypes()}
 
 
 def digest(data: memoryview | bytes) -> str:
@@ -86,52 +102,133 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
     return digest(json.dumps(kept, sort_keys=True, default=str).encode())[:16]
 
 
-class Chunk(NamedTuple):
-    tensor: int  # index into Manifest.tensors
-    number: int  # chunk number within the tensor
-    offset: int  # byte offset within the tensor
+class Piece(NamedTuple):
+    """Bytes [offset, offset + length) of the manifest's tensor number `tensor`."""
+
+    tensor: int
+    offset: int
     length: int
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class Chunk(NamedTuple):
+    """The unit of transfer and of verification: `pieces` of tensors whose bytes, in
+    order, have the manifest's digest number `number`; `length` bytes in all."""
+
+    number: int  # the chunk's position in the manifest's chunks
+    pieces: tuple[Piece, ...]
+    length: int
+
+
+class TensorEntry(NamedTuple):
+    """One tensor of a manifest (a tuple: a mixture-of-experts manifest has 100,000)."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    digests: tuple[str, ...] = ()  # empty on a client's expectation
 
     def describe(self) -> str:
         return f"{self.dtype}{list(self.shape)}"
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one index along dim 0 (all of them for a scalar or an empty tensor)."""
+        rows = self.shape[0] if self.shape else 1
+        return self.nbytes // rows if rows else self.nbytes
+
+
+def plan_chunks(
+    tensors: Sequence[TensorEntry], chunk_bytes: int, limit: int = MAX_CHUNKS
+) -> tuple[Chunk, ...]:
+    """The chunks of `tensors`, in order (see the module's docstring). Consecutive tensors
+    of at most `chunk_bytes` share a chunk while it has room; a larger tensor gets chunks
+    of its own, each as many whole rows as fit (or `chunk_bytes` of a row longer than
+    that). An empty tensor is a zero-length piece of the chunk it falls in. ProtocolError
+    past `limit` chunks (a hostile manifest's tiny chunk size)."""
+    chunks: list[Chunk] = []
+    pieces: list[Piece] = []
+    filled = 0
+    for i, entry in enumerate(tensors):
+        size = entry.nbytes
+        if pieces and (size > chunk_bytes - filled or len(pieces) == MAX_PIECES):
+            chunks.append(Chunk(len(chunks), tuple(pieces), filled))
+            pieces, filled = [], 0
+        if size <= chunk_bytes:
+            pieces.append(Piece(i, 0, size))
+            filled += size
+            continue
+        row = entry.row_bytes
+        step = (chunk_bytes // row) * row if row <= chunk_bytes else chunk_bytes
+        if len(chunks) + -(-size // step) > limit:
+            raise ProtocolError(f"manifest would have more than {limit} chunks")
+        for offset in range(0, size, step):
+            length = min(step, size - offset)
+            chunks.append(Chunk(len(chunks), (Piece(i, offset, length),), length))
+    if pieces:
+        chunks.append(Chunk(len(chunks), tuple(pieces), filled))
+    if len(chunks) > limit:
+        raise ProtocolError(f"manifest would have more than {limit} chunks")
+    return tuple(chunks)
+
 
 @dataclass(frozen=True)
 class Manifest:
+    """identity:    who the model is and its parallel layout.
+    tensors:     every tensor's name, dtype, shape and size, in transfer order.
+    chunk_bytes: what the chunks are planned with (`plan_chunks`).
+    digests:     one per chunk, in order; empty on a client's expectation."""
+
     identity: Identity
     tensors: tuple[TensorEntry, ...]
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    digests: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
     @cached_property
+    def chunks(self) -> tuple[Chunk, ...]:
+        """Every chunk, in order (planned once: every connection to a server asks)."""
+        return plan_chunks(self.tensors, self.chunk_bytes)
+
+    @property
     def chunk_total(self) -> int:
-        """Chunks in all (computed once: every connection to a server asks)."""
-        return sum(self.chunk_count(t) for t in range(len(self.tensors)))
+        return len(self.chunks)
 
-    def chunk_count(self, tensor: int) -> int:
-        return max(1, math.ceil(self.tensors[tensor].nbytes / self.chunk_bytes))
+    def chunks_of(self, tensor: int) -> range:
+        """The numbers of the chunks holding tensor `tensor`'s bytes (consecutive: chunks
+        follow the tensors' order)."""
+        first, last = self._spans
+        return range(first[tensor], last[tensor] + 1)
 
-    def chunk(self, tensor: int, index: int) -> Chunk:
-        offset = index * self.chunk_bytes
-        length = min(self.chunk_bytes, self.tensors[tensor].nbytes - offset)
-        return Chunk(tensor, index, offset, length)
+    @cached_property
+    def _spans(self) -> tuple[list[int], list[int]]:
+        first, last = [0] * len(self.tensors), [0] * len(self.tensors)
+        for chunk in reversed(self.chunks):
+            for piece in chunk.pieces:
+                first[piece.tensor] = chunk.number
+        for chunk in self.chunks:
+            for piece in chunk.pieces:
+                last[piece.tensor] = chunk.number
+        return first, last
 
-    def chunks(self) -> Iterator[Chunk]:
-        for t in range(len(self.tensors)):
-            for c in range(self.chunk_count(t)):
-                yield self.chunk(t, c)
+    def describe_chunk(self, chunk: Chunk) -> str:
+        """Which tensors a chunk holds, for messages: "tensor 'a'", or "tensors 'a' ...
+        'b' (12)"."""
+        first = self.tensors[chunk.pieces[0].tensor].name
+        if len(chunk.pieces) == 1:
+            return f"tensor {first!r}"
+        last = self.tensors[chunk.pieces[-1].tensor].name
+        return f"tensors {first!r} ... {last!r} ({len(chunk.pieces)})"
+
+    def tensor_names(self, chunks: Sequence[int]) -> list[str]:
+        """The names of the tensors in these chunks, in order, once each."""
+        seen: dict[str, None] = {}
+        for index in chunks:
+            for piece in self.chunks[index].pieces:
+                seen[self.tensors[piece.tensor].name] = None
+        return list(seen)
 
     # ---- comparison ---------------------------------------------------------------------
     def differences(self, offered: Manifest, limit: int = 20) -> list[str]:
@@ -179,10 +276,15 @@ class Manifest:
                 "pp_rank": ident.pp_rank,
                 "attributes": dict(ident.attributes),
             },
-            "tensors": [
-                [t.name, t.dtype, list(t.shape), t.nbytes, list(t.digests)] for t in self.tensors
-            ],
+            "tensors": [[t.name, t.dtype, list(t.shape), t.nbytes] for t in self.tensors],
+            "digests": "".join(self.digests),
         }
+
+    @cached_property
+    def json_bytes(self) -> bytes:
+        """`to_json`, encoded (once: a server sends the same manifest to every client, and
+        a mixture-of-experts manifest is megabytes)."""
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, obj: Any) -> Manifest:
@@ -190,7 +292,10 @@ class Manifest:
         v = _Validator("manifest")
         obj = v.mapping(obj)
         if v.integer(obj.get("protocol"), "protocol") != MANIFEST_FORMAT:
-            raise ProtocolError(f"manifest protocol {obj.get('protocol')!r} != {MANIFEST_FORMAT}")
+            raise ProtocolError(
+                f"manifest format {obj.get('protocol')!r} is not this version's "
+                f"({MANIFEST_FORMAT}): upgrade the older side"
+            )
         if obj.get("digest") != DIGEST_ALGORITHM:
             raise ProtocolError(f"manifest digest algorithm {obj.get('digest')!r} is not supported")
         chunk_bytes = v.integer(obj.get("chunk_bytes"), "chunk_bytes", low=1, high=MAX_CHUNK_BYTES)
@@ -210,38 +315,51 @@ class Manifest:
         rows = obj.get("tensors")
         if not isinstance(rows, list) or len(rows) > MAX_TENSORS:
             raise ProtocolError(f"manifest tensors must be a list of at most {MAX_TENSORS}")
-        entries, seen = [], set()
-        for i, row in enumerate(rows):
-            entry = _entry_from_json(row, i, chunk_bytes, v)
-            if entry.name in seen:
-                raise ProtocolError(f"manifest names tensor {entry.name!r} twice")
-            seen.add(entry.name)
-            entries.append(entry)
-        return cls(identity, tuple(entries), chunk_bytes)
+        entries = [_entry_from_json(row, i, v) for i, row in enumerate(rows)]
+        if len({e.name for e in entries}) != len(entries):
+            names = [e.name for e in entries]
+            twice = next(n for i, n in enumerate(names) if n in names[:i])
+            raise ProtocolError(f"manifest names tensor {twice!r} twice")
+        manifest = cls(identity, tuple(entries), chunk_bytes)
+        text = obj.get("digests", "")
+        if not isinstance(text, str) or len(text) > 32 * MAX_CHUNKS or len(text) % 32:
+            raise ProtocolError("manifest digests must be a string of 32-hex-digit digests")
+        if text:
+            if not _HEX.issuperset(text):
+                raise ProtocolError("manifest digests must be lowercase hex")
+            digests = tuple(text[i : i + 32] for i in range(0, len(text), 32))
+            if len(digests) != manifest.chunk_total:
+                raise ProtocolError(
+                    f"manifest carries {len(digests)} digests for {manifest.chunk_total} chunks"
+                )
+            planned = manifest.chunks
+            manifest = cls(identity, manifest.tensors, chunk_bytes, digests)
+            manifest.__dict__["chunks"] = planned  # the cached plan: the same tensors
+        return manifest
 
 
-def _entry_from_json(row: Any, i: int, chunk_bytes: int, v: _Validator) -> TensorEntry:
-    if not isinstance(row, list) or len(row) != 5:
-        raise ProtocolError(f"manifest tensor #{i} must be [name, dtype, shape, nbytes, digests]")
-    name = v.string(row[0], f"tensor #{i} name")
-    dtype = v.string(row[1], f"tensor {name!r} dtype")
-    if not tb.is_known_dtype(dtype):
+def _entry_from_json(row: Any, i: int, v: _Validator) -> TensorEntry:
+    # Written for speed: a mixture-of-experts manifest has 100,000 rows. `type(x) is int`
+    # also refuses bools.
+    if type(row) is not list or len(row) != 4:
+        raise ProtocolError(f"manifest tensor #{i} must be [name, dtype, shape, nbytes]")
+    name, dtype, shape, nbytes = row
+    if type(name) is not str or not 0 < len(name) <= MAX_NAME_LENGTH:
+        v.string(name, f"tensor #{i} name")
+    if type(dtype) is not str or dtype not in _ITEMSIZE:
         raise ProtocolError(f"tensor {name!r} has unsupported dtype {dtype!r}")
-    shape_raw = row[2]
-    if not isinstance(shape_raw, list) or len(shape_raw) > MAX_DIMS:
-        raise ProtocolError(f"tensor {name!r} shape must be a list of at most {MAX_DIMS} sizes")
-    shape = tuple(v.integer(d, f"tensor {name!r} shape", high=MAX_TENSOR_BYTES) for d in shape_raw)
-    nbytes = v.integer(row[3], f"tensor {name!r} nbytes", high=MAX_TENSOR_BYTES)
-    if math.prod(shape) * tb.itemsize(dtype) != nbytes:
-        raise ProtocolError(f"tensor {name!r}: nbytes {nbytes} does not match {dtype}{list(shape)}")
-    digests = row[4]
-    expected = max(1, math.ceil(nbytes / chunk_bytes))
-    if not isinstance(digests, list) or len(digests) not in (0, expected):
-        raise ProtocolError(f"tensor {name!r} must carry {expected} chunk digests")
-    for d in digests:
-        if not (isinstance(d, str) and len(d) == 32 and all(c in "0123456789abcdef" for c in d)):
-            raise ProtocolError(f"tensor {name!r} has a malformed digest {d!r}")
-    return TensorEntry(name, dtype, shape, nbytes, tuple(digests))
+    if (
+        type(shape) is not list
+        or len(shape) > MAX_DIMS
+        or not all(type(d) is int and 0 <= d <= MAX_TENSOR_BYTES for d in shape)
+    ):
+        raise ProtocolError(
+            f"tensor {name!r} shape must be a list of at most {MAX_DIMS} sizes in "
+            f"[0, {MAX_TENSOR_BYTES}]"
+        )
+    if type(nbytes) is not int or math.prod(shape) * _ITEMSIZE[dtype] != nbytes:
+        raise ProtocolError(f"tensor {name!r}: nbytes {nbytes!r} does not match {dtype}{shape}")
+    return TensorEntry(name, dtype, tuple(shape), nbytes)
 
 
 class _Validator:
@@ -275,7 +393,7 @@ class _Validator:
 
 def expected_manifest(identity: Identity, tensors: Mapping[str, torch.Tensor]) -> Manifest:
     """What a client expects: names, dtypes, shapes, sizes; no digests."""
-    return Manifest(identity, tuple(_entry(name, t, ()) for name, t in tensors.items()))
+    return Manifest(identity, tuple(_entry(name, t) for name, t in tensors.items()))
 
 
 def build_manifest(
@@ -283,20 +401,44 @@ def build_manifest(
     tensors: Mapping[str, torch.Tensor],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Manifest:
-    """The server's manifest, with a digest for every chunk of every tensor."""
-    entries = []
-    for name, t in tensors.items():
-        flat = tb.flat_bytes(t).cpu()
-        view = tb.byte_view(flat)
-        digests = tuple(
-            digest(view[off : off + chunk_bytes])
-            for off in range(0, max(1, len(view)), chunk_bytes)
-        )
-        entries.append(_entry(name, t, digests))
-    return Manifest(identity, tuple(entries), chunk_bytes)
+    """The server's manifest, with the digest of every chunk. Host memory beyond the
+    tensors' own stays within a chunk (device tensors) or a tensor (non-contiguous ones)."""
+    values = list(tensors.values())
+    plain = Manifest(identity, tuple(_entry(name, t) for name, t in tensors.items()), chunk_bytes)
+    held: dict[int, tuple[torch.Tensor, memoryview]] = {}  # host bytes, while their chunks last
+
+    def piece_bytes(piece: Piece) -> memoryview:
+        tensor = values[piece.tensor]
+        if tensor.device.type != "cpu":
+            flat = tb.flat_bytes(tensor)[piece.offset : piece.offset + piece.length].cpu()
+            return tb.byte_view(flat).toreadonly() if flat.numel() else memoryview(b"")
+        if piece.tensor not in held:
+            flat = tb.flat_bytes(tensor)
+            held[piece.tensor] = (flat, tb.byte_view(flat))
+        return held[piece.tensor][1][piece.offset : piece.offset + piece.length]
+
+    digests = []
+    for chunk in plain.chunks:
+        for index in [i for i in held if i < chunk.pieces[0].tensor]:
+            del held[index]
+        digests.append(chunk_digest(chunk, piece_bytes))
+    return Manifest(identity, plain.tensors, chunk_bytes, tuple(digests))
 
 
-def _entry(name: str, t: torch.Tensor, digests: tuple[str, ...]) -> TensorEntry:
-    return TensorEntry(
-        name, tb.dtype_name(t.dtype), tuple(t.shape), t.numel() * t.element_size(), digests
-    )
+def chunk_digest(chunk: Chunk, piece_bytes: Callable[[Piece], memoryview]) -> str:
+    """The digest of `chunk`: of its pieces' bytes (`piece_bytes`) in order."""
+    return digest_of([piece_bytes(piece) for piece in chunk.pieces])
+
+
+def digest_of(views: Sequence[memoryview]) -> str:
+    """The digest of these buffers' bytes, concatenated (a chunk's pieces)."""
+    if len(views) == 1:
+        return digest(views[0])
+    hasher = new_hasher()
+    for view in views:
+        hasher.update(view)
+    return hasher.hexdigest()
+
+
+def _entry(name: str, t: torch.Tensor) -> TensorEntry:
+    return TensorEntry(name, tb.dtype_name(t.dtype), tuple(t.size()), t.nbytes)

@@ -48,6 +48,10 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}") from None
 
 
+def known_dtypes() -> tuple[str, ...]:
+    return tuple(_DTYPES)
+
+
 def is_known_dtype(name: str) -> bool:
     return name in _DTYPES
 
@@ -65,10 +69,16 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     `tensor` alive for as long as the view is used."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("byte_view needs a contiguous CPU tensor")
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes == 0:
+    return memory_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+def memory_at(address: int, length: int) -> memoryview:
+    """A writable view of `length` bytes of this process's memory at `address` (no copy;
+    the caller keeps that memory alive and mapped while the view is used)."""
+    if not length:
         return memoryview(bytearray())
-    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+    view: memoryview = _memory_view(address, length, _PYBUF_WRITE)
+    return view
 
 
 def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -84,18 +94,21 @@ _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
 def prefault(tensor: torch.Tensor) -> None:
-    """Map every page of a CPU tensor's memory, writable, in one call, unless it already is.
+    """`prefault_range` over a CPU tensor's memory (a no-op for other devices)."""
+    if tensor.device.type == "cpu":
+        prefault_range(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+def prefault_range(start: int, size: int) -> None:
+    """Map every page of [start, start + size), writable, in one call, unless it already is.
 
     A socket receive into never-touched memory takes one page fault per 4 KiB inside the
     kernel's copy; populating the range first is faster (README, "How it works"). On memory
     already mapped the same call is pure cost, so a page in the middle of the range is
     probed first (mincore): mapped means the range was written before (a reload), and it
-    is left alone. Best effort: a no-op where
-    unsupported."""
-    size = tensor.numel() * tensor.element_size()
-    if tensor.device.type != "cpu" or size < 2 * _PAGE or _libc is None:
+    is left alone. Best effort: a no-op where unsupported."""
+    if size < 2 * _PAGE or _libc is None:
         return
-    start = tensor.data_ptr()
     middle = (start + size // 2) & ~(_PAGE - 1)
     resident = ctypes.c_ubyte(0)
     probe = _libc.mincore(ctypes.c_void_p(middle), ctypes.c_size_t(_PAGE), ctypes.byref(resident))
@@ -109,16 +122,20 @@ def prefault(tensor: torch.Tensor) -> None:
     )
 
 
-def advise_huge_pages(tensor: torch.Tensor) -> None:
-    """Ask Linux to back the (not yet touched) memory of a large CPU tensor with 2 MiB pages.
+def address_of(buffer: bytearray) -> int:
+    """The address of a bytearray's memory (valid while it is neither resized nor freed)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if buffer else 0
+
+
+def advise_huge_pages_at(start: int, size: int) -> None:
+    """Ask Linux to back [start, start + size) of (not yet touched) host memory with 2 MiB
+    pages.
 
     Receiving into freshly allocated memory is bound by page faults, not by the network:
     one fault per 4 KiB page. With transparent huge pages in `madvise` mode (a common
     default) this cuts the faults 512-fold. Best effort: a no-op where unsupported."""
-    size = tensor.numel() * tensor.element_size()
-    if tensor.device.type != "cpu" or size < 2 * _HUGE_PAGE or _libc is None:
+    if size < 2 * _HUGE_PAGE or _libc is None:
         return
-    start = tensor.data_ptr()
     aligned = (start + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
     length = (start + size - aligned) & ~(_HUGE_PAGE - 1)
     if length > 0:
@@ -133,3 +150,7 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _libc = _load_libc()
+_PYBUF_WRITE = 0x200
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_memory_view.restype = ctypes.py_object

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,15 @@ from hypothesis import strategies as st
 
 from netloader import ProtocolError
 from netloader import protocol as p
-from netloader.manifest import Identity, Manifest, build_manifest, expected_manifest
+from netloader.manifest import (
+    MAX_PIECES,
+    Identity,
+    Manifest,
+    TensorEntry,
+    build_manifest,
+    expected_manifest,
+    plan_chunks,
+)
 
 MANIFEST = build_manifest(
     Identity("m", 2, 1, 1, 0, {"dtype": "bf16"}),
@@ -27,14 +36,63 @@ MANIFEST = build_manifest(
 def test_manifest_json_round_trip() -> None:
     decoded = Manifest.from_json(json.loads(json.dumps(MANIFEST.to_json())))
     assert decoded == MANIFEST
-    assert [(c.tensor, c.number, c.offset, c.length) for c in decoded.chunks()] == [
-        (0, 0, 0, 16),
-        (0, 1, 16, 16),
-        (0, 2, 32, 8),
-        (1, 0, 0, 16),
-        (1, 1, 16, 8),
-        (2, 0, 0, 0),
+    assert [[tuple(piece) for piece in c.pieces] for c in decoded.chunks] == [
+        [(0, 0, 16)],  # 'a' (40 bytes) is larger than a chunk: chunks of whole rows
+        [(0, 16, 16)],
+        [(0, 32, 8)],
+        [(1, 0, 16)],  # 'b': rows of 8 bytes, two to a chunk
+        [(1, 16, 8)],
+        [(2, 0, 0)],  # the empty tensor is a zero-length piece
     ]
+    assert len(decoded.digests) == 6
+
+
+def entries(*sizes: int | tuple[int, int]) -> list[TensorEntry]:
+    """uint8 tensors: n bytes in one dimension, or (rows, row bytes)."""
+    out = []
+    for i, size in enumerate(sizes):
+        shape = size if isinstance(size, tuple) else (size,)
+        out.append(TensorEntry(f"t{i}", "uint8", shape, math.prod(shape)))
+    return out
+
+
+def test_small_tensors_share_chunks_and_large_ones_split_on_rows() -> None:
+    plan = plan_chunks(entries(3, 0, 4, 10, (5, 6), 1, (1, 40)), chunk_bytes=16)
+    assert [[tuple(p) for p in c.pieces] for c in plan] == [
+        [(0, 0, 3), (1, 0, 0), (2, 0, 4)],  # coalesced, the empty tensor included
+        [(3, 0, 10)],  # would not fit beside them: a chunk of its own, with room left
+        [(4, 0, 12)],  # 5 rows of 6 bytes: two rows to a chunk, never half a row
+        [(4, 12, 12)],
+        [
+            (4, 24, 6),
+        ],
+        [(5, 0, 1)],
+        [(6, 0, 16)],  # one row longer than a chunk: cut inside the row
+        [(6, 16, 16)],
+        [(6, 32, 8)],
+    ]
+    assert [c.length for c in plan] == [7, 10, 12, 12, 6, 1, 16, 16, 8]
+    assert [c.number for c in plan] == list(range(9))
+
+
+def test_a_chunk_holds_at_most_max_pieces_tensors() -> None:
+    plan = plan_chunks(entries(*[1] * (MAX_PIECES + 5)), chunk_bytes=1 << 20)
+    assert [len(c.pieces) for c in plan] == [MAX_PIECES, 5]
+
+
+def test_the_plan_depends_on_shapes_only_so_unchanged_chunks_keep_their_digests() -> None:
+    before = {f"t{i}": torch.full((100,), i, dtype=torch.uint8) for i in range(40)}
+    after = dict(before, t7=before["t7"].clone().fill_(99))
+    old, new = build_manifest(Identity("m"), before, 256), build_manifest(Identity("m"), after, 256)
+    assert old.chunks == new.chunks
+    changed = [n for n, (a, b) in enumerate(zip(old.digests, new.digests, strict=True)) if a != b]
+    assert changed == [old.chunks_of(7)[0]]
+    assert "t7" in old.tensor_names(changed)
+
+
+def test_a_tiny_chunk_size_cannot_make_a_manifest_plan_without_bound() -> None:
+    with pytest.raises(ProtocolError, match="more than 1000 chunks"):
+        plan_chunks(entries(1 << 40), chunk_bytes=1, limit=1000)
 
 
 def test_only_the_attributes_a_client_states_are_constraints() -> None:
@@ -66,13 +124,16 @@ def test_manifest_report_is_precise() -> None:
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda m: m.update(protocol=2),
+        lambda m: m.update(protocol=1),
         lambda m: m.update(digest="md5"),
         lambda m: m.update(chunk_bytes=0),
         lambda m: m["tensors"][0].__setitem__(1, "complex128"),
         lambda m: m["tensors"][0].__setitem__(3, 41),  # nbytes does not match dtype x shape
-        lambda m: m["tensors"][0].__setitem__(4, ["00"] * 3),  # malformed digests
-        lambda m: m["tensors"][0].__setitem__(4, ["0" * 32]),  # wrong digest count
+        lambda m: m.update(digests="0" * 31),  # malformed digests
+        lambda m: m.update(digests="A" * 32 * 6),
+        lambda m: m.update(digests="0" * 32 * 5),  # wrong digest count
+        lambda m: m.update(digests=["0" * 32] * 6),
+        lambda m: m["tensors"][0].append([]),  # a row of five
         lambda m: m["tensors"][1].__setitem__(0, "a"),  # duplicate name
         lambda m: m["tensors"][0].__setitem__(2, [-10]),
         lambda m: m["identity"].update(tp_size=0),
@@ -96,9 +157,9 @@ def test_frame_bounds() -> None:
 
 
 def test_fetch_validated_against_manifest() -> None:
-    ok = p.Fetch.decode({"transport": "tcp", "chunks": [[0, 2], [2, 0]]}).validate(MANIFEST)
-    assert ok.chunks == ((0, 2), (2, 0))
-    for chunks in ([[0, 3]], [[3, 0]], [[0, 0], [0, 0]], [[0, True]], [["0", 0]], [[0]]):
+    ok = p.Fetch.decode({"transport": "tcp", "chunks": [5, 0, 2]}).validate(MANIFEST)
+    assert ok.chunks == (5, 0, 2)
+    for chunks in ([6], [-1], [0, 0], [True], ["0"], [[0]], 3):
         with pytest.raises(ProtocolError):
             p.Fetch.decode({"transport": "tcp", "chunks": chunks}).validate(MANIFEST)
 
@@ -153,7 +214,7 @@ def test_typed_messages_on_any_json(value: object) -> None:
 def test_manifest_decoder_on_mutated_manifests(data: st.DataObject) -> None:
     obj = json.loads(json.dumps(MANIFEST.to_json()))
     row = data.draw(st.integers(0, 2))
-    col = data.draw(st.integers(0, 4))
+    col = data.draw(st.integers(0, 3))
     obj["tensors"][row][col] = data.draw(json_values)
     with contextlib.suppress(ProtocolError):
         Manifest.from_json(obj)

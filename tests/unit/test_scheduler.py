@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from netloader.client import Scheduler
 from netloader.endpoint import Endpoint
-from netloader.manifest import Chunk
+from netloader.manifest import Chunk, Piece
 
 A, B, C = Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 1), Endpoint("10.0.0.3", 1)
 MIB = 1 << 20
 
 
 def chunks(count: int, size: int = MIB) -> list[Chunk]:
-    return [Chunk(i, 0, 0, size) for i in range(count)]
+    return [Chunk(i, (Piece(i, 0, size),), size) for i in range(count)]
 
 
 def test_a_lone_source_takes_everything_in_one_batch() -> None:

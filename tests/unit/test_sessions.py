@@ -8,7 +8,7 @@ import torch
 
 from netloader import AuthenticationError, ProtocolError, VersionMismatch
 from netloader import protocol as p
-from netloader.manifest import Identity, build_manifest
+from netloader.manifest import MAX_PIECES, Identity, Manifest, TensorEntry, build_manifest
 
 MANIFEST = build_manifest(Identity("m"), {"a": torch.arange(10.0)}, chunk_bytes=16)
 SECRET = b"a shared secret of decent length"
@@ -43,11 +43,11 @@ def test_a_whole_conversation(secret: bytes | None) -> None:
     assert isinstance(pipe(client, server, client.send(p.GetManifest())), p.GetManifest)
     got = pipe(server, client, server.send(p.ManifestMessage(MANIFEST)))
     assert isinstance(got, p.ManifestMessage) and got.manifest == MANIFEST
-    fetch = pipe(client, server, client.send(p.Fetch("tcp", ((0, 0), (0, 1)))))
-    assert isinstance(fetch, p.Fetch) and fetch.validate(MANIFEST).chunks == ((0, 0), (0, 1))
+    fetch = pipe(client, server, client.send(p.Fetch("tcp", (0, 1))))
+    assert isinstance(fetch, p.Fetch) and fetch.validate(MANIFEST).chunks == (0, 1)
     assert client.phase is p.Phase.TRANSFER
-    data = pipe(server, client, server.send(p.Data(0, 1, b"x" * 16)))
-    assert data == p.Data(0, 1, b"x" * 16)
+    data = pipe(server, client, server.send(p.Data(1, b"x" * 16)))
+    assert data == p.Data(1, b"x" * 16)
     assert isinstance(pipe(server, client, server.send(p.End())), p.End)
     assert client.phase is server.phase is p.Phase.READY
     assert isinstance(pipe(client, server, client.send(p.Bye())), p.Bye)
@@ -56,11 +56,11 @@ def test_a_whole_conversation(secret: bytes | None) -> None:
 
 def test_out_of_band_transfer_ends_with_done() -> None:
     client, server = handshake(None, None)
-    pipe(client, server, client.send(p.Fetch("gloo", ((0, 0),))))
+    pipe(client, server, client.send(p.Fetch("gloo", (0,))))
     setup = pipe(server, client, server.send(p.ProcessGroupSetup(29500, "gloo")))
     assert setup == p.ProcessGroupSetup(29500, "gloo")
     with pytest.raises(ProtocolError, match="sent DATA in phase out_of_band"):
-        pipe(server, client, server.send(p.Data(0, 0, b"")))
+        pipe(server, client, server.send(p.Data(0, b"")))
 
 
 def test_partial_bytes_wait_for_the_rest() -> None:
@@ -125,7 +125,7 @@ def test_version_mismatch_is_refused_by_the_server() -> None:
     "frame",
     [
         p.GetManifest().encode(),  # before HELLO
-        p.Fetch("tcp", ((0, 0),)).encode(),
+        p.Fetch("tcp", (0,)).encode(),
         p.Bye().encode(),
     ],
 )
@@ -163,7 +163,7 @@ def test_a_side_cannot_send_out_of_turn() -> None:
 def test_a_server_that_answers_out_of_turn_is_refused() -> None:
     client, _server = handshake(None, None)
     client.send(p.GetManifest())
-    client.receive_data(p.Data(0, 0, b"").encode())
+    client.receive_data(p.Data(0, b"").encode())
     with pytest.raises(ProtocolError, match="sent DATA in phase manifest, expected MANIFEST"):
         client.next_event()
 
@@ -246,14 +246,14 @@ OFFER = p.SameHostOffer("boot", "127.0.0.1:5000", "netloader-" + "ab" * 16, b"t"
 @pytest.mark.parametrize("secret", [None, SECRET])
 def test_same_host_accepted_ends_with_done(secret: bytes | None) -> None:
     client, server = handshake(secret, secret)
-    pipe(client, server, client.send(p.Fetch("same-host", ((0, 0), (0, 1)))))
+    pipe(client, server, client.send(p.Fetch("same-host", (0, 1))))
     assert pipe(server, client, server.send(OFFER)) == OFFER
     assert isinstance(pipe(client, server, client.send(p.SameHostAccept())), p.SameHostAccept)
-    named = pipe(server, client, server.send(p.ChunkAddress(0, 0, 1 << 47)))
-    assert named == p.ChunkAddress(0, 0, 1 << 47)
+    named = pipe(server, client, server.send(p.ChunkAddress(0, (1 << 47,))))
+    assert named == p.ChunkAddress(0, (1 << 47,))
     with pytest.raises(ProtocolError, match="sent DATA in phase remote_read"):
-        server.send(p.Data(0, 1, b"x" * 16))  # no bytes on the connection once accepted
-    pipe(server, client, server.send(p.ChunkAddress(0, 1, 8192)))
+        server.send(p.Data(1, b"x" * 16))  # no bytes on the connection once accepted
+    pipe(server, client, server.send(p.ChunkAddress(1, (8192,))))
     pipe(server, client, server.send(p.End()))
     assert client.phase is p.Phase.OUT_OF_BAND  # the server waits for the reads
     pipe(client, server, client.send(p.Done()))
@@ -262,13 +262,13 @@ def test_same_host_accepted_ends_with_done(secret: bytes | None) -> None:
 
 def test_same_host_declined_falls_back_to_data_frames() -> None:
     client, server = handshake(None, None)
-    pipe(client, server, client.send(p.Fetch("same-host", ((0, 0),))))
+    pipe(client, server, client.send(p.Fetch("same-host", (0,))))
     pipe(server, client, server.send(OFFER))
     with pytest.raises(ProtocolError, match="sent DATA in phase same_host_offered"):
-        server.send(p.Data(0, 0, b"x" * 16))  # not before the client answered
+        server.send(p.Data(0, b"x" * 16))  # not before the client answered
     declined = pipe(client, server, client.send(p.SameHostDecline("another host")))
     assert declined == p.SameHostDecline("another host")
-    assert pipe(server, client, server.send(p.Data(0, 0, b"x" * 16))) == p.Data(0, 0, b"x" * 16)
+    assert pipe(server, client, server.send(p.Data(0, b"x" * 16))) == p.Data(0, b"x" * 16)
     pipe(server, client, server.send(p.End()))
     assert client.phase is server.phase is p.Phase.READY
 
@@ -292,5 +292,33 @@ def test_a_malformed_same_host_offer_is_refused(field: str, value: object, error
 
 
 def test_a_chunk_address_must_be_a_64_bit_address() -> None:
-    with pytest.raises(ProtocolError, match="not a 64-bit address"):
-        p.ChunkAddress.decode({"tensor": 0, "chunk": 0, "address": 1 << 64})
+    with pytest.raises(ProtocolError, match="each at a 64-bit address"):
+        p.ChunkAddress.decode({"chunk": 0, "addresses": [8192, 1 << 64]})
+    with pytest.raises(ProtocolError, match="at most 1024"):
+        p.ChunkAddress.decode({"chunk": 0, "addresses": [8192] * 1025})
+
+
+def test_a_100k_tensor_manifest_is_sent_parsed_and_adopted_within_the_bounds() -> None:
+    """A mixture-of-experts checkpoint with its scales: 100,000 tiny tensors. The manifest
+    stays far below the MANIFEST bound, and the client's structure bound (set from the
+    tensors it expects) admits it."""
+    entries = tuple(
+        TensorEntry(
+            f"model.layers.{i // 1000}.mlp.experts.{i % 1000}.weight_scale", "float32", (4,), 16
+        )
+        for i in range(100_000)
+    )
+    chunks = Manifest(Identity("m"), entries).chunk_total
+    assert chunks == 100_000 // MAX_PIECES + 1  # coalesced: the piece cap, not the bytes
+    manifest = Manifest(Identity("m"), entries, digests=tuple(f"{n:032x}" for n in range(chunks)))
+    client, server = handshake(SECRET, SECRET)
+    client.expect_manifest(len(entries))
+    pipe(client, server, client.send(p.GetManifest()))
+    frame = server.send(p.ManifestMessage(manifest))
+    assert len(frame) < p.MAX_BODY[p.MsgType.MANIFEST] // 16
+    got = pipe(server, client, frame)
+    assert isinstance(got, p.ManifestMessage) and got.manifest == manifest
+    assert Manifest(Identity("m"), entries).differences(got.manifest) == []
+    server.expect_fetches(chunks)
+    fetch = pipe(client, server, client.send(p.Fetch("tcp", tuple(range(chunks)))))
+    assert isinstance(fetch, p.Fetch) and fetch.validate(manifest).chunks == tuple(range(chunks))

@@ -10,57 +10,110 @@ from netloader import IntegrityError
 from netloader.client import VerifyingSink
 from netloader.client import sink as sink_module
 from netloader.errors import TransferTimeout
-from netloader.manifest import Chunk, Identity, build_manifest
+from netloader.manifest import Chunk, Identity, Manifest, build_manifest
 from netloader.tensors import byte_view
 
-SOURCE = {"w": torch.arange(40, dtype=torch.float32), "t": torch.randn(8, 6).t()}
+SOURCE = {
+    "w": torch.arange(40, dtype=torch.float32),  # 160 bytes: chunks of 16 rows
+    "s1": torch.randn(3),  # small ones, coalesced into one chunk
+    "s2": torch.tensor([7], dtype=torch.uint8),
+    "e": torch.empty(0),
+    "s3": torch.randn(2, dtype=torch.float16),
+    "t": torch.randn(8, 6).t(),  # not contiguous: staged, copied in once complete
+}
 MANIFEST = build_manifest(Identity("m"), SOURCE, chunk_bytes=64)
 
 
+def chunk_bytes(source: dict[str, torch.Tensor], manifest: Manifest, chunk: Chunk) -> bytes:
+    out = b""
+    for piece in chunk.pieces:
+        tensor = source[manifest.tensors[piece.tensor].name].contiguous()
+        flat = bytes(byte_view(tensor.reshape(-1).view(torch.uint8))) if tensor.numel() else b""
+        out += flat[piece.offset : piece.offset + piece.length]
+    return out
+
+
+def land(sink: VerifyingSink, chunk: Chunk, data: bytes) -> None:
+    position = 0
+    for view in sink.landing(chunk).views:
+        view[:] = data[position : position + len(view)]
+        position += len(view)
+
+
 def deliver(sink: VerifyingSink, chunk: Chunk, data: bytes) -> None:
-    byte_view(sink.destination(chunk))[:] = data
+    land(sink, chunk, data)
     sink.received(chunk, source="peer:1")
 
 
 def source_bytes(chunk: Chunk) -> bytes:
-    tensor = SOURCE[MANIFEST.tensors[chunk.tensor].name].contiguous()
-    return bytes(byte_view(tensor.reshape(-1).view(torch.uint8)))[
-        chunk.offset : chunk.offset + chunk.length
-    ]
+    return chunk_bytes(SOURCE, MANIFEST, chunk)
+
+
+def zeros() -> dict[str, torch.Tensor]:
+    return {n: torch.zeros(t.shape, dtype=t.dtype) for n, t in SOURCE.items()}
+
+
+def test_the_manifest_coalesces_the_small_tensors() -> None:
+    assert [len(c.pieces) for c in MANIFEST.chunks] == [1, 1, 1, 4, 1, 1, 1]
 
 
 def test_chunks_land_in_place_and_staged_tensors_are_copied_when_complete() -> None:
-    dest = {"w": torch.zeros(40), "t": torch.zeros(8, 6).t()}  # "t" is not contiguous: staged
+    dest = zeros()
+    dest["t"] = torch.zeros(8, 6).t()  # not contiguous: staged
     arrived: list[Chunk] = []
     progress: list[int] = []
     sink = VerifyingSink(MANIFEST, dest, progress=progress.append, verified=arrived.append)
-    for chunk in MANIFEST.chunks():
+    for chunk in reversed(MANIFEST.chunks):  # any order
         deliver(sink, chunk, source_bytes(chunk))
-    assert torch.equal(dest["w"], SOURCE["w"]) and torch.equal(dest["t"], SOURCE["t"])
-    assert sorted(sink.completed()) == ["t", "w"]
+    assert all(torch.equal(dest[n], t) for n, t in SOURCE.items())
+    assert sorted(sink.completed()) == sorted(SOURCE)
     assert sum(progress) == sink.bytes == MANIFEST.total_bytes
-    assert len(arrived) == sum(1 for _ in MANIFEST.chunks())
+    assert sorted(c.number for c in arrived) == list(range(MANIFEST.chunk_total))
 
 
-def test_a_corrupt_chunk_is_rejected_and_names_its_source() -> None:
-    dest = {"w": torch.zeros(40), "t": torch.zeros(6, 8)}
-    sink = VerifyingSink(MANIFEST, dest)
-    chunk = MANIFEST.chunk(0, 1)
+def test_pieces_of_tensors_not_asked_for_are_verified_but_kept_nowhere() -> None:
+    dest = {n: t for n, t in zeros().items() if n in ("w", "s1", "s3")}
+    arrived: list[Chunk] = []
+    sink = VerifyingSink(MANIFEST, dest, verified=arrived.append)
+    assert [c.number for c in sink.wanted] == [0, 1, 2, 3]  # not the chunks of 't'
+    for chunk in sink.wanted:
+        deliver(sink, chunk, source_bytes(chunk))
+    assert all(torch.equal(dest[n], SOURCE[n]) for n in dest)
+    assert sorted(sink.completed()) == ["s1", "s3", "w"]
+    assert [c.number for c in arrived] == [0, 1, 2]  # a relay cannot serve what it lacks
+
+
+def test_a_corrupt_chunk_is_rejected_and_names_its_source_and_tensors() -> None:
+    sink = VerifyingSink(MANIFEST, zeros())
+    chunk = MANIFEST.chunks[3]
     bad = bytearray(source_bytes(chunk))
-    bad[0] ^= 1
-    with pytest.raises(IntegrityError, match="'w' chunk 1 from peer:1: digest mismatch") as info:
+    bad[13] ^= 1  # in 's2', the second tensor of the coalesced chunk
+    with pytest.raises(
+        IntegrityError,
+        match=r"chunk 3 \(tensors 's1' ... 's3' \(4\)\) from peer:1: digest mismatch",
+    ) as info:
         deliver(sink, chunk, bytes(bad))
     assert info.value.source == "peer:1"
     assert not sink.is_done(chunk) and sink.completed() == []
+    deliver(sink, chunk, source_bytes(chunk))  # fetched again, from a good source
+    assert sorted(sink.completed()) == ["e", "s1", "s2", "s3"]
 
 
 def test_a_digest_computed_on_the_way_is_trusted_only_if_it_matches() -> None:
-    sink = VerifyingSink(MANIFEST, {"w": torch.zeros(40), "t": torch.zeros(6, 8)})
-    chunk = MANIFEST.chunk(0, 0)
+    sink = VerifyingSink(MANIFEST, zeros())
+    chunk = MANIFEST.chunks[0]
     with pytest.raises(IntegrityError):
         sink.received(chunk, "0" * 32)
-    sink.received(chunk, MANIFEST.tensors[0].digests[0])
+    sink.received(chunk, MANIFEST.digests[0])
     assert sink.is_done(chunk)
+
+
+def test_landing_addresses_are_the_views_memory() -> None:
+    dest = zeros()
+    sink = VerifyingSink(MANIFEST, dest)
+    landing = sink.landing(MANIFEST.chunks[3])
+    assert landing.addresses == [dest[n].data_ptr() for n in ("s1", "s2", "e", "s3")]
+    assert [len(v) for v in landing.views] == [12, 1, 0, 4]
 
 
 # The device ring, exercised with host tensors routed through it (no GPU here): the logic
@@ -70,8 +123,7 @@ BIG_MANIFEST = build_manifest(Identity("m"), BIG, chunk_bytes=256)
 
 
 def big_bytes(chunk: Chunk) -> bytes:
-    tensor = BIG[BIG_MANIFEST.tensors[chunk.tensor].name]
-    return bytes(byte_view(tensor.view(torch.uint8)))[chunk.offset : chunk.offset + chunk.length]
+    return chunk_bytes(BIG, BIG_MANIFEST, chunk)
 
 
 def ringed_sink() -> tuple[VerifyingSink, dict[str, torch.Tensor]]:
@@ -81,13 +133,13 @@ def ringed_sink() -> tuple[VerifyingSink, dict[str, torch.Tensor]]:
 
 def test_ringed_chunks_reach_the_tensor_through_a_few_slots() -> None:
     sink, dest = ringed_sink()
-    assert sink.ring is not None and not sink.views  # no whole-tensor staging
-    chunks = list(BIG_MANIFEST.chunks())
+    assert sink.ring is not None and not sink.staged  # no whole-tensor staging
+    chunks = list(BIG_MANIFEST.chunks)
     assert len(chunks) > 2 * sink_module.RING_SLOTS
     slots = set()
     for chunk in reversed(chunks):  # any order
-        slots.add(sink.destination(chunk).data_ptr())
-        byte_view(sink.destination(chunk))[:] = big_bytes(chunk)  # same slot when asked again
+        slots.add(sink.landing(chunk).addresses[0])
+        land(sink, chunk, big_bytes(chunk))  # the same slot when asked again
         sink.received(chunk, source="peer:1")
     sink.settle()
     assert len(slots) <= sink_module.RING_SLOTS  # host memory bounded by the ring
@@ -97,14 +149,14 @@ def test_ringed_chunks_reach_the_tensor_through_a_few_slots() -> None:
 
 def test_a_corrupt_ringed_chunk_never_reaches_the_tensor() -> None:
     sink, dest = ringed_sink()
-    chunk = next(iter(BIG_MANIFEST.chunks()))
+    chunk = BIG_MANIFEST.chunks[0]
     bad = bytearray(big_bytes(chunk))
     bad[7] ^= 0xFF
-    byte_view(sink.destination(chunk))[:] = bytes(bad)
+    land(sink, chunk, bytes(bad))
     with pytest.raises(IntegrityError, match="digest mismatch"):
         sink.received(chunk, source="peer:1")
     assert not dest["a"].any()  # checked before the copy: nothing was written
-    for chunk in BIG_MANIFEST.chunks():  # its slot went back: every chunk still fits
+    for chunk in BIG_MANIFEST.chunks:  # its slot went back: every chunk still fits
         deliver(sink, chunk, big_bytes(chunk))
     assert all(torch.equal(dest[n], t) for n, t in BIG.items())
 
@@ -112,8 +164,8 @@ def test_a_corrupt_ringed_chunk_never_reaches_the_tensor() -> None:
 def test_a_full_ring_is_a_timeout_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sink_module, "RING_WAIT", 0.05)
     sink, _ = ringed_sink()
-    chunks = iter(BIG_MANIFEST.chunks())
+    chunks = iter(BIG_MANIFEST.chunks)
     for _ in range(sink_module.RING_SLOTS):  # in flight, never finished
-        sink.destination(next(chunks))
+        sink.landing(next(chunks))
     with pytest.raises(TransferTimeout, match="no host buffer freed"):
-        sink.destination(next(chunks))
+        sink.landing(next(chunks))

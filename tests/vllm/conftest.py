@@ -64,6 +64,14 @@ def tiny_model(vllm_python: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def moe_model(vllm_python: str) -> Path:
+    """runs/models/tiny-moe: a trained two-layer Qwen3-MoE, 16 experts per layer, top-2,
+    the tiny model's tokenizer, bfloat16 checkpoint (built once, cached)."""
+    script = str(REPO / "scripts" / "make_tiny_moe.py")
+    return Path(_run([vllm_python, script, str(MODELS)], "make_tiny_moe", 900))
+
+
+@pytest.fixture(scope="session")
 def draft_model(vllm_python: str) -> Path:
     """runs/models/draft: a one-layer draft for the tiny model, same tokenizer (cached)."""
     script = str(REPO / "scripts" / "make_tiny_llama.py")

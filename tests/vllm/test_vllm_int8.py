@@ -111,9 +111,8 @@ def test_every_int8_cache_setting_loads_and_serves_the_seeds_bytes(
         # It serves what the seed serves, byte for byte: the same digests, and a pull
         # verified against them.
         manifest, _ = pull_parameters(serve_line(instance).group(4), "tiny-w8a8")
-        assert [t.digests for t in manifest.tensors] == [
-            t.digests for t in seed_manifest.tensors
-        ], label
+        assert manifest.tensors == seed_manifest.tensors, label
+        assert manifest.digests == seed_manifest.digests, label
     # A client of the instance that kept the fewest copies answers identically.
     source = start.source("w8a8_dram_named")
     client_dir = make_weightless_dir(w8a8_model, tmp_path / "w8a8")

@@ -125,12 +125,13 @@ def _describe(manifest: Manifest) -> str:
         f"pp {ident.pp_rank}/{ident.pp_size}"
         + "".join(f"  {k}={v}" for k, v in sorted(ident.attributes.items())),
         f"{len(manifest.tensors)} tensors, {manifest.total_bytes} bytes, "
-        f"chunks of {manifest.chunk_bytes} bytes",
+        f"{manifest.chunk_total} chunks of up to {manifest.chunk_bytes} bytes",
     ]
     width = max((len(t.name) for t in manifest.tensors), default=0)
-    for t in manifest.tensors:
+    for i, t in enumerate(manifest.tensors):
+        chunks = manifest.chunks_of(i)
+        where = f"chunk {chunks[0]}" if len(chunks) == 1 else f"chunks {chunks[0]}-{chunks[-1]}"
         lines.append(
-            f"{t.name:<{width}}  {t.dtype:<14} {list(t.shape)!s:<20} {t.nbytes:>14}  "
-            f"{t.digests[0] if t.digests else ''}"
+            f"{t.name:<{width}}  {t.dtype:<14} {list(t.shape)!s:<20} {t.nbytes:>14}  {where}"
         )
     return "\n".join(lines)

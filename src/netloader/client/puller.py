@@ -229,7 +229,7 @@ class Client:
                 while batch := pull.take(source):
                     started = time.perf_counter()
                     transport = self.transport.for_connection(conn)
-                    conn.send(p.Fetch(transport.name, tuple((c.tensor, c.number) for c in batch)))
+                    conn.send(p.Fetch(transport.name, tuple(c.number for c in batch)))
                     transport.receive_chunks(conn, batch, sink, self.timeouts)
                     pull.transports.add(transport.for_connection(conn).name)
                     pull.done(source, batch, time.perf_counter() - started)
@@ -313,7 +313,7 @@ class Client:
             conn.session.expect_manifest(tensors)
         conn.send(p.GetManifest(part))
         manifest = conn.expect(p.ManifestMessage).manifest
-        if any(not t.digests for t in manifest.tensors):
+        if len(manifest.digests) != manifest.chunk_total:
             raise ProtocolError(f"{conn.peer} sent a manifest without digests")
         return manifest
 

@@ -82,7 +82,7 @@ class SharedPull:
                     huge_pages=self.huge_pages,
                     verified=None if self.observer is None else self.observer.arrived,
                 )
-                self.plan.load(c for c in offered.chunks() if c.tensor in self.sink.dest)
+                self.plan.load(self.sink.wanted)
                 if self.observer is not None:
                     self.observer.begin(offered, self.dest)
             assert self.sink is not None
@@ -139,9 +139,10 @@ def _digest_differences(reference: Manifest, offered: Manifest) -> list[str]:
     """A later source must hold the very same bytes as the first, or the model would mix."""
     if reference.chunk_bytes != offered.chunk_bytes:
         return [f"chunk size {offered.chunk_bytes} differs from the first source's"]
-    theirs = {t.name: t.digests for t in offered.tensors}
-    return [
-        f"tensor {t.name!r} content differs from the first source's"
-        for t in reference.tensors
-        if theirs.get(t.name) != t.digests
+    if reference.tensors != offered.tensors:
+        return ["tensors are listed in another order than the first source's"]
+    differing = [
+        n for n, (a, b) in enumerate(zip(reference.digests, offered.digests, strict=True)) if a != b
     ]
+    names = reference.tensor_names(differing)
+    return [f"tensor {name!r} content differs from the first source's" for name in names]

@@ -11,16 +11,27 @@ import torch
 
 from netloader import metrics
 from netloader.errors import IntegrityError, TransferTimeout
-from netloader.manifest import Chunk, Manifest, digest
-from netloader.tensors import advise_huge_pages, byte_view, flat_bytes, prefault
+from netloader.manifest import Chunk, Manifest, digest_of
+from netloader.tensors import (
+    address_of,
+    advise_huge_pages_at,
+    byte_view,
+    flat_bytes,
+    memory_at,
+    prefault_range,
+)
+from netloader.transports.base import Landing
 
 RING_SLOTS = 8  # chunks for device tensors in host memory at once (>= any transport's window)
 RING_WAIT = 60.0  # seconds a chunk may wait for a free slot before the pull gives up
+# Pieces are prefaulted when they average at least this: smaller tensors share pages the
+# allocator has already touched, and a call per piece would cost more than it saves.
+PREFAULT_PIECES = 256 << 10
 
 
 def on_device(tensor: torch.Tensor) -> bool:
     """Destinations that go through the ring: contiguous tensors in device memory."""
-    return tensor.device.type != "cpu" and tensor.is_contiguous()
+    return not tensor.is_cpu and tensor.is_contiguous()
 
 
 class Slot:
@@ -28,6 +39,8 @@ class Slot:
 
     def __init__(self, nbytes: int, pinned: bool) -> None:
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self.view = byte_view(self.buffer)
+        self.address = self.buffer.data_ptr()
         self.copy_done: Any = None  # a device event, while a copy out of it may run
 
     def wait_copied(self) -> None:
@@ -70,18 +83,19 @@ class DeviceRing:
 
 class VerifyingSink:
     """Chunks land in the caller's tensor memory when it is contiguous host memory; in a
-    slot of a small host ring, copied to the device chunk by chunk, when it is contiguous
+    slot of a small host ring, copied to the device piece by piece, when it is contiguous
     device memory (`ringed`); else in a staging buffer copied in once the tensor is
-    complete. A chunk counts only once its digest matches the manifest's, checked before
-    any copy. Safe to use from several receiving threads at once: each chunk has one
-    writer. Call `settle` before using device destinations.
+    complete. Pieces of tensors the caller did not ask for (a chunk is verified whole)
+    land in a scratch buffer. A chunk counts only once its digest matches the manifest's,
+    checked before any copy. Safe to use from several receiving threads at once: each
+    chunk has one writer. Call `settle` before using device destinations.
 
     manifest:   the adopted manifest (with digests).
     dest:       name -> destination tensor, for the tensors of the manifest to receive.
     progress:   called with each verified chunk's byte count.
     huge_pages: ask Linux for 2 MiB pages on the destination memory.
     verified:   called with each chunk once it is verified *and in place* (a relay serves
-                it from then on).
+                it from then on); only for chunks whose every tensor is in `dest`.
     ringed:     which destinations go through the ring (default: contiguous device
                 tensors).
     """
@@ -100,57 +114,87 @@ class VerifyingSink:
         # By manifest index, for the tensors `dest` names (all, unless a subset is pulled).
         self.dest = {i: dest[t.name] for i, t in enumerate(manifest.tensors) if t.name in dest}
         self.ringed = {i for i, t in self.dest.items() if ringed(t)}
+        # Host memory each tensor's pieces land in: the tensor's own, or a staging buffer
+        # (copied in once the tensor is complete) where it is not contiguous host memory.
         self.staged = {
-            i: i not in self.ringed and (t.device.type != "cpu" or not t.is_contiguous())
+            i: torch.empty(t.nbytes, dtype=torch.uint8)
             for i, t in self.dest.items()
+            if not (t.is_cpu and t.is_contiguous()) and i not in self.ringed
         }
-        # Host memory each chunk lands in: the tensor itself, or its whole staging copy.
-        self.views = {
-            i: torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
-            if self.staged[i]
-            else flat_bytes(t)
+        self.bases = {
+            i: self.staged.get(i, t).data_ptr()
             for i, t in self.dest.items()
             if i not in self.ringed
         }
+        # The chunks to fetch: those holding any wanted tensor.
+        self.wanted = [c for c in manifest.chunks if any(p.tensor in self.dest for p in c.pieces)]
         self.ring: DeviceRing | None = None
-        self._slots: dict[tuple[int, int], Slot] = {}  # ringed chunks between arrival and check
+        self._slots: dict[int, Slot] = {}  # ringed chunks, between arrival and check
+        self._scratch: dict[int, bytearray] = {}  # unwanted pieces, between arrival and check
+        self._landed: dict[int, Landing] = {}  # each chunk's landing, until it is checked
         if self.ringed:
-            largest = max(manifest.tensors[i].nbytes for i in self.ringed)
+            largest = max(c.length for c in self.wanted if self._has_ringed(c))
             pinned = torch.cuda.is_available()
-            self.ring = DeviceRing(RING_SLOTS, min(manifest.chunk_bytes, largest), pinned)
+            self.ring = DeviceRing(RING_SLOTS, largest, pinned)
         if huge_pages:
-            for view in self.views.values():
-                advise_huge_pages(view)
-        self.missing = {i: manifest.chunk_count(i) for i in self.dest}
-        self.done_chunks: set[tuple[int, int]] = set()
+            for i, base in self.bases.items():
+                advise_huge_pages_at(base, manifest.tensors[i].nbytes)
+        self.missing = {i: len(manifest.chunks_of(i)) for i in self.dest}
+        self.done_chunks: set[int] = set()
         self.bytes = 0
         self.progress = progress
         self.verified = verified
         self._lock = threading.Lock()
 
-    def destination(self, chunk: Chunk) -> torch.Tensor:
-        """The host memory `chunk`'s bytes go to (prefaulted, so page faults do not slow
-        the transfer): for a ringed tensor a slot, held until the chunk is checked (a chunk
-        fetched again after a failed source gets the same slot)."""
-        if chunk.tensor in self.ringed:
-            assert self.ring is not None
-            key = (chunk.tensor, chunk.number)
+    def _has_ringed(self, chunk: Chunk) -> bool:
+        return any(p.tensor in self.ringed for p in chunk.pieces)
+
+    def landing(self, chunk: Chunk) -> Landing:
+        """Where `chunk`'s pieces go (host memory, prefaulted so that page faults do not
+        slow the transfer). A ringed or partly unwanted chunk holds its slot or scratch
+        buffer until it is checked; a chunk fetched again after a failed source gets the
+        same one."""
+        slot: Slot | None = None
+        scratch: bytearray | None = None
+        if self.ring is not None and self._has_ringed(chunk):
             with self._lock:
-                slot = self._slots.get(key)
+                slot = self._slots.get(chunk.number)
             if slot is None:
                 slot = self.ring.acquire()
                 with self._lock:
-                    self._slots[key] = slot
-            return slot.buffer[: chunk.length]
-        view = self._view(chunk)
-        prefault(view)
-        return view
-
-    def _view(self, chunk: Chunk) -> torch.Tensor:
-        if chunk.tensor in self.ringed:
+                    self._slots[chunk.number] = slot
+        if any(p.tensor not in self.dest for p in chunk.pieces):
             with self._lock:
-                return self._slots[(chunk.tensor, chunk.number)].buffer[: chunk.length]
-        return self.views[chunk.tensor][chunk.offset : chunk.offset + chunk.length]
+                scratch = self._scratch.setdefault(chunk.number, bytearray(chunk.length))
+        landing = self._landing(chunk, slot, scratch)
+        with self._lock:
+            self._landed[chunk.number] = landing
+        if len(chunk.pieces) == 1 or chunk.length >= PREFAULT_PIECES * len(chunk.pieces):
+            for piece, address in zip(chunk.pieces, landing.addresses, strict=True):
+                if piece.tensor in self.bases:
+                    prefault_range(address, piece.length)
+        return landing
+
+    def _landing(self, chunk: Chunk, slot: Slot | None, scratch: bytearray | None) -> Landing:
+        views: list[memoryview] = []
+        addresses: list[int] = []
+        position = 0  # within the chunk (where a piece sits in a slot or the scratch)
+        for piece in chunk.pieces:
+            if piece.tensor in self.bases:
+                address = self.bases[piece.tensor] + piece.offset
+                views.append(memory_at(address, piece.length))
+                addresses.append(address)
+            elif piece.tensor in self.ringed:
+                assert slot is not None
+                views.append(slot.view[position : position + piece.length])
+                addresses.append(slot.address + position)
+            else:
+                assert scratch is not None
+                view = memoryview(scratch)[position : position + piece.length]
+                views.append(view)
+                addresses.append(address_of(scratch) + position)
+            position += piece.length
+        return Landing(views, addresses)
 
     def settle(self) -> None:
         """Wait for the device copies still in flight (before the tensors are used)."""
@@ -159,65 +203,83 @@ class VerifyingSink:
 
     def received(self, chunk: Chunk, arrived: str | None = None, source: str | None = None) -> None:
         """Accept `chunk` if its bytes match the manifest's digest (`arrived`: their digest
-        as computed on the way in; None: hash the destination now); else IntegrityError
-        naming `source`."""
-        entry = self.manifest.tensors[chunk.tensor]
+        as computed on the way in; None: hash the landed bytes now); else IntegrityError
+        naming `source` and the chunk's tensors."""
+        with self._lock:
+            slot = self._slots.pop(chunk.number, None)
+            scratch = self._scratch.pop(chunk.number, None)
+            landing = self._landed.pop(chunk.number, None)
         if arrived is None:
-            arrived = digest(byte_view(self._view(chunk)))
-        if arrived != entry.digests[chunk.number]:
-            self._free_slot(chunk)  # the device copy never happens
+            arrived = digest_of((landing or self._landing(chunk, slot, scratch)).views)
+        if arrived != self.manifest.digests[chunk.number]:
+            if slot is not None:
+                self.ring.release(slot)  # type: ignore[union-attr]  # no device copy
             metrics.INTEGRITY_FAILURES.inc()
             sender = f" from {source}" if source else ""
             raise IntegrityError(
-                f"tensor {entry.name!r} chunk {chunk.number}{sender}: digest mismatch, "
-                "bytes rejected",
+                f"chunk {chunk.number} ({self.manifest.describe_chunk(chunk)}){sender}: "
+                "digest mismatch, bytes rejected",
                 source=source,
             )
         metrics.RECEIVED_BYTES.inc(chunk.length)
-        if chunk.tensor in self.ringed:
-            self._to_device(chunk)
+        if slot is not None:
+            self._to_device(chunk, slot)
+        completed = []
         with self._lock:
-            self.done_chunks.add((chunk.tensor, chunk.number))
+            self.done_chunks.add(chunk.number)
             self.bytes += chunk.length
-            self.missing[chunk.tensor] -= 1
-            tensor_complete = self.missing[chunk.tensor] == 0
+            for piece in chunk.pieces:
+                if piece.tensor in self.missing:
+                    self.missing[piece.tensor] -= 1
+                    if self.missing[piece.tensor] == 0 and piece.tensor in self.staged:
+                        completed.append(piece.tensor)
             if self.progress is not None:
                 self.progress(chunk.length)
-        if not self.staged[chunk.tensor]:
-            if self.verified is not None:  # a ringed chunk's copy is ordered before any read
-                self.verified(chunk)
-        elif tensor_complete:
-            target = self.dest[chunk.tensor]
-            target.copy_(self.views[chunk.tensor].view(target.dtype).reshape(target.shape))
-            if self.verified is not None:  # staged bytes are servable only once in place
-                for number in range(self.manifest.chunk_count(chunk.tensor)):
-                    self.verified(self.manifest.chunk(chunk.tensor, number))
+        for index in completed:
+            target = self.dest[index]
+            target.copy_(self.staged[index].view(target.dtype).reshape(target.shape))
+        if self.verified is not None:  # staged bytes are servable only once in place
+            self._notify(chunk, completed)
 
-    def _to_device(self, chunk: Chunk) -> None:
-        """Copy a verified chunk from its slot into the device tensor, without waiting; the
-        slot is reused once the copy is done."""
+    def _notify(self, chunk: Chunk, completed: list[int]) -> None:
+        """Tell `verified` of the chunks that became servable: this one, and those of the
+        staged tensors just copied in place."""
+        assert self.verified is not None
+        candidates = {chunk.number}
+        for index in completed:
+            candidates.update(self.manifest.chunks_of(index))
+        for number in sorted(candidates):
+            candidate = self.manifest.chunks[number]
+            with self._lock:
+                ready = number in self.done_chunks and all(
+                    p.tensor in self.dest
+                    and (p.tensor not in self.staged or self.missing[p.tensor] == 0)
+                    for p in candidate.pieces
+                )
+            if ready:
+                self.verified(candidate)
+
+    def _to_device(self, chunk: Chunk, slot: Slot) -> None:
+        """Copy a verified chunk's ringed pieces from its slot into their device tensors,
+        without waiting; the slot is reused once the copies are done."""
         assert self.ring is not None
-        with self._lock:
-            slot = self._slots.pop((chunk.tensor, chunk.number))
-        target = flat_bytes(self.dest[chunk.tensor])[chunk.offset : chunk.offset + chunk.length]
-        target.copy_(slot.buffer[: chunk.length], non_blocking=True)
+        position = 0
+        target: torch.Tensor | None = None
+        for piece in chunk.pieces:
+            if piece.tensor in self.ringed:
+                end = piece.offset + piece.length
+                target = flat_bytes(self.dest[piece.tensor])[piece.offset : end]
+                target.copy_(slot.buffer[position : position + piece.length], non_blocking=True)
+            position += piece.length
         copy_done = None
-        if target.device.type == "cuda":
+        if target is not None and target.device.type == "cuda":
             copy_done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             copy_done.record(torch.cuda.current_stream(target.device))
         self.ring.release(slot, copy_done)
 
-    def _free_slot(self, chunk: Chunk) -> None:
-        if chunk.tensor in self.ringed:
-            assert self.ring is not None
-            with self._lock:
-                slot = self._slots.pop((chunk.tensor, chunk.number), None)
-            if slot is not None:
-                self.ring.release(slot)
-
     def is_done(self, chunk: Chunk) -> bool:
         with self._lock:
-            return (chunk.tensor, chunk.number) in self.done_chunks
+            return chunk.number in self.done_chunks
 
     def completed(self) -> list[str]:
         """Names of the tensors whose every chunk arrived verified."""

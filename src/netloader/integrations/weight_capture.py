@@ -53,12 +53,14 @@ def selected(name: str, patterns: tuple[str, ...] | None) -> bool:
 def check_intact(captured: Capture) -> str | None:
     """Call after post-processing. None if every kept tensor still holds the bytes that
     were loaded, else the reason this instance must not serve (naming the fix)."""
-    after = build_manifest(captured.identity, captured.tensors)
-    changed = [
-        before.name
-        for before, now in zip(captured.manifest.tensors, after.tensors, strict=True)
-        if before.digests != now.digests
-    ]
+    after = build_manifest(captured.identity, captured.tensors, captured.manifest.chunk_bytes)
+    changed = captured.manifest.tensor_names(
+        [
+            n
+            for n, (a, b) in enumerate(zip(captured.manifest.digests, after.digests, strict=True))
+            if a != b
+        ]
+    )
     if not changed:
         return None
     return (

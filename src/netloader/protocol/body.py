@@ -8,7 +8,7 @@ import json
 from typing import Any, ClassVar
 
 from netloader.errors import ProtocolError
-from netloader.protocol.frames import MAX_BODY, MsgType, encode
+from netloader.protocol.frames import MsgType, encode
 
 NONCE_BYTES = 32
 MAX_ERROR_TEXT = 2000
@@ -17,8 +17,7 @@ MAX_ERROR_TEXT = 2000
 # on the model: the sessions tighten them). Counted before parsing, because parsing is
 # where a hostile body costs memory: 256 MiB of "{}," is 85 million dicts.
 MAX_CONTAINERS: dict[MsgType, int] = {t: 8 for t in MsgType}
-MAX_CONTAINERS[MsgType.MANIFEST] = 4 + 3 * 1_000_000  # top, identity, attributes; 3 per tensor
-MAX_CONTAINERS[MsgType.FETCH] = 2 + (MAX_BODY[MsgType.FETCH] // 6)
+MAX_CONTAINERS[MsgType.MANIFEST] = 4 + 2 * 1_000_000  # top, identity, attributes; 2 per tensor
 
 
 def containers_within(data: bytes, limit: int) -> bool:

@@ -3,8 +3,9 @@ and the DATA prefix. Kept apart from the typed messages because the socket layer
 headers and DATA bodies itself, before (or instead of) parsing any message.
 
 A header is 16 bytes: magic b"NLDR", a type byte, 3 zero bytes, and the body length (u64,
-big-endian). A DATA body is an 8-byte prefix (tensor index u32, chunk index u32) followed
-by the chunk's raw bytes, which the I/O layer reads straight into tensor memory.
+big-endian). A DATA body is an 8-byte prefix (the chunk's index, u64) followed
+by the chunk's raw bytes (its pieces, in order), which the I/O layer reads straight into
+tensor memory.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any
 from netloader.errors import ProtocolError
 
 # 2: control frames after an authenticated handshake carry a tag; 3: GET_MANIFEST names a
-# part; 4: the same-host transport's messages
-PROTOCOL_VERSION = 4
+# part; 4: the same-host transport's messages; 5: chunks span tensors (manifest format 2),
+# named by their index
+PROTOCOL_VERSION = 5
 MAGIC = b"NLDR"
 HEADER = struct.Struct("!4sB3xQ")
-DATA_PREFIX = struct.Struct("!II")
+DATA_PREFIX = struct.Struct("!Q")
 MAX_DATA_BYTES = 1 << 32
 TAG_BYTES = 32  # HMAC-SHA256 session tag after a control body (session.py)
 
@@ -52,6 +54,7 @@ SMALL_BODY = 64 << 10
 MAX_BODY: dict[MsgType, int] = {t: SMALL_BODY for t in MsgType}
 MAX_BODY[MsgType.MANIFEST] = 256 << 20
 MAX_BODY[MsgType.FETCH] = 64 << 20
+MAX_BODY[MsgType.NIXL_SETUP] = 8 << 20
 MAX_BODY[MsgType.DATA] = DATA_PREFIX.size + MAX_DATA_BYTES
 
 
@@ -79,19 +82,26 @@ def decode_header(data: bytes) -> FrameHeader:
     return FrameHeader(msg_type, length)
 
 
-def encode_data_header(tensor: int, chunk: int, length: int) -> bytes:
+def encode_data_header(chunk: int, length: int) -> bytes:
     """Header and prefix of a DATA frame; the chunk's `length` raw bytes follow."""
-    return HEADER.pack(MAGIC, MsgType.DATA, DATA_PREFIX.size + length) + DATA_PREFIX.pack(
-        tensor, chunk
-    )
+    return HEADER.pack(MAGIC, MsgType.DATA, DATA_PREFIX.size + length) + DATA_PREFIX.pack(chunk)
 
 
-def decode_data_prefix(data: bytes) -> tuple[int, int]:
-    tensor, chunk = DATA_PREFIX.unpack(data)
-    return tensor, chunk
+def decode_data_prefix(data: bytes) -> int:
+    """The chunk index a DATA frame carries."""
+    (chunk,) = DATA_PREFIX.unpack(data)
+    return int(chunk)
 
 
 def encode(kind: MsgType, body: dict[str, Any]) -> bytes:
     """A control frame from its type and JSON body (the typed classes use this)."""
-    payload = json.dumps(body, separators=(",", ":")).encode()
+    return encode_json(kind, json_bytes(body))
+
+
+def json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def encode_json(kind: MsgType, payload: bytes) -> bytes:
+    """A control frame from its type and its body already in JSON."""
     return HEADER.pack(MAGIC, kind, len(payload)) + payload

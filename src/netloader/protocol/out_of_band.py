@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from netloader.errors import ProtocolError
+from netloader.manifest import MAX_PIECES
 from netloader.protocol.body import MAX_ERROR_TEXT, Message, nonce_field, typed_field
 from netloader.protocol.frames import MsgType
 
 SOCKET_NAME = re.compile(r"netloader-[0-9a-f]{16,64}")
 MAX_ADDRESS = (1 << 64) - 1
-MAX_NIXL_METADATA = 48 << 10
+MAX_NIXL_METADATA = 6 << 20  # grows with the regions registered (one per tensor)
 
 
 def _address(body: dict[str, Any], name: str) -> int:
@@ -109,21 +110,27 @@ class SameHostDecline(Message):
 
 @dataclass(frozen=True)
 class ChunkAddress(Message):
-    """Server: chunk `tensor`/`chunk` is at `address` in its memory (until DONE), for the
-    client to read (same-host, nixl)."""
+    """Server: chunk `chunk`'s pieces are at `addresses` in its memory, in order (until
+    DONE), for the client to read (same-host, nixl)."""
 
     TYPE: ClassVar[MsgType] = MsgType.CHUNK_ADDRESS
-    tensor: int
     chunk: int
-    address: int
+    addresses: tuple[int, ...]
 
     def body(self) -> dict[str, Any]:
-        return {"tensor": self.tensor, "chunk": self.chunk, "address": self.address}
+        return {"chunk": self.chunk, "addresses": list(self.addresses)}
 
     @classmethod
     def decode(cls, body: dict[str, Any]) -> ChunkAddress:
-        tensor, chunk = typed_field(body, "tensor", int), typed_field(body, "chunk", int)
-        return cls(tensor, chunk, _address(body, "address"))
+        chunk = typed_field(body, "chunk", int)
+        addresses = typed_field(body, "addresses", list)
+        if len(addresses) > MAX_PIECES or not all(
+            type(a) is int and 0 <= a <= MAX_ADDRESS for a in addresses
+        ):
+            raise ProtocolError(
+                f"CHUNK_ADDRESS must name at most {MAX_PIECES} pieces, each at a 64-bit address"
+            )
+        return cls(chunk, tuple(addresses))
 
 
 @dataclass(frozen=True)

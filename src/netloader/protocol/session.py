@@ -190,10 +190,10 @@ class Session:
         tag = self._tag(self.role, message.TYPE, body)
         return HEADER.pack(MAGIC, message.TYPE, len(body) + TAG_BYTES) + body + tag
 
-    def send_data_header(self, tensor: int, chunk: int, length: int) -> bytes:
+    def send_data_header(self, chunk: int, length: int) -> bytes:
         """The header of a DATA frame whose `length` raw bytes the caller sends itself."""
         self._advance(self.role, MsgType.DATA)
-        return encode_data_header(tensor, chunk, length)
+        return encode_data_header(chunk, length)
 
     # ---- receiving ----------------------------------------------------------------------
     def check_header(self, header: FrameHeader) -> None:
@@ -217,12 +217,12 @@ class Session:
         with room for another model several times larger, so that a mismatch is still
         reported as one, tensor by tensor."""
         self.expected_tensors = tensors
-        self.max_containers[MsgType.MANIFEST] = 4 + 3 * max(4 * tensors, 4096)
+        self.max_containers[MsgType.MANIFEST] = 4 + 2 * max(4 * tensors, 4096)
 
     def expect_fetches(self, chunks: int) -> None:
         """The model has `chunks` chunks: bound a FETCH to naming each at most once."""
-        self.max_containers[MsgType.FETCH] = 2 + chunks
-        self.max_body[MsgType.FETCH] = min(MAX_BODY[MsgType.FETCH], 64 + 24 * chunks)
+        self.max_containers[MsgType.FETCH] = 2
+        self.max_body[MsgType.FETCH] = min(MAX_BODY[MsgType.FETCH], 64 + 12 * chunks)
 
     def receive_body(self, header: FrameHeader, body: bytes) -> Message:
         """The typed control message of a checked header; an ERROR frame is returned as an
@@ -275,9 +275,9 @@ class Session:
         body = bytes(self._buffer[HEADER.size : end])
         del self._buffer[:end]
         if header.type is MsgType.DATA:
-            tensor, chunk = decode_data_prefix(body[: DATA_PREFIX.size])
+            chunk = decode_data_prefix(body[: DATA_PREFIX.size])
             self.data_received()
-            return Data(tensor, chunk, body[DATA_PREFIX.size :])
+            return Data(chunk, body[DATA_PREFIX.size :])
         return self.receive_body(header, body)
 
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from netloader.errors import ProtocolError
 from netloader.manifest import Manifest
 from netloader.protocol.body import Message, typed_field
-from netloader.protocol.frames import MsgType, encode_data_header
+from netloader.protocol.frames import MsgType, encode_data_header, encode_json
 
 
 class Part(Enum):
@@ -55,6 +55,9 @@ class ManifestMessage(Message):
     def body(self) -> dict[str, Any]:
         return self.manifest.to_json()
 
+    def encode(self) -> bytes:
+        return encode_json(self.TYPE, self.manifest.json_bytes)
+
     @classmethod
     def decode(cls, body: dict[str, Any]) -> ManifestMessage:
         return cls(Manifest.from_json(body))
@@ -62,38 +65,30 @@ class ManifestMessage(Message):
 
 @dataclass(frozen=True)
 class Fetch(Message):
-    """Client: send these (tensor, chunk) pairs over `transport`."""
+    """Client: send these chunks (indices into the manifest's chunks) over `transport`."""
 
     TYPE: ClassVar[MsgType] = MsgType.FETCH
     transport: str
-    chunks: tuple[tuple[int, int], ...]
+    chunks: tuple[int, ...]
 
     def body(self) -> dict[str, Any]:
-        return {"transport": self.transport, "chunks": [list(c) for c in self.chunks]}
+        return {"transport": self.transport, "chunks": list(self.chunks)}
 
     @classmethod
     def decode(cls, body: dict[str, Any]) -> Fetch:
         transport = typed_field(body, "transport", str)
-        chunks = []
-        for item in typed_field(body, "chunks", list):
-            if (
-                not isinstance(item, list)
-                or len(item) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)
-            ):
-                raise ProtocolError("FETCH chunks must be [tensor, chunk] integer pairs")
-            chunks.append((item[0], item[1]))
+        chunks = typed_field(body, "chunks", list)
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in chunks):
+            raise ProtocolError("FETCH chunks must be chunk indices")
         return cls(transport, tuple(chunks))
 
     def validate(self, manifest: Manifest) -> Fetch:
         """Every chunk must exist in `manifest`, none twice; returns self."""
-        seen: set[tuple[int, int]] = set()
-        for t, c in self.chunks:
-            if not (0 <= t < len(manifest.tensors) and 0 <= c < manifest.chunk_count(t)):
-                raise ProtocolError(f"FETCH names chunk {t}/{c}, which the manifest does not have")
-            if (t, c) in seen:
-                raise ProtocolError(f"FETCH names chunk {t}/{c} twice")
-            seen.add((t, c))
+        total = manifest.chunk_total
+        if bad := [c for c in self.chunks if not 0 <= c < total][:1]:
+            raise ProtocolError(f"FETCH names chunk {bad[0]}; the manifest has {total}")
+        if len(set(self.chunks)) != len(self.chunks):
+            raise ProtocolError("FETCH names a chunk twice")
         return self
 
 
@@ -102,12 +97,11 @@ class Data:
     """A chunk's bytes (in memory; the socket path reads them straight into tensors)."""
 
     TYPE: ClassVar[MsgType] = MsgType.DATA
-    tensor: int
     chunk: int
     payload: bytes
 
     def encode(self) -> bytes:
-        return encode_data_header(self.tensor, self.chunk, len(self.payload)) + self.payload
+        return encode_data_header(self.chunk, len(self.payload)) + self.payload
 
 
 @dataclass(frozen=True)

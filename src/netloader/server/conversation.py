@@ -22,7 +22,7 @@ from netloader.errors import (
     VersionMismatch,
 )
 from netloader.manifest import Chunk, Manifest
-from netloader.server.holdings import Holdings
+from netloader.server.holdings import Holdings, HostTensor
 from netloader.server.pacing import Pacer
 from netloader.settings import Timeouts
 from netloader.transports import REGISTRY
@@ -45,16 +45,26 @@ class HeldChunks:
         self.wait = wait
         self.pacer = pacer
 
-    def region(self, chunk: Chunk) -> torch.Tensor:
+    def _held(self, chunk: Chunk) -> list[HostTensor]:
         self.holdings.wait_for(chunk, self.wait)  # a staged tensor's copy is made once, whole
-        return self.holdings.tensor_bytes(chunk.tensor)
-
-    def chunk_bytes(self, chunk: Chunk) -> torch.Tensor:
-        self.holdings.wait_for(chunk, self.wait)
         if self.pacer is not None:
             self.pacer.take(chunk.length)
-        data = self.holdings.tensor_bytes(chunk.tensor)
-        return data[chunk.offset : chunk.offset + chunk.length]
+        return [self.holdings.host(p.tensor) for p in chunk.pieces]
+
+    def views(self, chunk: Chunk) -> list[memoryview]:
+        return [
+            host.view[p.offset : p.offset + p.length]
+            for p, host in zip(chunk.pieces, self._held(chunk), strict=True)
+        ]
+
+    def addresses(self, chunk: Chunk) -> list[int]:
+        return [
+            host.address + p.offset for p, host in zip(chunk.pieces, self._held(chunk), strict=True)
+        ]
+
+    def regions(self, chunk: Chunk) -> list[torch.Tensor]:
+        self.holdings.wait_for(chunk, self.wait)
+        return [self.holdings.host(p.tensor).flat for p in chunk.pieces]
 
 
 class Conversation:
@@ -189,7 +199,7 @@ class Conversation:
                 f"server busy: {self.max_transfers} transfers in progress (limit)"
             )
         metrics.TRANSFERS_STARTED.labels("server").inc()
-        chunks = [manifest.chunk(t, c) for t, c in fetch.chunks]
+        chunks = [manifest.chunks[c] for c in fetch.chunks]
         sent = sum(c.length for c in chunks)
         started = time.perf_counter()
         failure: BaseException | None = None

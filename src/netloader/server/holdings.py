@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import NamedTuple, Protocol
 
 import torch
 
 from netloader.errors import SourceUnavailable
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Chunk, Identity, Manifest, build_manifest
-from netloader.tensors import flat_bytes
+from netloader.tensors import flat_bytes, memory_at
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ class Holdings(Protocol):
     def manifest(self, timeout: float) -> Manifest:
         """The manifest to offer; SourceUnavailable if there is none to offer (in time)."""
 
-    def tensor_bytes(self, index: int) -> torch.Tensor:
-        """The bytes of the manifest's tensor `index` in host memory, flat (call after
+    def host(self, index: int) -> HostTensor:
+        """The bytes of the manifest's tensor `index` in host memory (call after
         `manifest`, and for a chunk of it only once `wait_for` returned)."""
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
@@ -40,23 +40,36 @@ class Holdings(Protocol):
         will not be (in time)."""
 
 
+class HostTensor(NamedTuple):
+    """A tensor's bytes in host memory: flat, as a view, and their address."""
+
+    flat: torch.Tensor
+    view: memoryview
+    address: int
+
+
 class HostBytes:
-    """Tensors' bytes in host memory, flat: a view of a contiguous CPU tensor; for any
-    other (non-contiguous, or on a device), one copy made on first use and shared by every
-    connection, so concurrent clients never multiply it."""
+    """Tensors' bytes in host memory, flat, made once per tensor and shared by every
+    connection: a view of a contiguous CPU tensor; for any other (non-contiguous, or on a
+    device), one copy made on first use, so concurrent clients never multiply it."""
 
     def __init__(self) -> None:
-        self._copies: dict[int, torch.Tensor] = {}
+        self._made: dict[int, HostTensor] = {}
         self._lock = threading.Lock()
 
-    def bytes_of(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type == "cpu" and tensor.is_contiguous():
-            return flat_bytes(tensor)
+    def bytes_of(self, index: int, tensor_of: Callable[[int], torch.Tensor]) -> HostTensor:
+        """Tensor `index`'s host bytes (`tensor_of(index)` is the tensor, asked once)."""
+        made = self._made.get(index)
+        if made is not None:
+            return made
         with self._lock:
-            copy = self._copies.get(index)
-            if copy is None:
-                copy = self._copies[index] = flat_bytes(tensor).cpu()
-            return copy
+            made = self._made.get(index)
+            if made is None:
+                flat = flat_bytes(tensor_of(index).detach()).cpu()
+                made = self._made[index] = HostTensor(
+                    flat, memory_at(flat.data_ptr(), flat.numel()), flat.data_ptr()
+                )
+            return made
 
 
 class LoadedTensors:
@@ -107,9 +120,13 @@ class LoadedTensors:
             raise SourceUnavailable(f"cannot serve: {self._error}")
         return self._manifest
 
-    def tensor_bytes(self, index: int) -> torch.Tensor:
+    def host(self, index: int) -> HostTensor:
         assert self._manifest is not None
-        return self._host.bytes_of(index, self._tensors[self._manifest.tensors[index].name])
+        return self._host.bytes_of(index, self._tensor)
+
+    def _tensor(self, index: int) -> torch.Tensor:
+        assert self._manifest is not None
+        return self._tensors[self._manifest.tensors[index].name]
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         return None  # everything is here
@@ -139,7 +156,7 @@ class Arrivals:
         self._changed = threading.Condition()
         self._manifest: Manifest | None = None
         self._tensors: list[torch.Tensor] = []
-        self._held: set[tuple[int, int]] = set()
+        self._held: set[int] = set()  # chunk indices
         self._failure: str | None = None
         self._host = HostBytes()
 
@@ -152,7 +169,7 @@ class Arrivals:
 
     def arrived(self, chunk: Chunk) -> None:
         with self._changed:
-            self._held.add((chunk.tensor, chunk.number))
+            self._held.add(chunk.number)
             self._changed.notify_all()
 
     def fail(self, reason: str) -> None:
@@ -181,20 +198,16 @@ class Arrivals:
                 raise SourceUnavailable(f"relay failed before its first chunk: {self._failure}")
             return self._manifest
 
-    def tensor_bytes(self, index: int) -> torch.Tensor:
-        return self._host.bytes_of(index, self._tensors[index])
+    def host(self, index: int) -> HostTensor:
+        return self._host.bytes_of(index, self._tensors.__getitem__)
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
-        key = (chunk.tensor, chunk.number)
         with self._changed:
             if not self._changed.wait_for(
-                lambda: key in self._held or self._failure is not None, timeout
+                lambda: chunk.number in self._held or self._failure is not None, timeout
             ):
                 raise SourceUnavailable(
-                    f"relay: chunk {chunk.tensor}/{chunk.number} not received from upstream "
-                    f"within {timeout} s"
+                    f"relay: chunk {chunk.number} not received from upstream within {timeout} s"
                 )
-            if key not in self._held:
-                raise SourceUnavailable(
-                    f"relay lacks chunk {chunk.tensor}/{chunk.number}: {self._failure}"
-                )
+            if chunk.number not in self._held:
+                raise SourceUnavailable(f"relay lacks chunk {chunk.number}: {self._failure}")

@@ -135,6 +135,26 @@ def blocks(total_mib: int = 64, count: int = 4, seed: int = 500) -> Tensors:
     return {f"block.{i}": random_tensor(torch.uint8, (each,), seed + i) for i in range(count)}
 
 
+def experts(total_mib: int = 64, count: int = 4096, seed: int = 600) -> Tensors:
+    """`count` bfloat16 tensors of `total_mib / count` MiB each, named like the experts of
+    a mixture-of-experts model: many small tensors, the layout whose per-tensor costs
+    matter (16 KiB each with the defaults)."""
+    rows = (total_mib << 20) // count // 256
+    data = random_bytes(count * rows * 256, seed).view(torch.bfloat16).reshape(count, rows, 128)
+    return {f"layers.{i // 64}.experts.{i % 64}.w": data[i] for i in range(count)}
+
+
+def mixed_sizes() -> Tensors:
+    """Every dtype and awkward shape of `all_dtypes` (empty, scalar, odd lengths, larger
+    than a chunk, non-contiguous), then 3,000 tiny tensors of 1 to 97 bytes: more than one
+    chunk holds, as a mixture-of-experts checkpoint's scales and biases come."""
+    out = all_dtypes()
+    tiny = random_bytes(3000 * 97, 700)
+    for i in range(3000):
+        out[f"tiny.{i}"] = tiny[i * 97 : i * 97 + 1 + (i * 7) % 97].clone()
+    return out
+
+
 def llama_specs(target_bytes: int) -> list[TensorSpec]:
     """A decoder-only model's tensors (GQA attention with qkv biases, gated MLP, norms in
     fp32, embeddings in bf16, an fp32 lm_head), with layers added until `target_bytes`."""
@@ -184,6 +204,8 @@ SETS: dict[str, Callable[[], Tensors]] = {
     "all_dtypes": all_dtypes,
     "transformer_like": transformer_like,
     "blocks": blocks,
+    "experts": experts,
+    "mixed_sizes": mixed_sizes,
 }
 """The models a server process can be asked for by name (with their default arguments)."""
 

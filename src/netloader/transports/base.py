@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -15,26 +15,41 @@ from netloader.settings import Timeouts
 from netloader.transports.connection import Connection
 
 
+class Landing(NamedTuple):
+    """Where a chunk's pieces land: one writable view per piece, in order, and the address
+    of each (for transports that write memory themselves)."""
+
+    views: list[memoryview]
+    addresses: list[int]
+
+
 class ChunkSource(Protocol):
-    """Server side: the bytes of a chunk, as a 1-D uint8 tensor (a view where possible)."""
+    """Server side: a chunk's bytes in host memory, once it is held (and its turn under
+    the send rate has come). The memory stays valid while the server serves."""
 
-    def chunk_bytes(self, chunk: Chunk) -> torch.Tensor: ...
+    def views(self, chunk: Chunk) -> list[memoryview]:
+        """One view per piece, in order."""
+        ...
 
-    def region(self, chunk: Chunk) -> torch.Tensor:
-        """The host memory the chunk's whole tensor lives in (flat uint8), once the chunk is
-        held (a transport registers it)."""
+    def addresses(self, chunk: Chunk) -> list[int]:
+        """Each piece's address, in order (for a client that reads this memory itself)."""
+        ...
+
+    def regions(self, chunk: Chunk) -> list[torch.Tensor]:
+        """The host memory (flat uint8) of each tensor the chunk's pieces lie in (a
+        transport registers it)."""
         ...
 
 
 class ChunkSink(Protocol):
-    """Client side: where a chunk's bytes go, and the check once they are there."""
+    """Client side: where a chunk's pieces land, and the check once they are there."""
 
-    def destination(self, chunk: Chunk) -> torch.Tensor: ...
+    def landing(self, chunk: Chunk) -> Landing: ...
 
     def received(self, chunk: Chunk, arrived: str | None = None, source: str | None = None) -> None:
         """Verify the chunk (raise IntegrityError naming `source`) and record it as
         complete. `arrived` is the digest of the bytes as they arrived, where the transport
-        computed it on the way; otherwise the sink hashes the destination."""
+        computed it on the way; otherwise the sink hashes what landed."""
 
 
 ChunkList = Sequence[Chunk]

@@ -4,11 +4,13 @@ timeouts, and the session (protocol/session.py) deciding which frame may come ne
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from typing import Protocol, TypeVar
 
 from netloader import protocol as p
@@ -21,6 +23,7 @@ from netloader.errors import (
 )
 
 HASHED_PIECE = 128 << 10
+IOV_MAX = 1024  # buffers one sendmsg / recvmsg_into takes (Linux)
 M = TypeVar("M", bound=p.Message)
 
 
@@ -108,13 +111,24 @@ class Connection:
     def send(self, message: p.Message) -> None:
         self.send_bytes(self.session.send(message))
 
-    def send_data(self, tensor: int, chunk: int, data: memoryview) -> None:
-        self.send_bytes(self.session.send_data_header(tensor, chunk, len(data)))
-        self.send_bytes(data)
+    def send_data(self, chunk: int, views: Sequence[memoryview]) -> None:
+        """A DATA frame of chunk `chunk`: its pieces' bytes, gathered by the kernel
+        (sendmsg, IOV_MAX pieces a call) where the socket is plain."""
+        length = sum(len(v) for v in views)
+        self.send_bytes(self.session.send_data_header(chunk, length))
+        if len(views) == 1 or isinstance(self.sock, ssl.SSLSocket):
+            for view in views:
+                self.send_bytes(view)
+            return
+        pending = deque(v for v in views if len(v))
+        with self._sending():
+            while pending:
+                self._before_io()
+                _consume(pending, self.sock.sendmsg(list(itertools.islice(pending, IOV_MAX))))
 
     def send_bytes(self, data: bytes | memoryview) -> None:
         """Raw bytes, already accounted for by the session (a frame it produced)."""
-        try:
+        with self._sending():
             if self._deadline is None:
                 self.sock.sendall(data)
                 return
@@ -122,11 +136,19 @@ class Connection:
             while sent < len(view):
                 self._before_io()
                 sent += self.sock.send(view[sent:])
+
+    @contextlib.contextmanager
+    def _sending(self) -> Iterator[None]:
+        """Socket errors while sending, as the peer's failure."""
+        try:
+            yield
         except (TimeoutError, BlockingIOError) as exc:
             if self._deadline is not None:
                 self._before_io()  # says "took longer than" once the deadline is the cause
             raise TransferTimeout(f"{self.peer} stopped reading", source=self.peer) from exc
         except OSError as exc:
+            if isinstance(exc, TransferError):
+                raise
             raise PeerClosed(f"connection to {self.peer} lost: {exc}", source=self.peer) from exc
 
     def try_send(self, message: p.Message, timeout: float = 1.0) -> None:
@@ -142,7 +164,7 @@ class Connection:
         pass over memory (pieces are capped so they fit in L2)."""
         got, size = 0, len(view)
         piece = HASHED_PIECE if hasher is not None else size
-        try:
+        with self._receiving():
             while got < size:
                 self._before_io()
                 n = self.sock.recv_into(view[got : got + piece])
@@ -154,6 +176,47 @@ class Connection:
                         source=self.peer,
                     )
                 got += n
+
+    def recv_views(self, views: Sequence[memoryview], hasher: Hasher) -> None:
+        """Fill each of `views` exactly, in order, feeding `hasher` as they land. Runs of
+        small views are read by one recvmsg_into each (a cache-sized run), so many small
+        pieces cost few system calls."""
+        plain = not isinstance(self.sock, ssl.SSLSocket)
+        i = 0
+        while i < len(views):
+            if len(views[i]) >= HASHED_PIECE or not plain:
+                self.recv_into(views[i], hasher)
+                i += 1
+                continue
+            j, size = i, 0
+            while j < len(views) and j - i < IOV_MAX and size + len(views[j]) <= HASHED_PIECE:
+                size += len(views[j])
+                j += 1
+            self._recv_scattered(views[i:j], size)
+            for view in views[i:j]:
+                hasher.update(view)
+            i = j
+
+    def _recv_scattered(self, views: Sequence[memoryview], size: int) -> None:
+        pending = deque(v for v in views if len(v))
+        got = 0
+        with self._receiving():
+            while pending:
+                self._before_io()
+                n = self.sock.recvmsg_into(pending)[0]
+                if n == 0:
+                    raise PeerClosed(
+                        f"{self.peer} closed the connection ({got} of {size} bytes read)",
+                        source=self.peer,
+                    )
+                got += n
+                _consume(pending, n)
+
+    @contextlib.contextmanager
+    def _receiving(self) -> Iterator[None]:
+        """Socket errors while receiving, as the peer's failure."""
+        try:
+            yield
         except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO expired
             if self._deadline is not None:
                 self._before_io()
@@ -196,6 +259,17 @@ class Connection:
         if not isinstance(message, kind):
             raise ProtocolError(f"{self.peer} sent {message.TYPE.name}, expected {kind.TYPE.name}")
         return message
+
+
+def _consume(pending: deque[memoryview], done: int) -> None:
+    """Drop the first `done` bytes of the buffers in `pending` (a partial send or receive)."""
+    while done:
+        first = pending[0]
+        if done < len(first):
+            pending[0] = first[done:]
+            return
+        done -= len(first)
+        pending.popleft()
 
 
 def connect(host: str, port: int, timeout: float) -> socket.socket:

@@ -24,9 +24,8 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 from netloader import protocol as p
 from netloader.errors import (
@@ -38,7 +37,7 @@ from netloader.errors import (
 )
 from netloader.manifest import Chunk
 from netloader.settings import Timeouts
-from netloader.transports.addresses import expect_address, send_addresses
+from netloader.transports.addresses import expect_addresses, send_addresses
 from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
 from netloader.transports.connection import Connection
 
@@ -81,13 +80,13 @@ class Agent:
         self._remotes: dict[str, int] = {}  # remote agent -> connections using it
         self.lock = threading.Lock()
 
-    def register(self, regions: list[torch.Tensor]) -> None:
-        """Register each region (a flat uint8 tensor) unless it already is."""
+    def register(self, regions: list[tuple[int, int]]) -> None:
+        """Register each region (address, length) unless it already is."""
         with self.lock:
             new = [
-                (r.data_ptr(), r.numel(), 0, "")
-                for r in regions
-                if r.numel() and (r.data_ptr(), r.numel()) not in self._registered
+                (address, length, 0, "")
+                for address, length in dict.fromkeys(regions)
+                if length and (address, length) not in self._registered
             ]
             if new:
                 handle = self.nixl.register_memory(self.nixl.get_reg_descs(new, "DRAM"))
@@ -153,8 +152,8 @@ class NixlTransport(Transport):
         self, conn: Connection, source: ChunkSource, chunks: ChunkList, timeouts: Timeouts
     ) -> None:
         local = agent(serving=True)
-        regions = {c.tensor: source.region(c) for c in chunks}
-        local.register(list(regions.values()))
+        regions = {r.data_ptr(): r for c in chunks for r in source.regions(c)}
+        local.register([(r.data_ptr(), r.numel()) for r in regions.values()])
         conn.send(p.NixlSetup(local.name, local.metadata()))
         send_addresses(conn, source, chunks, timeouts)
 
@@ -174,8 +173,8 @@ class NixlTransport(Transport):
         reads: deque[_Read] = deque()
         try:
             for chunk in chunks:
-                address = expect_address(conn, chunk, timeouts)
-                reads.append(_Read(local, remote, chunk, sink, address, conn.peer))
+                addresses = expect_addresses(conn, chunk, timeouts)
+                reads.append(_Read(local, remote, chunk, sink, addresses, conn.peer))
                 if len(reads) >= WINDOW:
                     reads.popleft().finish(timeouts)
             conn.expect(p.End)
@@ -192,26 +191,37 @@ class _Read:
     """One chunk's READ, posted on creation."""
 
     def __init__(
-        self, local: Agent, remote: str, chunk: Chunk, sink: ChunkSink, address: int, peer: str
+        self,
+        local: Agent,
+        remote: str,
+        chunk: Chunk,
+        sink: ChunkSink,
+        addresses: Sequence[int],
+        peer: str,
     ) -> None:
         self.local, self.chunk, self.sink, self.peer = local, chunk, sink, peer
         self.handle: Any = None
         if not chunk.length:
             return
-        destination = sink.destination(chunk)
-        local.register([destination])
+        lengths = [p.length for p in chunk.pieces]
+        landing = sink.landing(chunk)
+        local.register(list(zip(landing.addresses, lengths, strict=True)))
         nixl = local.nixl
         try:
-            mine = nixl.get_xfer_descs([(destination.data_ptr(), chunk.length, 0)], "DRAM")
-            theirs = nixl.get_xfer_descs([(address, chunk.length, 0)], "DRAM")
+            mine = nixl.get_xfer_descs(
+                [(a, n, 0) for a, n in zip(landing.addresses, lengths, strict=True) if n], "DRAM"
+            )
+            theirs = nixl.get_xfer_descs(
+                [(a, n, 0) for a, n in zip(addresses, lengths, strict=True) if n], "DRAM"
+            )
             self.handle = nixl.initialize_xfer("READ", mine, theirs, remote)
             if nixl.transfer(self.handle) == "ERR":
                 raise TransferError("the transfer was refused")
         except Exception as exc:
             self.abandon()
             raise TransferError(
-                f"{peer}: nixl cannot read chunk {chunk.tensor}/{chunk.number} "
-                f"({chunk.length} bytes at {address:#x}): {exc}",
+                f"{peer}: nixl cannot read chunk {chunk.number} "
+                f"({chunk.length} bytes at {addresses[0]:#x}): {exc}",
                 source=peer,
             ) from exc
 
@@ -224,8 +234,7 @@ class _Read:
                 if time.monotonic() > deadline:
                     self.abandon()
                     raise TransferTimeout(
-                        f"{self.peer}: nixl read of chunk {self.chunk.tensor}/"
-                        f"{self.chunk.number} took longer than "
+                        f"{self.peer}: nixl read of chunk {self.chunk.number} took longer than "
                         f"{timeouts.for_chunk(self.chunk.length):g} s",
                         source=self.peer,
                     )
@@ -233,8 +242,8 @@ class _Read:
             self.abandon()
             if state != "DONE":
                 raise PeerClosed(
-                    f"{self.peer}: nixl read of chunk {self.chunk.tensor}/{self.chunk.number} "
-                    f"failed ({state}): did the server go away?",
+                    f"{self.peer}: nixl read of chunk {self.chunk.number} failed ({state}): "
+                    "did the server go away?",
                     source=self.peer,
                 )
         self.sink.received(self.chunk, source=self.peer)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from netloader import protocol as p
@@ -77,7 +79,7 @@ class ProcessGroupTransport(Transport):
             pending: deque[Any] = deque()
             for chunk in chunks:
                 if chunk.length:
-                    pending.append(group.send([source.chunk_bytes(chunk)], CLIENT_RANK, 0))
+                    pending.append(group.send([_joined(source.views(chunk))], CLIENT_RANK, 0))
                 if len(pending) >= WINDOW:
                     _wait(pending.popleft(), conn.peer)
             while pending:
@@ -98,12 +100,13 @@ class ProcessGroupTransport(Transport):
         )
         group = _group(self.name, store, CLIENT_RANK, local_host, timeouts.stall)
         try:
-            pending: deque[tuple[Any, Chunk]] = deque()
+            pending: deque[tuple[Any, Chunk, Callable[[], None]]] = deque()
             for chunk in chunks:
-                work = None
+                work, scatter = None, _nothing
                 if chunk.length:
-                    work = group.recv([sink.destination(chunk)], SERVER_RANK, 0)
-                pending.append((work, chunk))
+                    into, scatter = _receiving(sink.landing(chunk).views)
+                    work = group.recv([into], SERVER_RANK, 0)
+                pending.append((work, chunk, scatter))
                 if len(pending) >= WINDOW:
                     _finish(pending.popleft(), sink, conn.peer)
             while pending:
@@ -113,10 +116,37 @@ class ProcessGroupTransport(Transport):
             _shutdown(group)
 
 
-def _finish(item: tuple[Any, Chunk], sink: ChunkSink, peer: str) -> None:
-    work, chunk = item
+def _joined(views: list[memoryview]) -> torch.Tensor:
+    """A chunk's bytes as one tensor: its piece's memory, or its pieces copied together."""
+    data = views[0] if len(views) == 1 else memoryview(bytearray(b"".join(views)))
+    return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def _receiving(views: list[memoryview]) -> tuple[torch.Tensor, Callable[[], None]]:
+    """Where a chunk is received (its piece's memory, or one buffer for all its pieces),
+    and what then puts the bytes in place."""
+    if len(views) == 1:
+        return torch.frombuffer(views[0], dtype=torch.uint8), _nothing
+    buffer = bytearray(sum(len(v) for v in views))
+
+    def scatter() -> None:
+        position = 0
+        for view in views:
+            view[:] = buffer[position : position + len(view)]
+            position += len(view)
+
+    return torch.frombuffer(buffer, dtype=torch.uint8), scatter
+
+
+def _nothing() -> None:
+    return None
+
+
+def _finish(item: tuple[Any, Chunk, Callable[[], None]], sink: ChunkSink, peer: str) -> None:
+    work, chunk, scatter = item
     if work is not None:
         _wait(work, peer)
+    scatter()
     sink.received(chunk, source=peer)
 
 

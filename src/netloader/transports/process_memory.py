@@ -18,7 +18,8 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -98,6 +99,37 @@ def read(pid: int, destination: int, address: int, length: int) -> None:
             code = ctypes.get_errno() if got < 0 else errno.EFAULT
             raise OSError(code, f"process_vm_readv from pid {pid}: {os.strerror(code)}")
         done += got
+
+
+def read_pieces(
+    pid: int, destinations: Sequence[int], addresses: Sequence[int], lengths: Sequence[int]
+) -> None:
+    """Copy piece i (`lengths[i]` bytes at `addresses[i]` in process `pid`) to
+    `destinations[i]` here, all in one kernel call (at most IOV_MAX pieces); OSError as
+    `read`. A call the kernel ends early (a piece it cannot read) is finished piece by
+    piece, so the error names the failing range."""
+    assert _LIBC is not None, "check unsupported() first"
+    count = len(lengths)
+    local, remote = array("Q", bytes(16 * count)), array("Q", bytes(16 * count))
+    local[0::2], remote[0::2] = array("Q", destinations), array("Q", addresses)
+    local[1::2] = remote[1::2] = array("Q", lengths)
+    got = _LIBC.process_vm_readv(
+        pid,
+        ctypes.cast(local.buffer_info()[0], ctypes.POINTER(_IoVec)),
+        count,
+        ctypes.cast(remote.buffer_info()[0], ctypes.POINTER(_IoVec)),
+        count,
+        0,
+    )
+    if got == sum(lengths):
+        return
+    done = max(got, 0)
+    for destination, address, length in zip(destinations, addresses, lengths, strict=True):
+        if done >= length:
+            done -= length
+            continue
+        read(pid, destination + done, address + done, length - done)
+        done = 0
 
 
 _GRANT = threading.Lock()  # Yama keeps one named reader per process

@@ -15,8 +15,9 @@ Per FETCH, on the control connection:
             other's pid (SO_PEERCRED); the server lets that pid read it (Yama, if needed);
             the client reads the probe. Then SAME_HOST_ACCEPT, or SAME_HOST_DECLINE{why},
             after which the chunks come as DATA frames (the tcp transport).
-    server: CHUNK_ADDRESS {tensor, chunk, address} per chunk, END
-    client: reads and verifies every chunk, DONE (the server's grant ends there)
+    server: CHUNK_ADDRESS {chunk, its pieces' addresses} per chunk, END
+    client: reads and verifies every chunk (one process_vm_readv for all its pieces),
+            DONE (the server's grant ends there)
 
 Being on one host is proved three ways: the same boot id, the same TCP four-tuple seen
 from both ends (so no proxy or NAT sits between them), and a successful read of the token.
@@ -25,7 +26,6 @@ from both ends (so no proxy or NAT sits between them), and a successful read of 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hmac
 import logging
 import os
@@ -34,6 +34,7 @@ import select
 import socket
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -41,8 +42,9 @@ from netloader import protocol as p
 from netloader.errors import PeerClosed, ProtocolError, SourceUnavailable, TransferError
 from netloader.manifest import Chunk
 from netloader.settings import Timeouts
+from netloader.tensors import address_of
 from netloader.transports import process_memory
-from netloader.transports.addresses import expect_address, send_addresses
+from netloader.transports.addresses import expect_addresses, send_addresses
 from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
 from netloader.transports.connection import Connection
 from netloader.transports.tcp import TCP
@@ -92,7 +94,7 @@ class SameHostTransport(Transport):
         token = secrets.token_bytes(TOKEN_BYTES)
         probe = bytearray(token)  # the client reads it to prove it may read us (a local:
         # alive until this returns)
-        probe_address = _address_of(probe)
+        probe_address = address_of(probe)
         with _listener() as (listener, name):
             conn.send(
                 p.SameHostOffer(
@@ -140,10 +142,6 @@ class SameHostTransport(Transport):
             conn.send(p.SameHostAccept())
             _read_all(conn, pid, chunks, sink, timeouts)
         conn.send(p.Done())
-
-
-def _address_of(buffer: bytearray) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 @contextlib.contextmanager
@@ -248,7 +246,7 @@ def _attach(conn: Connection, offer: p.SameHostOffer, timeout: float) -> tuple[i
             raise refuse("the server's process is not visible here (another pid namespace)")
         probe = bytearray(TOKEN_BYTES)
         try:
-            process_memory.read(pid, _address_of(probe), offer.probe, TOKEN_BYTES)
+            process_memory.read(pid, address_of(probe), offer.probe, TOKEN_BYTES)
         except OSError as exc:
             raise refuse(f"cannot read the server's memory: {exc.strerror}") from exc
         if not hmac.compare_digest(bytes(probe), offer.token):
@@ -267,8 +265,8 @@ def _read_all(
     pool = ThreadPoolExecutor(READERS, thread_name_prefix="netloader-read")
     try:
         for chunk in chunks:
-            address = expect_address(conn, chunk, timeouts)
-            pending.append(pool.submit(_read_one, pid, address, chunk, sink, conn.peer))
+            addresses = expect_addresses(conn, chunk, timeouts)
+            pending.append(pool.submit(_read_one, pid, addresses, chunk, sink, conn.peer))
             if len(pending) >= WINDOW:
                 pending.popleft().result()
         conn.expect(p.End)
@@ -278,19 +276,21 @@ def _read_all(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _read_one(pid: int, address: int, chunk: Chunk, sink: ChunkSink, peer: str) -> None:
-    """Copy one chunk, then let the sink hash it. (Hashing 1 MiB pieces as they land, in
-    cache, measured no faster: the process_vm_readv rows of benchmarks/bench_core.py.)"""
-    destination = sink.destination(chunk)
+def _read_one(pid: int, addresses: Sequence[int], chunk: Chunk, sink: ChunkSink, peer: str) -> None:
+    """Copy one chunk's pieces in one system call, then let the sink hash them. (Hashing
+    1 MiB pieces as they land, in cache, measured no faster: the process_vm_readv rows of
+    benchmarks/bench_core.py.)"""
+    landing = sink.landing(chunk)
     if chunk.length:
         try:
-            process_memory.read(pid, destination.data_ptr(), address, chunk.length)
+            process_memory.read_pieces(
+                pid, landing.addresses, addresses, [p.length for p in chunk.pieces]
+            )
         except OSError as exc:
             if not _alive(pid):
                 raise PeerClosed(f"{peer}: the server's process ended", source=peer) from exc
             raise TransferError(
-                f"{peer}: chunk {chunk.tensor}/{chunk.number} at {address:#x}: {exc.strerror}",
-                source=peer,
+                f"{peer}: chunk {chunk.number} at {addresses[0]:#x}: {exc.strerror}", source=peer
             ) from exc
     sink.received(chunk, source=peer)
 

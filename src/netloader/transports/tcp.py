@@ -8,7 +8,6 @@ from netloader import protocol as p
 from netloader.errors import ProtocolError
 from netloader.manifest import Chunk, new_hasher
 from netloader.settings import Timeouts
-from netloader.tensors import byte_view
 from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
 from netloader.transports.connection import Connection
 
@@ -22,20 +21,16 @@ class TcpTransport(Transport):
         self, conn: Connection, source: ChunkSource, chunks: ChunkList, timeouts: Timeouts
     ) -> None:
         for chunk in chunks:
-            data = byte_view(source.chunk_bytes(chunk))
-            with conn.within(
-                timeouts.for_chunk(chunk.length), f"sending chunk {chunk.tensor}/{chunk.number}"
-            ):
-                conn.send_data(chunk.tensor, chunk.number, data)
+            views = source.views(chunk)
+            with conn.within(timeouts.for_chunk(chunk.length), f"sending chunk {chunk.number}"):
+                conn.send_data(chunk.number, views)
         conn.send(p.End())
 
     def receive_chunks(
         self, conn: Connection, chunks: ChunkList, sink: ChunkSink, timeouts: Timeouts
     ) -> None:
         for chunk in chunks:
-            with conn.within(
-                timeouts.for_chunk(chunk.length), f"chunk {chunk.tensor}/{chunk.number}"
-            ):
+            with conn.within(timeouts.for_chunk(chunk.length), f"chunk {chunk.number}"):
                 self._receive_one(conn, chunk, sink)
         conn.expect(p.End)
 
@@ -44,15 +39,15 @@ class TcpTransport(Transport):
         if header.type is not p.MsgType.DATA:
             conn.message_from(header)  # raises if it is the peer's ERROR
             raise ProtocolError(f"{conn.peer} sent {header.type.name} where tensor data belongs")
-        tensor, index = p.decode_data_prefix(conn.recv_exact(p.DATA_PREFIX.size))
+        index = p.decode_data_prefix(conn.recv_exact(p.DATA_PREFIX.size))
         length = header.length - p.DATA_PREFIX.size
-        if (tensor, index, length) != (chunk.tensor, chunk.number, chunk.length):
+        if (index, length) != (chunk.number, chunk.length):
             raise ProtocolError(
-                f"{conn.peer} sent chunk {tensor}/{index} of {length} bytes, "
-                f"expected {chunk.tensor}/{chunk.number} of {chunk.length}"
+                f"{conn.peer} sent chunk {index} of {length} bytes, "
+                f"expected chunk {chunk.number} of {chunk.length}"
             )
         hasher = new_hasher()
-        conn.recv_into(byte_view(sink.destination(chunk)), hasher)
+        conn.recv_views(sink.landing(chunk).views, hasher)
         conn.session.data_received()
         sink.received(chunk, hasher.hexdigest(), conn.peer)
 
