@@ -147,6 +147,24 @@ def test_ringed_chunks_reach_the_tensor_through_a_few_slots() -> None:
     assert sorted(sink.completed()) == ["a", "b"]
 
 
+def test_a_relay_serves_a_ringed_tensor_only_once_all_of_it_arrived() -> None:
+    """A server copies a device tensor to host memory whole at the first request: its
+    chunks become servable together, once the last one is in."""
+    dest = {name: torch.zeros_like(t) for name, t in BIG.items()}
+    arrived: list[int] = []
+    sink = VerifyingSink(
+        BIG_MANIFEST, dest, ringed=lambda t: True, verified=lambda c: arrived.append(c.number)
+    )
+    first_of_b = BIG_MANIFEST.chunks_of(1)[0]
+    for chunk in BIG_MANIFEST.chunks[:first_of_b]:  # all of 'a' but its last chunk
+        if chunk.number < first_of_b - 1:
+            deliver(sink, chunk, big_bytes(chunk))
+    assert arrived == []
+    last = BIG_MANIFEST.chunks[first_of_b - 1]
+    deliver(sink, last, big_bytes(last))
+    assert sorted(arrived) == list(BIG_MANIFEST.chunks_of(0))
+
+
 def test_a_corrupt_ringed_chunk_never_reaches_the_tensor() -> None:
     sink, dest = ringed_sink()
     chunk = BIG_MANIFEST.chunks[0]

@@ -224,26 +224,33 @@ class VerifyingSink:
         metrics.RECEIVED_BYTES.inc(chunk.length)
         if slot is not None:
             self._to_device(chunk, slot)
-        completed = []
+        completed = []  # tensors servable only whole that this chunk completed
         with self._lock:
             self.done_chunks.add(chunk.number)
             self.bytes += chunk.length
             for piece in chunk.pieces:
                 if piece.tensor in self.missing:
                     self.missing[piece.tensor] -= 1
-                    if self.missing[piece.tensor] == 0 and piece.tensor in self.staged:
+                    if self.missing[piece.tensor] == 0 and self._served_whole(piece.tensor):
                         completed.append(piece.tensor)
             if self.progress is not None:
                 self.progress(chunk.length)
         for index in completed:
-            target = self.dest[index]
-            target.copy_(self.staged[index].view(target.dtype).reshape(target.shape))
-        if self.verified is not None:  # staged bytes are servable only once in place
+            if index in self.staged:
+                target = self.dest[index]
+                target.copy_(self.staged[index].view(target.dtype).reshape(target.shape))
+        if self.verified is not None:
             self._notify(chunk, completed)
+
+    def _served_whole(self, tensor: int) -> bool:
+        """Whether a relay serves `tensor` only once all of it arrived: a staged tensor is
+        in place only then, and a server copies a device tensor to host memory whole, at
+        the first request (a part copied earlier would be stale)."""
+        return tensor in self.staged or tensor in self.ringed
 
     def _notify(self, chunk: Chunk, completed: list[int]) -> None:
         """Tell `verified` of the chunks that became servable: this one, and those of the
-        staged tensors just copied in place."""
+        tensors served whole that it completed (see `_served_whole`)."""
         assert self.verified is not None
         candidates = {chunk.number}
         for index in completed:
@@ -253,7 +260,7 @@ class VerifyingSink:
             with self._lock:
                 ready = number in self.done_chunks and all(
                     p.tensor in self.dest
-                    and (p.tensor not in self.staged or self.missing[p.tensor] == 0)
+                    and (not self._served_whole(p.tensor) or self.missing[p.tensor] == 0)
                     for p in candidate.pieces
                 )
             if ready:
