@@ -27,6 +27,7 @@ from netloader.errors import (
     ServerBusy,
     SourceUnavailable,
     TransferError,
+    TransferTimeout,
     UsageError,
 )
 from netloader.manifest import Chunk, Identity, Manifest, expected_manifest
@@ -255,15 +256,22 @@ class Client:
         connect timeout lasts."""
         deadline = time.monotonic() + self.timeouts.connect
         pause = 0.05
+        busy: ServerBusy | None = None
         while True:
             try:
                 return self._open_once(source, deadline)
-            except ServerBusy:
+            except ServerBusy as exc:
+                busy = exc
                 pause = min(pause * 2, 1.0)
                 wait = pause * random.uniform(0.5, 1.5)
                 if time.monotonic() + wait >= deadline:
                     raise
                 time.sleep(wait)
+            except TransferTimeout:
+                # A retry that ran out of time says less than the refusal that caused it.
+                if busy is not None:
+                    raise busy from None
+                raise
 
     def _open_once(self, source: Endpoint, deadline: float) -> Connection:
         peer = str(source)
