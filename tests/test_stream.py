@@ -61,3 +61,31 @@ def test_a_subset_names_only_tensors_of_the_manifest() -> None:
         manifest = client.manifest()
         with pytest.raises(netloader.UsageError, match="not in the manifest"):
             client.load_into({"nope": torch.zeros(1)}, manifest.identity, within=manifest)
+
+
+def test_a_rank_pulls_only_the_chunks_holding_its_rows_verified() -> None:
+    """What a tensor-parallel rank of a checkpoint client does: for the tensors it shards,
+    only the chunks holding its rows move (verified whole); the rows it does not keep
+    are NaN, so a consumer that reads them shows; a flipped byte in them is rejected."""
+    model = transformer_like()
+    up = "layers.0.mlp.up"  # 1024 rows of 512 bytes: 8 chunks of 128 rows
+    with netloader.serve(model, "m", chunk_bytes=64 << 10) as server:
+        client = Client([server.address])
+        manifest = client.manifest()
+        received: list[int] = []
+        streamed = dict(
+            stream_tensors(client, manifest, rows={up: [(500, 1024)]}, progress=received.append)
+        )
+        assert all(same_bytes(streamed[n], t) for n, t in model.items() if n != up)
+        assert same_bytes(streamed[up][384:], model[up][384:])  # chunks 3-7 of it
+        assert bool(streamed[up][:384].isnan().all())
+        whole = sum(t.numel() * t.element_size() for t in model.values())
+        assert sum(received) == whole - 384 * 512
+
+        model[up][600, 0] += 1  # memory gone bad after the digests were computed
+        with pytest.raises(
+            netloader.IntegrityError, match=r"chunk \d+ \(tensor 'layers.0.mlp.up'\)"
+        ):
+            dict(stream_tensors(client, manifest, rows={up: [(500, 1024)]}))
+        kept = dict(stream_tensors(client, manifest, rows={up: [(0, 128)]}))
+        assert same_bytes(kept[up][:128], model[up][:128])  # its chunk is still intact

@@ -213,6 +213,18 @@ class Manifest:
                 last[piece.tensor] = chunk.number
         return first, last
 
+    def chunks_covering(self, tensor: int, start: int, stop: int) -> list[int]:
+        """The numbers of the chunks holding any of bytes [start, stop) of tensor number
+        `tensor`: what a client fetches (and verifies whole) for that part of it."""
+        return [
+            number
+            for number in self.chunks_of(tensor)
+            for piece in self.chunks[number].pieces
+            if piece.tensor == tensor
+            and piece.offset < stop
+            and start < piece.offset + max(piece.length, 1)
+        ]
+
     def describe_chunk(self, chunk: Chunk) -> str:
         """Which tensors a chunk holds, for messages: "tensor 'a'", or "tensors 'a' ...
         'b' (12)"."""

@@ -20,7 +20,7 @@ from netloader.discovery import registry as reg
 from netloader.discovery.wave import Wave
 from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_address_file
 from netloader.errors import NetloaderError, SourceUnavailable, UsageError
-from netloader.manifest import Identity, Manifest
+from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server import LoadedTensors, Relay, Server, ServerOptions
 from netloader.settings import resolve_secret
 
@@ -38,19 +38,24 @@ def serve_rank(
     unavailable: str | None = None,
     draft: bool = False,
     files: Mapping[str, torch.Tensor] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Server | None:
     """Serve `model` for `rank` on LISTEN_PORT + rank (a free port when unset) and write
     OUTPUT_PREFIX's file. `manifest`: digests already computed over these tensors;
     `unavailable`: tell clients this reason instead of serving; `draft`: the model is a
     speculative-decoding draft (its own port and file, see NetloaderConfig); `files`: the
     model directory's other files (netloader.files.model_files), offered beside the
-    weights. Returns None when the port is outside 1024-65535 (logged): this rank does
-    not serve."""
+    weights; `chunk_bytes`: the unit of transfer and verification. Returns None when
+    the port is outside 1024-65535 (logged): this rank does not serve."""
     port = config.listen_port_for(rank, draft=draft)
     if port is None:
         return None
     holdings = LoadedTensors(
-        tensors_of(model), identity, manifest=manifest, unavailable=unavailable
+        tensors_of(model),
+        identity,
+        manifest=manifest,
+        unavailable=unavailable,
+        chunk_bytes=chunk_bytes,
     )
     offered = None if files is None else LoadedTensors(files, identity)
     server = Server(holdings, files=offered, **_server_options(config, port, secret))

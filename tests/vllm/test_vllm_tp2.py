@@ -14,11 +14,13 @@ from safetensors.torch import load_file
 
 from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import PROMPTS, VllmInstance
+from support.proxy import FaultyProxy
 from support.vllm_checks import (
     Starter,
     checkpoint_lines,
     fallback_reasons,
     loaded_lines,
+    serve_directory,
     serve_line,
 )
 
@@ -57,24 +59,70 @@ def test_tp2_client_loads_each_rank_from_the_seeds_rank(
         assert client.completions(PROMPTS[:3]) == reference_tp2
 
 
-def test_tp2_loads_from_a_checkpoint_server(
+@pytest.fixture(scope="module")
+def fine_checkpoint(tiny_model: Path, vllm_logs: Path) -> Iterator[ServerProcess]:
+    """The tiny checkpoint served in 16 KiB chunks, so that its tensors span several
+    chunks and a rank can pull only the rows it keeps (a real model's do at 16 MiB)."""
+    log = vllm_logs / "fine_checkpoint.log"
+    with serve_directory(tiny_model, log, "--chunk-kib", "16") as server:
+        yield server
+
+
+def sharded_bytes(tiny_model: Path) -> tuple[int, int]:
+    """(bytes of the tensors vLLM shards by rows at tp=2, bytes of all the others)."""
+    by_rows = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
+    tensors = load_file(tiny_model / "model.safetensors")
+    rows = sum(t.nbytes for n, t in tensors.items() if any(part in n for part in by_rows))
+    return rows, sum(t.nbytes for t in tensors.values()) - rows
+
+
+def test_tp2_ranks_pull_only_their_rows_from_a_checkpoint_server(
     start: Starter,
-    checkpoint_server: ServerProcess,
+    fine_checkpoint: ServerProcess,
     reference_tp2: dict[str, str],
     tiny_model: Path,
     client_model_dir: Path,
 ) -> None:
-    """Each rank of a tp=2 instance streams the whole checkpoint through load_weights,
-    which cuts its shard; outputs match the tp=2 seed that loaded from disk."""
-    sources = [{"device_id": r, "sources": [checkpoint_server.address]} for r in (0, 1)]
+    """Each rank of a tp=2 instance streams the checkpoint through load_weights, which
+    cuts its shard; a dry run of load_weights found which rows each rank keeps, so of the
+    row-sharded tensors (qkv, gate/up, embeddings) only about half moves to each rank,
+    the others whole. Outputs match the tp=2 seed that loaded from disk."""
+    sources = [{"device_id": r, "sources": [fine_checkpoint.address]} for r in (0, 1)]
     config = {"MODEL": "tiny", "SOURCE": sources}
     with start("ckpt_tp2", client_model_dir, config, **TP2) as tp2:
         found = checkpoint_lines(tp2)
         assert sorted(m.group(4, 5) for m in found) == [("0", "2"), ("1", "2")], found
-        checkpoint_bytes = sum(
-            t.nbytes for t in load_file(tiny_model / "model.safetensors").values()
-        )
-        assert all(int(m.group(2)) == checkpoint_bytes for m in found)
+        by_rows, others = sharded_bytes(tiny_model)
+        slack = 2 * 16 * 7 * 4 << 10  # at most a chunk at each end of each sharded tensor
+        for m in found:
+            assert by_rows // 2 + others <= int(m.group(2)) <= by_rows // 2 + others + slack
+        plans = [line for line in tp2.netloader_lines() if "pulls 22 tensors by the rows" in line]
+        assert len(plans) == 2, tp2.netloader_lines()
+        assert all("8 whole (sharded along a dimension other than 0)" in p for p in plans)
         assert fallback_reasons(tp2) == []
-        assert loaded_lines(tp2) != []  # the windows, each a verified transfer
         assert tp2.completions(PROMPTS[:3]) == reference_tp2
+
+
+def test_tp2_rejects_a_corrupt_range_and_falls_back(
+    start: Starter,
+    fine_checkpoint: ServerProcess,
+    reference_tp2: dict[str, str],
+    tiny_model: Path,
+) -> None:
+    """Rank 0 pulls through a proxy that flips a byte among its rows: the chunk is
+    rejected by its digest and rank 0 loads from disk, saying so; rank 1 pulls its rows
+    directly. The instance answers as the seed does."""
+    proxy = FaultyProxy(fine_checkpoint.address, flip_at=300_000)
+    try:
+        sources = [
+            {"device_id": 0, "sources": [proxy.address]},
+            {"device_id": 1, "sources": [fine_checkpoint.address]},
+        ]
+        config = {"MODEL": "tiny", "SOURCE": sources}
+        with start("ckpt_tp2_corrupt", tiny_model, config, **TP2) as tp2:
+            reasons = fallback_reasons(tp2)
+            assert len(reasons) == 1 and "digest mismatch" in reasons[0], reasons
+            assert [m.group(4) for m in checkpoint_lines(tp2)] == ["1"]
+            assert tp2.completions(PROMPTS[:3]) == reference_tp2
+    finally:
+        proxy.close()

@@ -23,6 +23,7 @@ from netloader.cli.common import (
 from netloader.discovery import registry as reg
 from netloader.endpoint import Endpoint
 from netloader.files import model_files
+from netloader.manifest import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from netloader.metrics import serve_metrics
 from netloader.ranks import serve_rank
 from netloader.settings import Limits
@@ -56,6 +57,14 @@ from netloader.settings import Limits
     show_default=True,
     help="Scheduling niceness of the threads that send.",
 )
+@click.option(
+    "--chunk-kib",
+    type=click.IntRange(4, MAX_CHUNK_BYTES >> 10),
+    default=DEFAULT_CHUNK_BYTES >> 10,
+    show_default=True,
+    help="Unit of transfer and verification, in KiB. Smaller chunks let a tensor-parallel "
+    "client pull closer to only the rows it keeps, at some cost in speed.",
+)
 @secret_option
 @with_options(*tls_cert_options)
 @fail_cleanly
@@ -70,6 +79,7 @@ def serve(
     drain_timeout: float,
     send_rate: float | None,
     sender_nice: int,
+    chunk_kib: int,
     secret_file: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -93,7 +103,7 @@ def serve(
     tensors = load_checkpoint(model_dir)
     identity = checkpoint_identity(model_name or model_dir.resolve().name, model_dir)
     files = model_files(model_dir) if model_dir.is_dir() else {}
-    server = serve_rank(tensors, identity, config, 0, files=files)
+    server = serve_rank(tensors, identity, config, 0, files=files, chunk_bytes=chunk_kib << 10)
     if server is None:
         raise click.UsageError(f"--listen {listen}: the port must be 0 or in 1024-65535")
     with server:

@@ -10,7 +10,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +139,7 @@ class Client:
         observer: PullObserver | None = None,
         within: Manifest | None = None,
         part: p.Part = p.Part.WEIGHTS,
+        chunks: Collection[int] | None = None,
     ) -> LoadReport:
         """Fill `dest` (name -> tensor of the right dtype and shape) from the sources.
 
@@ -150,6 +151,10 @@ class Client:
                   those are pulled, from sources whose manifest is this very one (the
                   same bytes); None: `dest` is the whole model.
         part:     which of the servers' parts to pull (the weights by default).
+        chunks:   with `within`: pull only these chunk numbers of it (`Manifest.
+                  chunks_covering`), e.g. the rows of each tensor a tensor-parallel rank
+                  keeps; the other bytes of `dest` are left as they are. `dest` must then
+                  be contiguous host tensors. None: all of every tensor in `dest`.
 
         Raises a TransferError subclass if not every tensor arrived verified; its
         `completed` names the tensors that did (the others hold undefined bytes).
@@ -157,10 +162,14 @@ class Client:
         started = time.perf_counter()
         if within is not None and (unknown := set(dest) - {t.name for t in within.tensors}):
             raise UsageError(f"not in the manifest: {', '.join(sorted(unknown)[:5])}")
+        if chunks is not None and within is None:
+            raise UsageError("pulling some chunks needs the manifest they belong to (within)")
+        if chunks is not None and not all(t.is_cpu and t.is_contiguous() for t in dest.values()):
+            raise UsageError("pulling some chunks needs contiguous host tensors to land in")
         metrics.TRANSFERS_STARTED.labels("client").inc()
         failure: TransferError | None = None
         try:
-            return self._load(dest, identity, progress, observer, within, part, started)
+            return self._load(dest, identity, progress, observer, within, part, chunks, started)
         except TransferError as exc:
             failure = exc
             raise
@@ -176,11 +185,12 @@ class Client:
         observer: PullObserver | None,
         within: Manifest | None,
         part: p.Part,
+        chunks: Collection[int] | None,
         started: float,
     ) -> LoadReport:
         expected = within or expected_manifest(identity, dest)
         pull = SharedPull(
-            expected, dest, self.sources, progress, observer, self.huge_pages, within, part
+            expected, dest, self.sources, progress, observer, self.huge_pages, within, part, chunks
         )
         # Sources are handed out before any worker starts, so the first to connect knows
         # it is not alone and leaves work for the others.

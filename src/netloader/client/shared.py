@@ -4,7 +4,7 @@ under one lock; workers wait on it for work that comes back from a failed source
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -42,9 +42,11 @@ class SharedPull:
         huge_pages: bool,
         reference: Manifest | None = None,
         part: Part = Part.WEIGHTS,
+        chunks: Collection[int] | None = None,
     ) -> None:
         self.expected = expected
         self.part = part
+        self.chunks = chunks  # a subset of the chunks to fetch (None: all of dest's)
         self.dest = dest
         self.progress = progress
         self.observer = observer
@@ -81,6 +83,7 @@ class SharedPull:
                     progress=self.progress,
                     huge_pages=self.huge_pages,
                     verified=None if self.observer is None else self.observer.arrived,
+                    chunks=self.chunks,
                 )
                 self.plan.load(self.sink.wanted)
                 if self.observer is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -98,6 +98,9 @@ class VerifyingSink:
                 it from then on); only for chunks whose every tensor is in `dest`.
     ringed:     which destinations go through the ring (default: contiguous device
                 tensors).
+    chunks:     fetch only these chunk numbers (parts of `dest`'s tensors, e.g. the rows
+                a tensor-parallel rank keeps); the rest of those tensors is left as it is.
+                None: all of every tensor in `dest`.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class VerifyingSink:
         huge_pages: bool = False,
         verified: Callable[[Chunk], None] | None = None,
         ringed: Callable[[torch.Tensor], bool] = on_device,
+        chunks: Collection[int] | None = None,
     ) -> None:
         self.manifest = manifest
         # By manifest index, for the tensors `dest` names (all, unless a subset is pulled).
@@ -126,8 +130,13 @@ class VerifyingSink:
             for i, t in self.dest.items()
             if i not in self.ringed
         }
-        # The chunks to fetch: those holding any wanted tensor.
-        self.wanted = [c for c in manifest.chunks if any(p.tensor in self.dest for p in c.pieces)]
+        # The chunks to fetch: those holding any wanted tensor (of those asked for).
+        self.wanted = [
+            c
+            for c in manifest.chunks
+            if (chunks is None or c.number in chunks)
+            and any(p.tensor in self.dest for p in c.pieces)
+        ]
         self.ring: DeviceRing | None = None
         self._slots: dict[int, Slot] = {}  # ringed chunks, between arrival and check
         self._scratch: dict[int, bytearray] = {}  # unwanted pieces, between arrival and check
@@ -139,7 +148,11 @@ class VerifyingSink:
         if huge_pages:
             for i, base in self.bases.items():
                 advise_huge_pages_at(base, manifest.tensors[i].nbytes)
-        self.missing = {i: len(manifest.chunks_of(i)) for i in self.dest}
+        self.missing = dict.fromkeys(self.dest, 0)  # per tensor: its chunks still to come
+        for chunk in self.wanted:
+            for piece in chunk.pieces:
+                if piece.tensor in self.missing:
+                    self.missing[piece.tensor] += 1
         self.done_chunks: set[int] = set()
         self.bytes = 0
         self.progress = progress

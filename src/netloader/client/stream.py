@@ -5,7 +5,7 @@ window is pulled while the consumer works through the current one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -37,7 +37,9 @@ def stream_tensors(
     manifest: Manifest,
     *,
     wanted: Callable[[str], bool] = lambda name: True,
+    rows: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
+    progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for each tensor of `manifest` that `wanted` accepts, in
     manifest order, each verified, pulled by `client` from sources that serve exactly
@@ -46,18 +48,38 @@ def stream_tensors(
     client:       the Client whose sources to pull from (striped as it is configured).
     manifest:     the manifest one of them offered (`client.manifest()`).
     wanted:       which tensor names to pull (e.g. those of this pipeline stage).
+    rows:         for the tensors it names, the [start, stop) ranges of dim-0 indices to
+                  pull (the shard a tensor-parallel rank keeps): only the chunks holding
+                  them move, verified whole; the bytes no chunk brought are NaN (floating
+                  point) or zero, so that a consumer reading past its rows shows.
     window_bytes: how much to pull at a time; two windows are in memory at most.
+    progress:     called with the byte count of each verified chunk.
 
     Raises a TransferError for a window that did not arrive; its message says which
     window, and the tensors of earlier windows have been yielded already.
     """
     selected = [t for t in manifest.tensors if wanted(t.name)]
     cuts = windows(selected, window_bytes)
+    index = {t.name: i for i, t in enumerate(manifest.tensors)}
+    rows = rows or {}
 
     def pull(number: int) -> dict[str, torch.Tensor]:
-        dest = {t.name: torch.empty(t.shape, dtype=dtype_from_name(t.dtype)) for t in cuts[number]}
+        dest, chunks = {}, set()
+        for entry in cuts[number]:
+            dtype = dtype_from_name(entry.dtype)
+            if entry.name in rows:
+                blank = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
+                dest[entry.name] = torch.full(entry.shape, blank, dtype=dtype)
+                for start, stop in rows[entry.name]:
+                    span = (start * entry.row_bytes, stop * entry.row_bytes)
+                    chunks.update(manifest.chunks_covering(index[entry.name], *span))
+            else:
+                dest[entry.name] = torch.empty(entry.shape, dtype=dtype)
+                chunks.update(manifest.chunks_of(index[entry.name]))
         try:
-            client.load_into(dest, manifest.identity, within=manifest)
+            client.load_into(
+                dest, manifest.identity, within=manifest, chunks=chunks, progress=progress
+            )
         except TransferError as exc:
             raise type(exc)(
                 f"window {number + 1} of {len(cuts)}: {exc}", source=exc.source

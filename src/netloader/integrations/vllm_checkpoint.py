@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ from netloader.checkpoint import directory_fingerprint
 from netloader.client import stream_tensors
 from netloader.endpoint import Endpoint
 from netloader.errors import NetloaderError
+from netloader.integrations.shard_probe import probe_shards
 from netloader.manifest import Identity, Manifest
 from netloader.ranks import client_for
 
@@ -48,17 +50,21 @@ def load_from_checkpoints(
             f"fingerprint {theirs}, this instance's {mine})"
         )
     started = time.perf_counter()
-    pulled = [0, 0]
-
-    def counted() -> Iterator[tuple[str, torch.Tensor]]:
-        client = client_for(loader.config, [s for s, _ in checkpoints])
-        for name, tensor in stream_tensors(client, manifest, wanted=on_this_stage):
-            pulled[0] += 1
-            pulled[1] += tensor.numel() * tensor.element_size()
-            yield name, tensor
+    tensors, pulled = [0], Counter()
 
     def on_this_stage(name: str) -> bool:  # pipeline stages skip the others' layers
         return not is_pp_missing_parameter(name, model)
+
+    rows = _shard_rows(model, manifest, on_this_stage, identity)
+
+    def counted() -> Iterator[tuple[str, torch.Tensor]]:
+        client = client_for(loader.config, [s for s, _ in checkpoints])
+        stream = stream_tensors(
+            client, manifest, wanted=on_this_stage, rows=rows, progress=pulled.add
+        )
+        for name, tensor in stream:
+            tensors[0] += 1
+            yield name, tensor
 
     poisoned = _poison(model, loader)
     try:
@@ -76,8 +82,8 @@ def load_from_checkpoints(
     log.info(
         "netloader: loaded %d checkpoint tensors, %d bytes from %s through the model's "
         "load_weights in %.3f s for tp rank %d/%d, pp rank %d/%d, verified",
-        pulled[0],
-        pulled[1],
+        tensors[0],
+        pulled.total,
         ", ".join(str(s) for s, _ in checkpoints),
         time.perf_counter() - started,
         identity.tp_rank,
@@ -86,6 +92,38 @@ def load_from_checkpoints(
         identity.pp_size,
     )
     return None
+
+
+def _shard_rows(
+    model: torch.nn.Module,
+    manifest: Manifest,
+    wanted: Callable[[str], bool],
+    identity: Identity,
+) -> dict[str, list[tuple[int, int]]]:
+    """The rows of each checkpoint tensor this tensor-parallel rank keeps (found by a dry
+    run of `load_weights`); the tensors it does not name are pulled whole."""
+    if identity.tp_size == 1:
+        return {}
+    plan = probe_shards(cast(Any, model).load_weights, manifest, wanted, model)
+    log.info(
+        "netloader: tp rank %d/%d pulls %s",
+        identity.tp_rank,
+        identity.tp_size,
+        plan.summary(),
+    )
+    return plan.rows
+
+
+class Counter:
+    """Bytes received, added to from the receiving threads."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.total += count
 
 
 def _poison(model: torch.nn.Module, loader: Any) -> dict[str, torch.Tensor]:
