@@ -65,6 +65,9 @@ class NetloaderConfig:
     tls_ca: str | None = None
     wave_dir: str | None = None
     registry: str | None = None
+    join_wave: bool = False
+    wave_fanout: int = 1
+    drain_timeout: float = Timeouts.drain
     share_compile_cache: bool = False
     metrics_port: int | None = None
     send_rate: float | None = Limits.send_rate
@@ -91,9 +94,11 @@ class NetloaderConfig:
                 raise ConfigError("<config>", f"expected a JSON object, got {type(value).__name__}")
             merged.update(value)
         config = cls.from_dict(merged)
-        if config.config_file is None:
-            return config
-        return config._with_file(config.config_file)
+        if config.config_file is not None:
+            config = config._with_file(config.config_file)
+        if config.join_wave and (config.registry is None or config.wave_dir is not None):
+            raise ConfigError("JOIN_WAVE", "needs REGISTRY, and no WAVE_DIR")
+        return config
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> NetloaderConfig:
@@ -127,7 +132,9 @@ class NetloaderConfig:
 
     @property
     def timeouts(self) -> Timeouts:
-        return Timeouts(connect=self.connect_timeout, stall=self.stall_timeout)
+        return Timeouts(
+            connect=self.connect_timeout, stall=self.stall_timeout, drain=self.drain_timeout
+        )
 
     @property
     def limits(self) -> Limits:
@@ -246,6 +253,14 @@ def _seconds(key: str, value: Any) -> float:
     return float(value)
 
 
+def _fanout(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1024:
+        raise ConfigError(
+            key, f"expected members each relays to, 0 (all from the seeds) to 1024, got {value!r}"
+        )
+    return value
+
+
 def _send_rate(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= MIN_SEND_RATE:
         raise ConfigError(
@@ -342,6 +357,9 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "TLS_CA": ("tls_ca", _str),
     "WAVE_DIR": ("wave_dir", _str),
     "REGISTRY": ("registry", _registry),
+    "JOIN_WAVE": ("join_wave", _bool),
+    "WAVE_FANOUT": ("wave_fanout", _fanout),
+    "DRAIN_TIMEOUT": ("drain_timeout", _seconds),
     "METRICS_PORT": ("metrics_port", _int),
     "SHARE_COMPILE_CACHE": ("share_compile_cache", _bool),
     "SEND_RATE": ("send_rate", _send_rate),

@@ -22,12 +22,15 @@ class Timeouts:
                handshake (a client that connects and says nothing), in all.
     min_rate:  bytes per second below which a transfer counts as stalled even if bytes
                trickle in: each chunk must move within stall + its size / min_rate.
+    drain:     a server told to stop (SIGTERM): how long the transfers in progress may
+               take to finish (it withdraws from any registry at once).
     """
 
     connect: float = 5.0
     stall: float = 10.0
     handshake: float = 10.0
     min_rate: float = 1e6
+    drain: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("connect", "stall", "handshake", "min_rate"):

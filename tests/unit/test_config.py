@@ -142,6 +142,14 @@ def test_config_file_without_source_keeps_explicit_source(tmp_path: Path) -> Non
         ({"TRANSPORT": "carrier-pigeon"}, "TRANSPORT", "expected one of"),
         ({"WAVE_DIR": ["/a", "/b"]}, "WAVE_DIR", "expected a non-empty string"),
         ({"CONFIG_FILE": "/nonexistent/x.json"}, "CONFIG_FILE", "cannot read"),
+        ({"JOIN_WAVE": True}, "JOIN_WAVE", "needs REGISTRY, and no WAVE_DIR"),
+        (
+            {"JOIN_WAVE": True, "REGISTRY": "redis://h:6379/0", "WAVE_DIR": "/w"},
+            "JOIN_WAVE",
+            "needs REGISTRY, and no WAVE_DIR",
+        ),
+        ({"WAVE_FANOUT": -1}, "WAVE_FANOUT", "0 (all from the seeds) to 1024"),
+        ({"DRAIN_TIMEOUT": 0}, "DRAIN_TIMEOUT", "seconds"),
     ],
 )
 def test_bad_fields_name_the_field(raw: dict[str, Any], field: str, text: str) -> None:
@@ -241,3 +249,12 @@ def test_metrics_port_is_one_per_rank() -> None:
     assert config.metrics_endpoint_for(3) == Endpoint("0.0.0.0", 9403)
     assert NetloaderConfig().metrics_endpoint_for(0) is None
     assert NetloaderConfig.from_dict({"METRICS_PORT": 65535}).metrics_endpoint_for(1) is None
+
+
+def test_a_registry_wave_and_its_drain() -> None:
+    config = NetloaderConfig.load(
+        {"REGISTRY": "redis://h:6379/0", "JOIN_WAVE": True, "WAVE_FANOUT": 2, "DRAIN_TIMEOUT": 7},
+        environ={},
+    )
+    assert (config.join_wave, config.wave_fanout, config.timeouts.drain) == (True, 2, 7.0)
+    assert NetloaderConfig.load({}, environ={}).timeouts.drain == 30.0

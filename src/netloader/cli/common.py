@@ -18,8 +18,9 @@ from netloader.discovery import registry as reg
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import NetloaderError
 from netloader.server import Server
+from netloader.settings import Timeouts
 
-DRAIN_TIMEOUT = 30.0  # seconds SIGTERM leaves transfers in progress to finish
+DRAIN_TIMEOUT = Timeouts.drain
 
 
 class EndpointParam(click.ParamType):  # type: ignore[type-arg]

@@ -31,6 +31,7 @@ import torch
 
 from netloader import metrics
 from netloader.config import NetloaderConfig
+from netloader.discovery.registry import mask_url
 from netloader.errors import NetloaderError
 from netloader.files import model_files
 from netloader.integrations.vllm_checkpoint import load_from_checkpoints
@@ -44,13 +45,16 @@ from netloader.manifest import Identity, config_fingerprint
 from netloader.ranks import (
     client_for,
     find_sources,
+    join_registry_wave,
     join_wave,
     load_rank,
+    register_server,
     relay_rank,
     serve_rank,
     sort_sources,
 )
 from netloader.server import Holdings, LoadedTensors, Relay, Server
+from netloader.server.drain import drain_on_sigterm
 from netloader.settings import resolve_secret
 
 log = logging.getLogger("netloader.vllm")
@@ -117,7 +121,8 @@ def _loader_class() -> type:
             slot = self.slot or _slot(self.config, None, model_config)
             identity = _identity(slot, model_config)
             _expose_metrics(self.config, slot)
-            self.relay = _start_relay(self.config, slot) if self.config.wave_dir else None
+            in_wave = self.config.wave_dir is not None or self.config.join_wave
+            self.relay = _start_relay(self.config, slot) if in_wave else None
             with _phase("pull"):
                 reason = _load_from_peers(model, model_config, identity, self, slot)
             if reason is not None:
@@ -133,6 +138,7 @@ def _loader_class() -> type:
 
         def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
             self.slot = _slot(self.config, vllm_config, model_config)
+            _drain_on_sigterm(self.config, vllm_config)
             model = super().load_model(vllm_config, model_config, prefix=prefix)
             if self.capture is not None:
                 cache = None
@@ -145,6 +151,21 @@ def _loader_class() -> type:
             return model
 
     return NetloaderModelLoader
+
+
+def _drain_on_sigterm(config: NetloaderConfig, vllm_config: Any) -> None:
+    """On SIGTERM, this worker's servers withdraw from the registry at once and finish
+    their transfers in progress, within DRAIN_TIMEOUT and the time vLLM gives its
+    processes to stop (`--shutdown-timeout`; with 0, vLLM kills them at once)."""
+    grace = getattr(vllm_config, "shutdown_timeout", 0) or 0
+    timeout = min(config.drain_timeout, grace)
+    if not drain_on_sigterm(lambda: list(_servers.values()), timeout):
+        return
+    if grace == 0 and (config.registry is not None or config.listen_port is not None):
+        log.info(
+            "netloader: vLLM stops this worker at once on SIGTERM (--shutdown-timeout 0): "
+            "transfers in progress are cut off; set --shutdown-timeout to let them finish"
+        )
 
 
 def _slot(config: NetloaderConfig, vllm_config: Any, model_config: Any) -> Slot:
@@ -282,21 +303,30 @@ def _load_from_wave(
     slot: Slot,
     relay: Relay,
 ) -> str | None:
-    """Join this slot's wave and pull from it, relaying as chunks arrive."""
+    """Join this slot's wave (in WAVE_DIR, or REGISTRY's with JOIN_WAVE) and pull from it,
+    relaying as chunks arrive."""
+    fanout = config.wave_fanout or None
+    wave = config.wave_dir or (config.registry and mask_url(config.registry))
+    position: int | None
     try:
-        position, sources = join_wave(config, slot.rank, relay, draft=slot.draft)
+        if config.wave_dir is not None:
+            position, sources = join_wave(config, slot.rank, relay, fanout=fanout, draft=slot.draft)
+        else:
+            position, sources = join_registry_wave(
+                config, slot.rank, relay, identity, fanout=fanout, draft=slot.draft
+            )
     except (OSError, NetloaderError) as exc:
-        return f"cannot join the wave in {config.wave_dir}: {exc}"
+        return f"cannot join the wave in {wave}: {exc}"
     log.info(
-        "netloader: %s is member %d of the wave in %s, relaying on %s; sources: %s",
+        "netloader: %s is %s of the wave in %s, relaying on %s; sources: %s",
         slot,
-        position,
-        config.wave_dir,
+        "outside" if position is None else f"member {position}",
+        wave,
         relay.address,
         ", ".join(map(str, sources)) or "none",
     )
     if not sources:
-        return f"the wave in {config.wave_dir} has no seed or earlier member for {slot}"
+        return f"the wave in {wave} has no seed or earlier member for {slot}"
     report = load_rank(
         params, identity, config, slot.rank, sources=sources, relay=relay, draft=slot.draft
     )
@@ -347,6 +377,8 @@ def _serve(
             ),
             files=None if files is None else LoadedTensors(files, captured.identity),
         )
+        if relay is not None and unavailable is None:  # a wave member: a server from now on
+            register_server(config, slot.rank, relay, captured.identity)
     else:
         try:
             new = serve_rank(
