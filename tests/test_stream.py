@@ -74,7 +74,7 @@ def test_a_rank_pulls_only_the_chunks_holding_its_rows_verified() -> None:
         manifest = client.manifest()
         received: list[int] = []
         streamed = dict(
-            stream_tensors(client, manifest, rows={up: [(500, 1024)]}, progress=received.append)
+            stream_tensors(client, manifest, parts={up: [((500, 1024),)]}, progress=received.append)
         )
         assert all(same_bytes(streamed[n], t) for n, t in model.items() if n != up)
         assert same_bytes(streamed[up][384:], model[up][384:])  # chunks 3-7 of it
@@ -86,6 +86,6 @@ def test_a_rank_pulls_only_the_chunks_holding_its_rows_verified() -> None:
         with pytest.raises(
             netloader.IntegrityError, match=r"chunk \d+ \(tensor 'layers.0.mlp.up'\)"
         ):
-            dict(stream_tensors(client, manifest, rows={up: [(500, 1024)]}))
-        kept = dict(stream_tensors(client, manifest, rows={up: [(0, 128)]}))
+            dict(stream_tensors(client, manifest, parts={up: [((500, 1024),)]}))
+        kept = dict(stream_tensors(client, manifest, parts={up: [((0, 128),)]}))
         assert same_bytes(kept[up][:128], model[up][:128])  # its chunk is still intact

@@ -45,6 +45,7 @@ def serve(
     advertise_host: str | None = None,
     secret: bytes | str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    column_tiles: int = 1,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     limits: Limits = DEFAULT_LIMITS,
     tls: ssl.SSLContext | None = None,
@@ -61,6 +62,9 @@ def serve(
     advertise_host: the host to publish when binding a wildcard (default: this host's).
     secret:         require clients to prove they know it (default: $NETLOADER_SECRET).
     chunk_bytes:    unit of transfer and of verification.
+    column_tiles:   cut each matrix larger than a chunk into this many column tiles, so a
+                    client can pull (and verify) some columns of it: the shard of a
+                    row-parallel layer; 1: rows only.
     timeouts:       handshake (a new connection's) and stall (silence afterwards).
     limits:         connection and transfer caps, send-rate cap, sender priority.
     tls:            netloader.transports.tls.server_context(cert, key) to require TLS.
@@ -68,7 +72,12 @@ def serve(
     """
     endpoint = _listen_endpoint(listen)
     server = Server(
-        LoadedTensors(tensors_of(model), as_identity(identity), chunk_bytes=chunk_bytes),
+        LoadedTensors(
+            tensors_of(model),
+            as_identity(identity),
+            chunk_bytes=chunk_bytes,
+            column_tiles=column_tiles,
+        ),
         listen=endpoint,
         advertise_host=advertised_host(endpoint.host, advertise_host),
         secret=resolve_secret(secret),

@@ -11,7 +11,10 @@ Three things rest on that plan:
   `chunk_bytes` and MAX_PIECES of them, so every chunk costs about the same whatever the
   tensor sizes (a mixture-of-experts checkpoint holds tens of thousands of small tensors);
 - a tensor larger than `chunk_bytes` has chunks of its own, cut on row (dim 0)
-  boundaries, so a reader can fetch and verify a range of rows without the rest;
+  boundaries, so a reader can fetch and verify a range of rows without the rest; with
+  `column_tiles` T > 1, a matrix's chunks are each a range of rows of one of T column
+  tiles (a strided piece), so a reader can fetch and verify a range of columns too (the
+  shard of a row-parallel layer);
 - two versions of a model with the same shapes have the same chunks, so a chunk whose
   digest is unchanged need not move again.
 """
@@ -41,6 +44,8 @@ MAX_CHUNKS = 4_000_000
 MAX_NAME_LENGTH = 1024
 MAX_DIMS = 16
 MAX_TENSOR_BYTES = 1 << 44  # 16 TiB: bounds every length a manifest may claim
+MAX_COLUMN_TILES = 64
+MAX_TILE_ROWS = 1 << 14  # rows (runs) of a column tile in one chunk
 MAX_CHUNK_BYTES = 1 << 28  # a chunk is received (and its memory prefaulted) in one piece
 _HEX = frozenset("0123456789abcdef")
 _ITEMSIZE = {name: tb.itemsize(name) for name in tb.known_dtypes()}
@@ -103,11 +108,34 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
 
 
 class Piece(NamedTuple):
-    """Bytes [offset, offset + length) of the manifest's tensor number `tensor`."""
+    """Bytes [offset, offset + length) of the manifest's tensor number `tensor`; or, with
+    `repeat` > 1, that many such runs, `stride` bytes apart (rows of a column tile)."""
 
     tensor: int
     offset: int
     length: int
+    repeat: int = 1
+    stride: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.length * self.repeat
+
+    def of(self, flat: torch.Tensor) -> torch.Tensor:
+        """This piece of a tensor's bytes (`flat`, uint8): a slice, or for a strided piece
+        a (repeat, length) view of its runs. On the wire and in its digest a strided piece
+        is packed: its runs back to back."""
+        if self.repeat == 1:
+            return flat[self.offset : self.offset + self.length]
+        return flat.as_strided((self.repeat, self.length), (self.stride, 1), self.offset)
+
+    def runs(self, here: int, there: int) -> list[tuple[int, int, int]]:
+        """(address here, address there, length) of each run, for a piece packed at `here`
+        and laid out as it is in the tensor at `there` (a read of process memory)."""
+        if self.repeat == 1:
+            return [(here, there, self.length)]
+        n, stride = self.length, self.stride
+        return [(here + i * n, there + i * stride, n) for i in range(self.repeat)]
 
 
 class Chunk(NamedTuple):
@@ -138,13 +166,18 @@ class TensorEntry(NamedTuple):
 
 
 def plan_chunks(
-    tensors: Sequence[TensorEntry], chunk_bytes: int, limit: int = MAX_CHUNKS
+    tensors: Sequence[TensorEntry],
+    chunk_bytes: int,
+    limit: int = MAX_CHUNKS,
+    column_tiles: int = 1,
 ) -> tuple[Chunk, ...]:
     """The chunks of `tensors`, in order (see the module's docstring). Consecutive tensors
     of at most `chunk_bytes` share a chunk while it has room; a larger tensor gets chunks
     of its own, each as many whole rows as fit (or `chunk_bytes` of a row longer than
-    that). An empty tensor is a zero-length piece of the chunk it falls in. ProtocolError
-    past `limit` chunks (a hostile manifest's tiny chunk size)."""
+    that), or with `column_tiles` > 1 and a matrix whose columns it divides, those same
+    ranges of rows (at most MAX_TILE_ROWS of them) cut into one chunk per column tile. An
+    empty tensor is a zero-length piece of the chunk it falls in. ProtocolError past
+    `limit` chunks (a hostile manifest's tiny chunk size)."""
     chunks: list[Chunk] = []
     pieces: list[Piece] = []
     filled = 0
@@ -158,6 +191,19 @@ def plan_chunks(
             filled += size
             continue
         row = entry.row_bytes
+        if column_tiles > 1 and _tiled(entry, column_tiles, chunk_bytes):
+            # The rows a chunk would hold untiled, so a range of rows costs the same.
+            tile = row // column_tiles
+            rows = entry.shape[0]
+            per_chunk = max(1, min(chunk_bytes // row, MAX_TILE_ROWS))
+            if len(chunks) + -(-rows // per_chunk) * column_tiles > limit:
+                raise ProtocolError(f"manifest would have more than {limit} chunks")
+            for first in range(0, rows, per_chunk):
+                count = min(per_chunk, rows - first)
+                for t in range(column_tiles):
+                    piece = Piece(i, first * row + t * tile, tile, count, row)
+                    chunks.append(Chunk(len(chunks), (piece,), tile * count))
+            continue
         step = (chunk_bytes // row) * row if row <= chunk_bytes else chunk_bytes
         if len(chunks) + -(-size // step) > limit:
             raise ProtocolError(f"manifest would have more than {limit} chunks")
@@ -171,17 +217,54 @@ def plan_chunks(
     return tuple(chunks)
 
 
+def _touches(piece: Piece, row: int, rows: tuple[int, int], cols: tuple[int, int]) -> bool:
+    """Whether `piece` of a tensor of `row` bytes per row holds any of byte columns [cols)
+    of rows [rows)."""
+    if not row:
+        return True
+    if piece.repeat > 1:  # rows of a column tile
+        first, start = divmod(piece.offset, row)
+        return (
+            first < rows[1]
+            and rows[0] < first + piece.repeat
+            and start < cols[1]
+            and cols[0] < start + piece.length
+        )
+    offset = piece.offset
+    end = offset + max(piece.length, 1)
+    first, last = max(offset // row, rows[0]), min((end - 1) // row, rows[1] - 1)
+    for r in {first, last} if first <= last else set():
+        if max(offset, r * row + cols[0]) < min(end, r * row + cols[1]):
+            return True
+    return last - first > 1  # a row between them is held whole
+
+
+def _tiled(entry: TensorEntry, column_tiles: int, chunk_bytes: int) -> bool:
+    """Whether a large tensor is cut into column tiles: a matrix whose columns they divide,
+    a tile's row within a chunk."""
+    shape = entry.shape
+    return (
+        len(shape) == 2
+        and shape[0] > 0
+        and shape[1] % column_tiles == 0
+        and entry.row_bytes // column_tiles <= chunk_bytes
+    )
+
+
 @dataclass(frozen=True)
 class Manifest:
     """identity:    who the model is and its parallel layout.
     tensors:     every tensor's name, dtype, shape and size, in transfer order.
     chunk_bytes: what the chunks are planned with (`plan_chunks`).
-    digests:     one per chunk, in order; empty on a client's expectation."""
+    digests:     one per chunk, in order; empty on a client's expectation.
+    column_tiles: matrices larger than a chunk are cut into this many column tiles
+                 (`plan_chunks`); 1: rows only."""
 
     identity: Identity
     tensors: tuple[TensorEntry, ...]
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     digests: tuple[str, ...] = ()
+    column_tiles: int = 1
 
     @property
     def total_bytes(self) -> int:
@@ -190,7 +273,7 @@ class Manifest:
     @cached_property
     def chunks(self) -> tuple[Chunk, ...]:
         """Every chunk, in order (planned once: every connection to a server asks)."""
-        return plan_chunks(self.tensors, self.chunk_bytes)
+        return plan_chunks(self.tensors, self.chunk_bytes, column_tiles=self.column_tiles)
 
     @property
     def chunk_total(self) -> int:
@@ -213,16 +296,25 @@ class Manifest:
                 last[piece.tensor] = chunk.number
         return first, last
 
-    def chunks_covering(self, tensor: int, start: int, stop: int) -> list[int]:
-        """The numbers of the chunks holding any of bytes [start, stop) of tensor number
-        `tensor`: what a client fetches (and verifies whole) for that part of it."""
+    def chunks_covering(self, tensor: int, box: Sequence[tuple[int, int]]) -> list[int]:
+        """The numbers of the chunks holding any element of `box` (a [start, stop) range
+        of indices for each leading dimension, the others whole) of tensor number `tensor`:
+        what a client fetches, and verifies whole, for that part of it (a tensor-parallel
+        shard: some rows, or some columns of a matrix)."""
+        entry = self.tensors[tensor]
+        row = entry.row_bytes
+        rows = box[0] if box else (0, entry.shape[0] if entry.shape else 1)
+        column = row // entry.shape[1] if len(entry.shape) > 1 and entry.shape[1] else row
+        cols = (box[1][0] * column, box[1][1] * column) if len(box) > 1 else (0, row)
+        if rows[0] >= rows[1] or cols[0] >= cols[1]:
+            return []
         return [
             number
             for number in self.chunks_of(tensor)
-            for piece in self.chunks[number].pieces
-            if piece.tensor == tensor
-            and piece.offset < stop
-            and start < piece.offset + max(piece.length, 1)
+            if any(
+                piece.tensor == tensor and _touches(piece, row, rows, cols)
+                for piece in self.chunks[number].pieces
+            )
         ]
 
     def describe_chunk(self, chunk: Chunk) -> str:
@@ -280,6 +372,7 @@ class Manifest:
             "protocol": MANIFEST_FORMAT,
             "digest": DIGEST_ALGORITHM,
             "chunk_bytes": self.chunk_bytes,
+            **({"column_tiles": self.column_tiles} if self.column_tiles > 1 else {}),
             "identity": {
                 "model": ident.model,
                 "tp_size": ident.tp_size,
@@ -311,6 +404,7 @@ class Manifest:
         if obj.get("digest") != DIGEST_ALGORITHM:
             raise ProtocolError(f"manifest digest algorithm {obj.get('digest')!r} is not supported")
         chunk_bytes = v.integer(obj.get("chunk_bytes"), "chunk_bytes", low=1, high=MAX_CHUNK_BYTES)
+        tiles = v.integer(obj.get("column_tiles", 1), "column_tiles", low=1, high=MAX_COLUMN_TILES)
         ident = v.mapping(obj.get("identity"), "identity")
         attributes = v.mapping(ident.get("attributes", {}), "identity.attributes")
         identity = Identity(
@@ -332,7 +426,7 @@ class Manifest:
             names = [e.name for e in entries]
             twice = next(n for i, n in enumerate(names) if n in names[:i])
             raise ProtocolError(f"manifest names tensor {twice!r} twice")
-        manifest = cls(identity, tuple(entries), chunk_bytes)
+        manifest = cls(identity, tuple(entries), chunk_bytes, column_tiles=tiles)
         text = obj.get("digests", "")
         if not isinstance(text, str) or len(text) > 32 * MAX_CHUNKS or len(text) % 32:
             raise ProtocolError("manifest digests must be a string of 32-hex-digit digests")
@@ -345,7 +439,7 @@ class Manifest:
                     f"manifest carries {len(digests)} digests for {manifest.chunk_total} chunks"
                 )
             planned = manifest.chunks
-            manifest = cls(identity, manifest.tensors, chunk_bytes, digests)
+            manifest = cls(identity, manifest.tensors, chunk_bytes, digests, tiles)
             manifest.__dict__["chunks"] = planned  # the cached plan: the same tensors
         return manifest
 
@@ -412,18 +506,20 @@ def build_manifest(
     identity: Identity,
     tensors: Mapping[str, torch.Tensor],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    column_tiles: int = 1,
 ) -> Manifest:
     """The server's manifest, with the digest of every chunk. Host memory beyond the
     tensors' own stays within a chunk (device tensors) or a tensor (non-contiguous ones)."""
     values = list(tensors.values())
-    plain = Manifest(identity, tuple(_entry(name, t) for name, t in tensors.items()), chunk_bytes)
+    entries = tuple(_entry(name, t) for name, t in tensors.items())
+    plain = Manifest(identity, entries, chunk_bytes, column_tiles=column_tiles)
     held: dict[int, tuple[torch.Tensor, memoryview]] = {}  # host bytes, while their chunks last
 
     def piece_bytes(piece: Piece) -> memoryview:
         tensor = values[piece.tensor]
-        if tensor.device.type != "cpu":
-            flat = tb.flat_bytes(tensor)[piece.offset : piece.offset + piece.length].cpu()
-            return tb.byte_view(flat).toreadonly() if flat.numel() else memoryview(b"")
+        if tensor.device.type != "cpu" or piece.repeat > 1:  # copied (packed) to the host
+            flat = piece.of(tb.flat_bytes(tensor)).contiguous().cpu().reshape(-1)
+            return tb.owned_view(flat).toreadonly()
         if piece.tensor not in held:
             flat = tb.flat_bytes(tensor)
             held[piece.tensor] = (flat, tb.byte_view(flat))
@@ -434,11 +530,12 @@ def build_manifest(
         for index in [i for i in held if i < chunk.pieces[0].tensor]:
             del held[index]
         digests.append(chunk_digest(chunk, piece_bytes))
-    return Manifest(identity, plain.tensors, chunk_bytes, tuple(digests))
+    return Manifest(identity, plain.tensors, chunk_bytes, tuple(digests), column_tiles)
 
 
 def chunk_digest(chunk: Chunk, piece_bytes: Callable[[Piece], memoryview]) -> str:
-    """The digest of `chunk`: of its pieces' bytes (`piece_bytes`) in order."""
+    """The digest of `chunk`: of its pieces' bytes (`piece_bytes`, a strided one packed) in
+    order."""
     return digest_of([piece_bytes(piece) for piece in chunk.pieces])
 
 

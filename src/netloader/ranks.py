@@ -39,13 +39,15 @@ def serve_rank(
     draft: bool = False,
     files: Mapping[str, torch.Tensor] | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    column_tiles: int = 1,
 ) -> Server | None:
     """Serve `model` for `rank` on LISTEN_PORT + rank (a free port when unset) and write
     OUTPUT_PREFIX's file. `manifest`: digests already computed over these tensors;
     `unavailable`: tell clients this reason instead of serving; `draft`: the model is a
     speculative-decoding draft (its own port and file, see NetloaderConfig); `files`: the
     model directory's other files (netloader.files.model_files), offered beside the
-    weights; `chunk_bytes`: the unit of transfer and verification. Returns None when
+    weights; `chunk_bytes` and `column_tiles`: how the chunks (the unit of transfer and
+    verification) are planned (`manifest.plan_chunks`). Returns None when
     the port is outside 1024-65535 (logged): this rank does not serve."""
     port = config.listen_port_for(rank, draft=draft)
     if port is None:
@@ -56,6 +58,7 @@ def serve_rank(
         manifest=manifest,
         unavailable=unavailable,
         chunk_bytes=chunk_bytes,
+        column_tiles=column_tiles,
     )
     offered = None if files is None else LoadedTensors(files, identity)
     server = Server(holdings, files=offered, **_server_options(config, port, secret))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from typing import Any
 
 import torch
 
@@ -70,6 +71,13 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("byte_view needs a contiguous CPU tensor")
     return memory_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+def owned_view(tensor: torch.Tensor) -> memoryview:
+    """A view of a contiguous CPU uint8 tensor's bytes that keeps the tensor alive (for a
+    temporary copy, which nothing else holds)."""
+    array: Any = tensor.numpy()  # the view holds the array, the array the tensor
+    return memoryview(array).cast("B")
 
 
 def memory_at(address: int, length: int) -> memoryview:

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--pp-size", type=int, default=1)
     parser.add_argument("--pp-rank", type=int, default=0)
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--column-tiles", type=int, default=1)
     parser.add_argument("--secret")
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--mutate", help="serve this tensor with one byte changed")
@@ -51,7 +52,12 @@ def main() -> None:
         pp_rank=args.pp_rank,
     )
     server = netloader.serve(
-        tensors, identity, listen=args.listen, secret=args.secret, chunk_bytes=args.chunk_bytes
+        tensors,
+        identity,
+        listen=args.listen,
+        secret=args.secret,
+        chunk_bytes=args.chunk_bytes,
+        column_tiles=args.column_tiles,
     )
     server.manifest()  # digests ready before we announce ourselves
     if args.flip_after_digests:  # memory gone bad under a running server

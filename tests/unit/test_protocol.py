@@ -22,6 +22,7 @@ from netloader.manifest import (
     Manifest,
     TensorEntry,
     build_manifest,
+    digest,
     expected_manifest,
     plan_chunks,
 )
@@ -36,7 +37,7 @@ MANIFEST = build_manifest(
 def test_manifest_json_round_trip() -> None:
     decoded = Manifest.from_json(json.loads(json.dumps(MANIFEST.to_json())))
     assert decoded == MANIFEST
-    assert [[tuple(piece) for piece in c.pieces] for c in decoded.chunks] == [
+    assert [[tuple(piece)[:3] for piece in c.pieces] for c in decoded.chunks] == [
         [(0, 0, 16)],  # 'a' (40 bytes) is larger than a chunk: chunks of whole rows
         [(0, 16, 16)],
         [(0, 32, 8)],
@@ -58,7 +59,7 @@ def entries(*sizes: int | tuple[int, int]) -> list[TensorEntry]:
 
 def test_small_tensors_share_chunks_and_large_ones_split_on_rows() -> None:
     plan = plan_chunks(entries(3, 0, 4, 10, (5, 6), 1, (1, 40)), chunk_bytes=16)
-    assert [[tuple(p) for p in c.pieces] for c in plan] == [
+    assert [[tuple(p)[:3] for p in c.pieces] for c in plan] == [
         [(0, 0, 3), (1, 0, 0), (2, 0, 4)],  # coalesced, the empty tensor included
         [(3, 0, 10)],  # would not fit beside them: a chunk of its own, with room left
         [(4, 0, 12)],  # 5 rows of 6 bytes: two rows to a chunk, never half a row
@@ -73,6 +74,43 @@ def test_small_tensors_share_chunks_and_large_ones_split_on_rows() -> None:
     ]
     assert [c.length for c in plan] == [7, 10, 12, 12, 6, 1, 16, 16, 8]
     assert [c.number for c in plan] == list(range(9))
+
+
+def test_column_tiles_cut_a_matrix_into_row_ranges_of_each_tile() -> None:
+    """With column tiles, a matrix larger than a chunk is cut into the row ranges it would
+    have untiled, each into one chunk per tile (a strided piece); others as before."""
+    plan = plan_chunks(entries(3, (6, 8), 20), chunk_bytes=16, column_tiles=2)
+    assert [tuple(c.pieces[0]) for c in plan] == [
+        (0, 0, 3, 1, 0),
+        (1, 0, 4, 2, 8),  # rows 0-1 of columns 0-3: 2 runs of 4 bytes, 8 apart
+        (1, 4, 4, 2, 8),  # rows 0-1 of columns 4-7
+        (1, 16, 4, 2, 8),  # rows 2-3
+        (1, 20, 4, 2, 8),
+        (1, 32, 4, 2, 8),  # rows 4-5
+        (1, 36, 4, 2, 8),
+        (2, 0, 16, 1, 0),  # one dimension: rows only
+        (2, 16, 4, 1, 0),
+    ]
+    assert [c.length for c in plan] == [3, 8, 8, 8, 8, 8, 8, 16, 4]
+    assert plan[2].pieces[0].runs(1000, 4) == [(1000, 4, 4), (1004, 12, 4)]  # here, there
+
+
+def test_a_tile_digest_covers_its_columns_and_a_box_finds_its_chunks() -> None:
+    matrix = torch.arange(48, dtype=torch.uint8).reshape(6, 8)
+    tiled = build_manifest(Identity("m"), {"m": matrix}, chunk_bytes=16, column_tiles=2)
+    packed = matrix[2:4, 4:8].contiguous().numpy().tobytes()
+    assert tiled.digests[3] == digest(packed)
+    assert tiled.chunks_covering(0, [(0, 6), (4, 8)]) == [1, 3, 5]  # the right half
+    assert tiled.chunks_covering(0, [(4, 5), (0, 8)]) == [4, 5]  # one row: both its tiles
+    assert tiled.chunks_covering(0, [(1, 3), (3, 5)]) == [0, 1, 2, 3]
+    rows = build_manifest(Identity("m"), {"m": matrix}, chunk_bytes=16)  # 2 rows a chunk
+    assert rows.chunks_covering(0, [(2, 5)]) == [1, 2]
+    assert rows.chunks_covering(0, [(0, 6), (4, 8)]) == [0, 1, 2]  # columns: every row
+    decoded = Manifest.from_json(json.loads(json.dumps(tiled.to_json())))
+    assert decoded == tiled and decoded.chunks == tiled.chunks
+    for hostile in (0, 65, "2"):
+        with pytest.raises(ProtocolError, match="column_tiles"):
+            Manifest.from_json({**tiled.to_json(), "column_tiles": hostile})
 
 
 def test_a_chunk_holds_at_most_max_pieces_tensors() -> None:

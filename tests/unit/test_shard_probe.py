@@ -74,19 +74,23 @@ def test_a_dry_run_finds_the_rows_each_rank_keeps_and_pulls_the_rest_whole() -> 
 
     plan = probe_shards(model.load_weights, manifest, lambda name: True, model)
 
-    assert plan.rows == {"up": [(32, 64)], "q": [(32, 64)], "k": [(32, 64)], "embed": [(32, 64)]}
-    assert plan.whole == {
-        "down": "sharded along a dimension other than 0",
-        "odd": "used in a way the probe does not follow",
+    rows = [((32, 64), (0, 16))]
+    assert plan.parts == {
+        "up": rows,
+        "q": rows,
+        "k": rows,
+        "embed": rows,
+        "down": [((0, 16), (32, 64))],
     }
-    assert "norm" not in plan.rows and "norm" not in plan.whole  # one chunk: whole anyway
+    assert plan.whole == {"odd": "used in a way the probe does not follow"}
+    assert "norm" not in plan.parts and "norm" not in plan.whole  # one chunk: whole anyway
     assert {name: p.data_ptr() for name, p in model.named_parameters()} == before
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
 def test_the_planned_rows_are_all_the_real_load_reads() -> None:
-    """Feeding the real load only the planned rows (NaN elsewhere) gives the model the
-    full checkpoint would: the plan covers everything the loader keeps."""
+    """Feeding the real load only the planned parts (NaN elsewhere) gives the model what
+    the full checkpoint would: the plan covers everything the loader keeps."""
     ckpt = checkpoint()
     manifest = build_manifest(Identity("m"), ckpt, CHUNK)
     model = TinyParallelModel()
@@ -94,10 +98,10 @@ def test_the_planned_rows_are_all_the_real_load_reads() -> None:
 
     def partial() -> Iterable[tuple[str, torch.Tensor]]:
         for name, tensor in ckpt.items():
-            if name in plan.rows:
+            if name in plan.parts:
                 holey = torch.full_like(tensor, float("nan"))
-                for start, stop in plan.rows[name]:
-                    holey[start:stop] = tensor[start:stop]
+                for (r0, r1), (c0, c1) in plan.parts[name]:
+                    holey[r0:r1, c0:c1] = tensor[r0:r1, c0:c1]
                 tensor = holey
             yield name, tensor
 
@@ -119,7 +123,7 @@ def test_a_dry_run_that_fails_pulls_everything_whole() -> None:
                 raise AssertionError
 
     plan = probe_shards(reads_a_value, manifest, lambda name: True, model)
-    assert plan.rows == {}
+    assert plan.parts == {}
     assert set(plan.whole) == {"up", "down", "q", "k", "embed", "odd"}
     assert all(why.startswith("the dry run failed") for why in plan.whole.values())
 

@@ -62,18 +62,20 @@ def test_tp2_client_loads_each_rank_from_the_seeds_rank(
 @pytest.fixture(scope="module")
 def fine_checkpoint(tiny_model: Path, vllm_logs: Path) -> Iterator[ServerProcess]:
     """The tiny checkpoint served in 16 KiB chunks, so that its tensors span several
-    chunks and a rank can pull only the rows it keeps (a real model's do at 16 MiB)."""
+    chunks (a real model's do at 16 MiB), its matrices cut into 8 column tiles: a rank
+    can pull only the rows, or the columns, it keeps."""
     log = vllm_logs / "fine_checkpoint.log"
-    with serve_directory(tiny_model, log, "--chunk-kib", "16") as server:
+    args = ("--chunk-kib", "16", "--column-tiles", "8")
+    with serve_directory(tiny_model, log, *args) as server:
         yield server
 
 
 def sharded_bytes(tiny_model: Path) -> tuple[int, int]:
-    """(bytes of the tensors vLLM shards by rows at tp=2, bytes of all the others)."""
-    by_rows = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
+    """(bytes of the tensors vLLM shards at tp=2: every matrix, by rows or by columns;
+    bytes of all the others: the norms, replicated)."""
     tensors = load_file(tiny_model / "model.safetensors")
-    rows = sum(t.nbytes for n, t in tensors.items() if any(part in n for part in by_rows))
-    return rows, sum(t.nbytes for t in tensors.values()) - rows
+    sharded = sum(t.nbytes for t in tensors.values() if t.dim() == 2)
+    return sharded, sum(t.nbytes for t in tensors.values()) - sharded
 
 
 def test_tp2_ranks_pull_only_their_rows_from_a_checkpoint_server(
@@ -84,21 +86,21 @@ def test_tp2_ranks_pull_only_their_rows_from_a_checkpoint_server(
     client_model_dir: Path,
 ) -> None:
     """Each rank of a tp=2 instance streams the checkpoint through load_weights, which
-    cuts its shard; a dry run of load_weights found which rows each rank keeps, so of the
-    row-sharded tensors (qkv, gate/up, embeddings) only about half moves to each rank,
-    the others whole. Outputs match the tp=2 seed that loaded from disk."""
+    cuts its shard; a dry run of load_weights found which rows (qkv, gate/up, embeddings)
+    or columns (o_proj, down_proj) each rank keeps, so about half of every matrix moves
+    to each rank, the norms whole. Outputs match the tp=2 seed that loaded from disk."""
     sources = [{"device_id": r, "sources": [fine_checkpoint.address]} for r in (0, 1)]
     config = {"MODEL": "tiny", "SOURCE": sources}
     with start("ckpt_tp2", client_model_dir, config, **TP2) as tp2:
         found = checkpoint_lines(tp2)
         assert sorted(m.group(4, 5) for m in found) == [("0", "2"), ("1", "2")], found
-        by_rows, others = sharded_bytes(tiny_model)
-        slack = 2 * 16 * 7 * 4 << 10  # at most a chunk at each end of each sharded tensor
+        sharded, others = sharded_bytes(tiny_model)
+        slack = 2 * 16 * 9 * 4 << 10  # at most a chunk at each end of each sharded tensor
         for m in found:
-            assert by_rows // 2 + others <= int(m.group(2)) <= by_rows // 2 + others + slack
-        plans = [line for line in tp2.netloader_lines() if "pulls 22 tensors by the rows" in line]
+            assert sharded // 2 + others <= int(m.group(2)) <= sharded // 2 + others + slack
+        plans = [line for line in tp2.netloader_lines() if "tp rank" in line and "pulls" in line]
         assert len(plans) == 2, tp2.netloader_lines()
-        assert all("8 whole (sharded along a dimension other than 0)" in p for p in plans)
+        assert all(p.endswith("pulls 30 tensors by the part this rank keeps") for p in plans)
         assert fallback_reasons(tp2) == []
         assert tp2.completions(PROMPTS[:3]) == reference_tp2
 

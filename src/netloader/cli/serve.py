@@ -23,7 +23,7 @@ from netloader.cli.common import (
 from netloader.discovery import registry as reg
 from netloader.endpoint import Endpoint
 from netloader.files import model_files
-from netloader.manifest import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from netloader.manifest import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_COLUMN_TILES
 from netloader.metrics import serve_metrics
 from netloader.ranks import serve_rank
 from netloader.settings import Limits
@@ -65,6 +65,15 @@ from netloader.settings import Limits
     help="Unit of transfer and verification, in KiB. Smaller chunks let a tensor-parallel "
     "client pull closer to only the rows it keeps, at some cost in speed.",
 )
+@click.option(
+    "--column-tiles",
+    type=click.IntRange(1, MAX_COLUMN_TILES),
+    default=1,
+    show_default=True,
+    help="Cut each matrix larger than a chunk into this many column tiles, so that a "
+    "tensor-parallel client pulls only the columns a row-parallel layer keeps (8 serves "
+    "tp 2, 4 and 8); 1: rows only.",
+)
 @secret_option
 @with_options(*tls_cert_options)
 @fail_cleanly
@@ -80,6 +89,7 @@ def serve(
     send_rate: float | None,
     sender_nice: int,
     chunk_kib: int,
+    column_tiles: int,
     secret_file: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -103,7 +113,15 @@ def serve(
     tensors = load_checkpoint(model_dir)
     identity = checkpoint_identity(model_name or model_dir.resolve().name, model_dir)
     files = model_files(model_dir) if model_dir.is_dir() else {}
-    server = serve_rank(tensors, identity, config, 0, files=files, chunk_bytes=chunk_kib << 10)
+    server = serve_rank(
+        tensors,
+        identity,
+        config,
+        0,
+        files=files,
+        chunk_bytes=chunk_kib << 10,
+        column_tiles=column_tiles,
+    )
     if server is None:
         raise click.UsageError(f"--listen {listen}: the port must be 0 or in 1024-65535")
     with server:

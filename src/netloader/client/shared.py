@@ -142,6 +142,8 @@ def _digest_differences(reference: Manifest, offered: Manifest) -> list[str]:
     """A later source must hold the very same bytes as the first, or the model would mix."""
     if reference.chunk_bytes != offered.chunk_bytes:
         return [f"chunk size {offered.chunk_bytes} differs from the first source's"]
+    if reference.column_tiles != offered.column_tiles:
+        return [f"column tiles {offered.column_tiles} differ from the first source's"]
     if reference.tensors != offered.tensors:
         return ["tensors are listed in another order than the first source's"]
     differing = [

@@ -139,7 +139,9 @@ class VerifyingSink:
         ]
         self.ring: DeviceRing | None = None
         self._slots: dict[int, Slot] = {}  # ringed chunks, between arrival and check
-        self._scratch: dict[int, bytearray] = {}  # unwanted pieces, between arrival and check
+        # Unwanted pieces, and strided ones (column tiles, which land packed), between
+        # arrival and check.
+        self._scratch: dict[int, bytearray] = {}
         self._landed: dict[int, Landing] = {}  # each chunk's landing, until it is checked
         if self.ringed:
             largest = max(c.length for c in self.wanted if self._has_ringed(c))
@@ -176,7 +178,7 @@ class VerifyingSink:
                 slot = self.ring.acquire()
                 with self._lock:
                     self._slots[chunk.number] = slot
-        if any(p.tensor not in self.dest for p in chunk.pieces):
+        if any(p.tensor not in self.dest or p.repeat > 1 for p in chunk.pieces):
             with self._lock:
                 scratch = self._scratch.setdefault(chunk.number, bytearray(chunk.length))
         landing = self._landing(chunk, slot, scratch)
@@ -184,7 +186,7 @@ class VerifyingSink:
             self._landed[chunk.number] = landing
         if len(chunk.pieces) == 1 or chunk.length >= PREFAULT_PIECES * len(chunk.pieces):
             for piece, address in zip(chunk.pieces, landing.addresses, strict=True):
-                if piece.tensor in self.bases:
+                if piece.tensor in self.bases and piece.repeat == 1:
                     prefault_range(address, piece.length)
         return landing
 
@@ -193,20 +195,20 @@ class VerifyingSink:
         addresses: list[int] = []
         position = 0  # within the chunk (where a piece sits in a slot or the scratch)
         for piece in chunk.pieces:
-            if piece.tensor in self.bases:
+            size = piece.nbytes
+            if piece.tensor in self.bases and piece.repeat == 1:
                 address = self.bases[piece.tensor] + piece.offset
-                views.append(memory_at(address, piece.length))
+                views.append(memory_at(address, size))
                 addresses.append(address)
             elif piece.tensor in self.ringed:
                 assert slot is not None
-                views.append(slot.view[position : position + piece.length])
+                views.append(slot.view[position : position + size])
                 addresses.append(slot.address + position)
-            else:
+            else:  # unwanted, or strided (moved into place once verified)
                 assert scratch is not None
-                view = memoryview(scratch)[position : position + piece.length]
-                views.append(view)
+                views.append(memoryview(scratch)[position : position + size])
                 addresses.append(address_of(scratch) + position)
-            position += piece.length
+            position += size
         return Landing(views, addresses)
 
     def settle(self) -> None:
@@ -235,6 +237,8 @@ class VerifyingSink:
                 source=source,
             )
         metrics.RECEIVED_BYTES.inc(chunk.length)
+        if scratch is not None:
+            self._unpack(chunk, scratch)
         if slot is not None:
             self._to_device(chunk, slot)
         completed = []  # tensors servable only whole that this chunk completed
@@ -279,6 +283,21 @@ class VerifyingSink:
             if ready:
                 self.verified(candidate)
 
+    def _unpack(self, chunk: Chunk, scratch: bytearray) -> None:
+        """Copy a verified chunk's strided pieces (column tiles) from the scratch buffer,
+        where they landed packed, into their tensors' host memory."""
+        position = 0
+        for piece in chunk.pieces:
+            if piece.repeat > 1 and piece.tensor in self.bases:
+                packed = torch.frombuffer(
+                    scratch, dtype=torch.uint8, offset=position, count=piece.nbytes
+                )
+                host = self.staged.get(piece.tensor)
+                if host is None:
+                    host = flat_bytes(self.dest[piece.tensor])
+                piece.of(host).copy_(packed.view(piece.repeat, piece.length))
+            position += piece.nbytes
+
     def _to_device(self, chunk: Chunk, slot: Slot) -> None:
         """Copy a verified chunk's ringed pieces from its slot into their device tensors,
         without waiting; the slot is reused once the copies are done."""
@@ -287,10 +306,10 @@ class VerifyingSink:
         target: torch.Tensor | None = None
         for piece in chunk.pieces:
             if piece.tensor in self.ringed:
-                end = piece.offset + piece.length
-                target = flat_bytes(self.dest[piece.tensor])[piece.offset : end]
-                target.copy_(slot.buffer[position : position + piece.length], non_blocking=True)
-            position += piece.length
+                target = piece.of(flat_bytes(self.dest[piece.tensor]))
+                packed = slot.buffer[position : position + piece.nbytes]
+                target.copy_(packed.view(target.shape), non_blocking=True)
+            position += piece.nbytes
         copy_done = None
         if target is not None and target.device.type == "cuda":
             copy_done = torch.cuda.Event()  # type: ignore[no-untyped-call]

@@ -37,7 +37,7 @@ def stream_tensors(
     manifest: Manifest,
     *,
     wanted: Callable[[str], bool] = lambda name: True,
-    rows: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    parts: Mapping[str, Sequence[Sequence[tuple[int, int]]]] | None = None,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -48,10 +48,11 @@ def stream_tensors(
     client:       the Client whose sources to pull from (striped as it is configured).
     manifest:     the manifest one of them offered (`client.manifest()`).
     wanted:       which tensor names to pull (e.g. those of this pipeline stage).
-    rows:         for the tensors it names, the [start, stop) ranges of dim-0 indices to
-                  pull (the shard a tensor-parallel rank keeps): only the chunks holding
-                  them move, verified whole; the bytes no chunk brought are NaN (floating
-                  point) or zero, so that a consumer reading past its rows shows.
+    parts:        for the tensors it names, the parts to pull, each a box of [start, stop)
+                  index ranges for the leading dimensions (rows; rows and columns): the
+                  shard a tensor-parallel rank keeps. Only the chunks holding them move,
+                  verified whole; the bytes no chunk brought are NaN (floating point) or
+                  zero, so that a consumer reading outside its parts shows.
     window_bytes: how much to pull at a time; two windows are in memory at most.
     progress:     called with the byte count of each verified chunk.
 
@@ -61,18 +62,17 @@ def stream_tensors(
     selected = [t for t in manifest.tensors if wanted(t.name)]
     cuts = windows(selected, window_bytes)
     index = {t.name: i for i, t in enumerate(manifest.tensors)}
-    rows = rows or {}
+    parts = parts or {}
 
     def pull(number: int) -> dict[str, torch.Tensor]:
         dest, chunks = {}, set()
         for entry in cuts[number]:
             dtype = dtype_from_name(entry.dtype)
-            if entry.name in rows:
+            if entry.name in parts:
                 blank = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
                 dest[entry.name] = torch.full(entry.shape, blank, dtype=dtype)
-                for start, stop in rows[entry.name]:
-                    span = (start * entry.row_bytes, stop * entry.row_bytes)
-                    chunks.update(manifest.chunks_covering(index[entry.name], *span))
+                for box in parts[entry.name]:
+                    chunks.update(manifest.chunks_covering(index[entry.name], box))
             else:
                 dest[entry.name] = torch.empty(entry.shape, dtype=dtype)
                 chunks.update(manifest.chunks_of(index[entry.name]))

@@ -41,17 +41,18 @@ _WRITES = {torch.Tensor.copy_, torch.Tensor.__setitem__}
 
 @dataclass
 class ShardPlan:
-    """What a dry run found: for each probed tensor, the dim-0 row ranges it needs, or
-    None (whole); and why some are whole, for the log."""
+    """What a dry run found: for each probed tensor it can cut, the parts it needs (boxes
+    of rows, or of rows and columns: `stream_tensors`' parts); and why the others are
+    needed whole, for the log."""
 
-    rows: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    parts: dict[str, list[Box]] = field(default_factory=dict)
     whole: dict[str, str] = field(default_factory=dict)  # name -> why
 
     def summary(self) -> str:
         reasons: dict[str, int] = {}
         for why in self.whole.values():
             reasons[why] = reasons.get(why, 0) + 1
-        parts = [f"{len(self.rows)} tensors by the rows this rank keeps"]
+        parts = [f"{len(self.parts)} tensors by the part this rank keeps"]
         parts += [f"{count} whole ({why})" for why, count in sorted(reasons.items())]
         return ", ".join(parts)
 
@@ -205,19 +206,8 @@ def probe_shards(
             plan.whole[name] = uses.whole[name]
         elif not boxes:
             plan.whole[name] = "not seen reaching a parameter"
-        elif any(b[1:] != tuple((0, n) for n in shape[1:]) for b in boxes):
-            plan.whole[name] = "sharded along a dimension other than 0"
+        elif any(b[2:] != tuple((0, n) for n in shape[2:]) for b in boxes):
+            plan.whole[name] = "sharded along a dimension beyond 1"
         else:
-            plan.rows[name] = _merged([b[0] for b in boxes])
+            plan.parts[name] = sorted(set(b[:2] for b in boxes))
     return plan
-
-
-def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """`ranges` sorted, joined where they touch or overlap."""
-    out: list[tuple[int, int]] = []
-    for start, stop in sorted(ranges):
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], stop))
-        else:
-            out.append((start, stop))
-    return out

@@ -20,7 +20,7 @@ from netloader.checkpoint import directory_fingerprint
 from netloader.client import stream_tensors
 from netloader.endpoint import Endpoint
 from netloader.errors import NetloaderError
-from netloader.integrations.shard_probe import probe_shards
+from netloader.integrations.shard_probe import Box, probe_shards
 from netloader.manifest import Identity, Manifest
 from netloader.ranks import client_for
 
@@ -55,12 +55,12 @@ def load_from_checkpoints(
     def on_this_stage(name: str) -> bool:  # pipeline stages skip the others' layers
         return not is_pp_missing_parameter(name, model)
 
-    rows = _shard_rows(model, manifest, on_this_stage, identity)
+    parts = _shard_parts(model, manifest, on_this_stage, identity)
 
     def counted() -> Iterator[tuple[str, torch.Tensor]]:
         client = client_for(loader.config, [s for s, _ in checkpoints])
         stream = stream_tensors(
-            client, manifest, wanted=on_this_stage, rows=rows, progress=pulled.add
+            client, manifest, wanted=on_this_stage, parts=parts, progress=pulled.add
         )
         for name, tensor in stream:
             tensors[0] += 1
@@ -94,13 +94,13 @@ def load_from_checkpoints(
     return None
 
 
-def _shard_rows(
+def _shard_parts(
     model: torch.nn.Module,
     manifest: Manifest,
     wanted: Callable[[str], bool],
     identity: Identity,
-) -> dict[str, list[tuple[int, int]]]:
-    """The rows of each checkpoint tensor this tensor-parallel rank keeps (found by a dry
+) -> dict[str, list[Box]]:
+    """The part of each checkpoint tensor this tensor-parallel rank keeps (found by a dry
     run of `load_weights`); the tensors it does not name are pulled whole."""
     if identity.tp_size == 1:
         return {}
@@ -111,7 +111,7 @@ def _shard_rows(
         identity.tp_size,
         plan.summary(),
     )
-    return plan.rows
+    return plan.parts
 
 
 class Counter:

@@ -53,7 +53,10 @@ def selected(name: str, patterns: tuple[str, ...] | None) -> bool:
 def check_intact(captured: Capture) -> str | None:
     """Call after post-processing. None if every kept tensor still holds the bytes that
     were loaded, else the reason this instance must not serve (naming the fix)."""
-    after = build_manifest(captured.identity, captured.tensors, captured.manifest.chunk_bytes)
+    before = captured.manifest
+    after = build_manifest(
+        captured.identity, captured.tensors, before.chunk_bytes, before.column_tiles
+    )
     changed = captured.manifest.tensor_names(
         [
             n

@@ -25,6 +25,7 @@ from netloader.manifest import Chunk, Manifest
 from netloader.server.holdings import Holdings, HostTensor
 from netloader.server.pacing import Pacer
 from netloader.settings import Timeouts
+from netloader.tensors import owned_view
 from netloader.transports import REGISTRY
 from netloader.transports.connection import Connection
 from netloader.transports.tls import start_tls
@@ -52,12 +53,16 @@ class HeldChunks:
         return [self.holdings.host(p.tensor) for p in chunk.pieces]
 
     def views(self, chunk: Chunk) -> list[memoryview]:
+        """One per piece; a strided piece (a column tile) packed, in one copy."""
         return [
             host.view[p.offset : p.offset + p.length]
+            if p.repeat == 1
+            else owned_view(p.of(host.flat).contiguous().reshape(-1))
             for p, host in zip(chunk.pieces, self._held(chunk), strict=True)
         ]
 
     def addresses(self, chunk: Chunk) -> list[int]:
+        """Where each piece starts (a strided piece's runs follow at its stride)."""
         return [
             host.address + p.offset for p, host in zip(chunk.pieces, self._held(chunk), strict=True)
         ]

@@ -75,7 +75,8 @@ class HostBytes:
 class LoadedTensors:
     """A model fully in memory. Digests are computed in a background thread unless
     `manifest` (built from these very tensors) is given; with `unavailable`, every client
-    is told that reason instead of being offered a manifest."""
+    is told that reason instead of being offered a manifest. `chunk_bytes` and
+    `column_tiles` plan the chunks (`manifest.plan_chunks`)."""
 
     def __init__(
         self,
@@ -83,12 +84,14 @@ class LoadedTensors:
         identity: Identity,
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        column_tiles: int = 1,
         manifest: Manifest | None = None,
         unavailable: str | None = None,
     ) -> None:
         self._tensors = dict(tensors)
         self._identity = identity
         self._chunk_bytes = chunk_bytes
+        self._column_tiles = column_tiles
         self._manifest = manifest
         self._unavailable = unavailable
         self._ready = threading.Event()
@@ -134,7 +137,9 @@ class LoadedTensors:
     def _digest(self) -> None:
         try:
             started = time.perf_counter()
-            self._manifest = build_manifest(self._identity, self._tensors, self._chunk_bytes)
+            self._manifest = build_manifest(
+                self._identity, self._tensors, self._chunk_bytes, self._column_tiles
+            )
             log.debug(
                 "netloader: digests of %d bytes in %.2f s",
                 self._manifest.total_bytes,

@@ -306,8 +306,8 @@ class Relay(Server):
         otherwise after a failed pull). `manifest`: digests already computed over these very
         tensors; `unavailable`: tell every client this reason instead; `chunk_bytes`: by
         default the pulled manifest's, so the relay and its upstream can be striped."""
+        pulled = self.arrivals.adopted
         if chunk_bytes is None:
-            pulled = self.arrivals.adopted
             chunk_bytes = DEFAULT_CHUNK_BYTES if pulled is None else pulled.chunk_bytes
         self.serve_instead(
             LoadedTensors(
@@ -316,6 +316,7 @@ class Relay(Server):
                 manifest=manifest,
                 unavailable=unavailable,
                 chunk_bytes=chunk_bytes,
+                column_tiles=1 if pulled is None else pulled.column_tiles,
             )
         )
 

@@ -203,17 +203,20 @@ class _Read:
         self.handle: Any = None
         if not chunk.length:
             return
-        lengths = [p.length for p in chunk.pieces]
         landing = sink.landing(chunk)
-        local.register(list(zip(landing.addresses, lengths, strict=True)))
+        local.register(
+            [(a, p.nbytes) for a, p in zip(landing.addresses, chunk.pieces, strict=True)]
+        )
+        runs = [  # a strided piece (a column tile): a descriptor per run
+            run
+            for piece, here, there in zip(chunk.pieces, landing.addresses, addresses, strict=True)
+            for run in piece.runs(here, there)
+            if run[2]
+        ]
         nixl = local.nixl
         try:
-            mine = nixl.get_xfer_descs(
-                [(a, n, 0) for a, n in zip(landing.addresses, lengths, strict=True) if n], "DRAM"
-            )
-            theirs = nixl.get_xfer_descs(
-                [(a, n, 0) for a, n in zip(addresses, lengths, strict=True) if n], "DRAM"
-            )
+            mine = nixl.get_xfer_descs([(here, n, 0) for here, _, n in runs], "DRAM")
+            theirs = nixl.get_xfer_descs([(there, n, 0) for _, there, n in runs], "DRAM")
             self.handle = nixl.initialize_xfer("READ", mine, theirs, remote)
             if nixl.transfer(self.handle) == "ERR":
                 raise TransferError("the transfer was refused")

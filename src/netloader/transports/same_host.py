@@ -40,7 +40,7 @@ from typing import Any
 
 from netloader import protocol as p
 from netloader.errors import PeerClosed, ProtocolError, SourceUnavailable, TransferError
-from netloader.manifest import Chunk
+from netloader.manifest import MAX_PIECES, Chunk
 from netloader.settings import Timeouts
 from netloader.tensors import address_of
 from netloader.transports import process_memory
@@ -282,10 +282,16 @@ def _read_one(pid: int, addresses: Sequence[int], chunk: Chunk, sink: ChunkSink,
     benchmarks/bench_core.py.)"""
     landing = sink.landing(chunk)
     if chunk.length:
+        runs = [
+            run
+            for piece, here, there in zip(chunk.pieces, landing.addresses, addresses, strict=True)
+            for run in piece.runs(here, there)
+        ]
         try:
-            process_memory.read_pieces(
-                pid, landing.addresses, addresses, [p.length for p in chunk.pieces]
-            )
+            for first in range(0, len(runs), MAX_PIECES):  # IOV_MAX iovecs a call
+                process_memory.read_pieces(
+                    pid, *zip(*runs[first : first + MAX_PIECES], strict=True)
+                )
         except OSError as exc:
             if not _alive(pid):
                 raise PeerClosed(f"{peer}: the server's process ended", source=peer) from exc
