@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -82,3 +83,55 @@ def test_a_draining_relay_sends_its_waiting_clients_on_at_once() -> None:
     waiting.join(timeout=20)
     assert time.monotonic() - started < 10
     assert failure and "draining" in str(failure[0]), failure
+
+
+HOST = """
+import logging, signal, sys, threading
+import netloader
+from netloader.server.drain import drain_on_sigterm
+from netloader.testing.models import blocks
+
+logging.basicConfig(level=logging.INFO)
+stop = threading.Event()
+def host_handler(signum, frame):  # the host's own shutdown, as vLLM's
+    print("host handler ran", flush=True)
+    stop.set()
+signal.signal(signal.SIGTERM, host_handler)
+server = netloader.serve(blocks(8), "m")
+server.manifest()
+drain_on_sigterm(lambda: [server], 60)
+print(f"ADDR {server.address}", flush=True)
+stop.wait()
+print("host main returned", flush=True)
+"""
+
+
+def test_a_host_with_its_own_shutdown_drains_on_sigterm(tmp_path: Path, proxy: MakeProxy) -> None:
+    """Inside a host process that has its own SIGTERM handler (a vLLM worker): on SIGTERM
+    the host's handler still runs and its main returns, while the server withdraws, lets
+    the pull in progress finish, and the process exits only then."""
+    host = subprocess.Popen(
+        [sys.executable, "-c", HOST], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert host.stdout is not None
+    address = host.stdout.readline().split()[1]
+    slow = proxy(address, rate=2 << 20)  # about 4 s for the whole model
+    dest = {n: torch.empty_like(t) for n, t in blocks(8).items()}
+    done: list[object] = []
+    pull = threading.Thread(
+        target=lambda: done.append(
+            Client([slow.address], transport="tcp").load_into(dest, Identity("m"))
+        )
+    )
+    pull.start()
+    deadline = time.monotonic() + 30
+    while slow.forwarded < (2 << 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    host.send_signal(signal.SIGTERM)
+    assert host.stdout.readline().strip() == "host handler ran"
+    assert host.stdout.readline().strip() == "host main returned"
+    assert host.poll() is None  # held open by the drain while the pull goes on
+    pull.join(60)
+    assert done and all(same_bytes(dest[n], t) for n, t in blocks(8).items())
+    assert host.wait(timeout=30) == 0
+    assert "draining" in host.stderr.read()

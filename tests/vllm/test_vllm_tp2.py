@@ -78,7 +78,7 @@ def sharded_bytes(tiny_model: Path) -> tuple[int, int]:
     return sharded, sum(t.nbytes for t in tensors.values()) - sharded
 
 
-def test_tp2_ranks_pull_only_their_rows_from_a_checkpoint_server(
+def test_tp2_ranks_pull_only_their_shards_from_a_checkpoint_server(
     start: Starter,
     fine_checkpoint: ServerProcess,
     reference_tp2: dict[str, str],

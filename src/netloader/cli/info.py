@@ -125,7 +125,12 @@ def _describe(manifest: Manifest) -> str:
         f"pp {ident.pp_rank}/{ident.pp_size}"
         + "".join(f"  {k}={v}" for k, v in sorted(ident.attributes.items())),
         f"{len(manifest.tensors)} tensors, {manifest.total_bytes} bytes, "
-        f"{manifest.chunk_total} chunks of up to {manifest.chunk_bytes} bytes",
+        f"{manifest.chunk_total} chunks of up to {manifest.chunk_bytes} bytes"
+        + (
+            f", matrices in {manifest.column_tiles} column tiles"
+            if manifest.column_tiles > 1
+            else ""
+        ),
     ]
     width = max((len(t.name) for t in manifest.tensors), default=0)
     for i, t in enumerate(manifest.tensors):
