@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,17 @@ def serve_line(instance: VllmInstance, rank: int = 0) -> re.Match[str]:
         f"{instance.name}: no serve line for rank {rank}:\n{instance.log_tail()}"
     )
     return found[0]
+
+
+def wave_positions(members: Sequence[VllmInstance]) -> dict[int, tuple[VllmInstance, str]]:
+    """Each wave member by the position it logged it joined at, with the address it relays
+    on; each must have joined exactly once."""
+    found = {}
+    for member in members:
+        joined = [m for line in member.netloader_lines() if (m := JOINED.search(line))]
+        assert len(joined) == 1, member.netloader_lines()
+        found[int(joined[0].group(1))] = (member, joined[0].group(2))
+    return found
 
 
 def fallback_reasons(instance: VllmInstance) -> list[str]:

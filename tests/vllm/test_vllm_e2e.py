@@ -31,7 +31,6 @@ from netloader.testing.models import empty_like
 from netloader.testing.processes import read_address_file
 from netloader.testing.vllm import VllmInstance, free_port, make_weightless_dir, running
 from support.vllm_checks import (
-    JOINED,
     SECRET,
     Starter,
     assert_loaded_over_network,
@@ -39,6 +38,7 @@ from support.vllm_checks import (
     loaded_lines,
     pull_parameters,
     serve_line,
+    wave_positions,
 )
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
@@ -176,11 +176,7 @@ class TestFloat32SeedAndClients:
         config = {"MODEL": "tiny", "WAVE_DIR": str(wave)}
         members = [start(f"wave32_{i}", client_model_dir, config, dtype="float32") for i in (0, 1)]
         with running(*members):
-            by_position = {}
-            for member in members:
-                joined = [m for line in member.netloader_lines() if (m := JOINED.search(line))]
-                assert len(joined) == 1, member.netloader_lines()
-                by_position[int(joined[0].group(1))] = (member, joined[0].group(2))
+            by_position = wave_positions(members)
             assert sorted(by_position) == [0, 1]
             (first, first_address), (second, second_address) = by_position[0], by_position[1]
             for position, address in ((0, first_address), (1, second_address)):

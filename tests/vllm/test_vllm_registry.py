@@ -25,7 +25,7 @@ from netloader.testing.vllm import VllmInstance, free_port, running
 from support.proxy import FaultyProxy
 from support.redis_server import RedisServer, needs_redis
 from support.servers import run_cli
-from support.vllm_checks import JOINED, Starter, assert_loaded_over_network, serve_line
+from support.vllm_checks import Starter, assert_loaded_over_network, serve_line, wave_positions
 
 pytestmark = [pytest.mark.vllm, needs_redis, pytest.mark.timeout(1800)]
 
@@ -107,11 +107,7 @@ def test_a_registry_wave_forms_a_chain_and_sigterm_drains_a_member(
             for i in (0, 1)
         ]
         with running(*members):
-            by_position = {}
-            for member in members:
-                joined = [m for line in member.netloader_lines() if (m := JOINED.search(line))]
-                assert len(joined) == 1, member.netloader_lines()
-                by_position[int(joined[0].group(1))] = (member, joined[0].group(2))
+            by_position = wave_positions(members)
             assert sorted(by_position) == [0, 1]
             (first, first_address), (second, second_address) = by_position[0], by_position[1]
             assert_loaded_over_network(first, seed_address)
