@@ -23,6 +23,7 @@ from netloader.errors import NetloaderError
 from netloader.integrations.shard_probe import Box, probe_shards
 from netloader.manifest import Identity, Manifest
 from netloader.ranks import client_for
+from netloader.tensors import dtype_from_name
 
 log = logging.getLogger("netloader.vllm")
 
@@ -105,6 +106,10 @@ def _shard_parts(
     if identity.tp_size == 1:
         return {}
     plan = probe_shards(cast(Any, model).load_weights, manifest, wanted, model)
+    for entry in manifest.tensors:  # the NaN check after loading covers floating point only
+        if entry.name in plan.parts and not dtype_from_name(entry.dtype).is_floating_point:
+            del plan.parts[entry.name]
+            plan.whole[entry.name] = "not floating point, so bytes read unpulled would not show"
     log.info(
         "netloader: tp rank %d/%d pulls %s",
         identity.tp_rank,
