@@ -1,13 +1,17 @@
 """Shard-aware pulls from a checkpoint source: what one tensor-parallel rank moves.
 
 A llama-shaped checkpoint (bfloat16) is served twice by real `netloader serve` processes:
-with rows only (`--column-tiles 1`, the default) and with 8 column tiles. Per server and
+with rows only (`--column-tiles 1`, the default) and with 8 column tiles, in chunks of
+`--chunk-kib` (1 MiB by default, so that this small model's matrices span several chunks
+as a 70B model's span several 16 MiB chunks). Per server and
 transport, in one run, rounds interleaved: the whole checkpoint streamed (what a rank
 pulled before shard-aware pulls, and what a tp=1 client pulls), and the part rank 0 of a
 tp=2 and of a tp=8 instance keeps, as vLLM shards a llama: q/k/v, gate/up, embeddings
 and LM head by rows; o_proj and down_proj by columns; norms whole. Beside them, the way
 a rank loads from disk today: safetensors `load_file` of the whole file from a warm page
-cache (every rank reads every tensor, then keeps its shard).
+cache, copied into existing tensors (every rank reads every tensor, then keeps its
+shard); and the verified-copy limit of the whole checkpoint (copy + xxh3 of 16 MiB
+chunks on every core, bench_core's limit).
 
     python benchmarks/bench_shards.py --size-mib 1024 --repeat 3
 """
@@ -27,6 +31,7 @@ from netloader import Client
 from netloader.client import stream_tensors
 from netloader.manifest import Manifest
 from netloader.testing.models import llama_like, write_checkpoint
+from tensor_counts import verified_copy_limit
 
 BY_COLUMNS = ("o_proj", "down_proj")
 BY_ROWS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
@@ -51,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--chunk-kib", type=int, default=1024)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nl-shards-") as tmp:
         directory = Path(tmp) / "llama"
@@ -58,8 +64,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = write_checkpoint(directory, llama_like(args.size_mib << 20))
         total = path.stat().st_size
         servers = {
-            tiles: serve_checkpoint(directory, Path(tmp) / f"serve{tiles}.log", args)
-            for tiles, args in ((1, ()), (8, ("--column-tiles", "8")))
+            tiles: serve_checkpoint(directory, Path(tmp) / f"serve{tiles}.log", extra)
+            for tiles, extra in (
+                (1, ("--chunk-kib", str(args.chunk_kib))),
+                (8, ("--chunk-kib", str(args.chunk_kib), "--column-tiles", "8")),
+            )
         }
         try:
             rounds, moved = {}, {}
@@ -89,10 +98,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
                         rounds[name] = pull
                         moved[name] = received
-            rounds["safetensors load_file, warm"] = lambda: load_file(path)
-            load_file(path)  # warm the page cache
+            dest = {n: t.clone() for n, t in load_file(path).items()}  # touched, warm cache
+
+            def from_disk() -> None:
+                for name, tensor in load_file(path).items():
+                    dest[name].copy_(tensor)
+
+            rounds["safetensors load_file + copy_, warm"] = from_disk
             progress(f"{len(rounds)} variants x {args.repeat} rounds")
             samples = interleaved(rounds, args.repeat)
+            samples["limit: verified copy of it all"] = verified_copy_limit(total, args.repeat)
         finally:
             for server in servers.values():
                 server.stop()
