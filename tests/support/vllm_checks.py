@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,11 @@ import torch
 
 import netloader
 from netloader import Client, Manifest
+from netloader.config import DRAFT_PORT_OFFSET
 from netloader.tensors import dtype_from_name
 from netloader.testing.models import TensorSpec, empty_like
 from netloader.testing.processes import ServerProcess, netloader_command, read_address_file
-from netloader.testing.vllm import VllmInstance
+from netloader.testing.vllm import VllmInstance, free_port
 
 LOADED = re.compile(
     r"netloader: loaded (\d+) tensors, (\d+) bytes in .* from (\S+) over ([\w+-]+), verified"
@@ -27,6 +29,7 @@ SERVES = re.compile(
     r"netloader: rank (\d+) serves (\d+) tensors \((\d+) bytes\) on (\S+); "
     r"(\d+) bytes kept beyond the running model \(INT8_CACHE=(\w+)\)"
 )
+DRAFT_SERVES = re.compile(r"netloader: rank 0 draft serves (\d+) tensors \((\d+) bytes\) on (\S+);")
 JOINED = re.compile(r"netloader: rank 0 is member (\d+) of the wave in \S+, relaying on (\S+);")
 FALLBACK = "loads from disk with the default loader"
 SECRET = "a shared secret for the tests"
@@ -91,6 +94,20 @@ def assert_loaded_over_network(
     if transport is not None:
         assert all(m.group(4) == transport for m in found), [m.group(0) for m in found]
     assert fallback_reasons(instance) == [], instance.netloader_lines()
+
+
+def port_pair() -> int:
+    """A free port whose draft twin (+10000, where a speculative draft listens) is free too."""
+    for _ in range(50):
+        port = free_port()
+        if port + DRAFT_PORT_OFFSET <= 65535:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + DRAFT_PORT_OFFSET))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
 
 
 # ---- checkpoint-format sources (`netloader serve MODEL_DIR`) ------------------------------

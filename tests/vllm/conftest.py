@@ -72,6 +72,16 @@ def moe_model(vllm_python: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mtp_model(vllm_python: str) -> Path:
+    """runs/models/tiny-mtp: a trained two-layer Qwen2 saved as MiMoForCausalLM with one
+    multi-token-prediction layer (`model.mtp_layers.0.*`), the tiny model's tokenizer,
+    bfloat16 checkpoint (built once, cached): vLLM's speculative method "mtp" drafts with
+    that layer, loaded from the same directory."""
+    script = str(REPO / "scripts" / "make_tiny_mtp.py")
+    return Path(_run([vllm_python, script, str(MODELS)], "make_tiny_mtp", 900))
+
+
+@pytest.fixture(scope="session")
 def draft_model(vllm_python: str) -> Path:
     """runs/models/draft: a one-layer draft for the tiny model, same tokenizer (cached)."""
     script = str(REPO / "scripts" / "make_tiny_llama.py")

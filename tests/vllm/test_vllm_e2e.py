@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,13 +28,15 @@ from netloader import Client
 from netloader.config import DRAFT_PORT_OFFSET
 from netloader.testing.models import empty_like
 from netloader.testing.processes import read_address_file
-from netloader.testing.vllm import VllmInstance, free_port, make_weightless_dir, running
+from netloader.testing.vllm import VllmInstance, make_weightless_dir, running
 from support.vllm_checks import (
+    DRAFT_SERVES,
     SECRET,
     Starter,
     assert_loaded_over_network,
     fallback_reasons,
     loaded_lines,
+    port_pair,
     pull_parameters,
     serve_line,
     wave_positions,
@@ -294,23 +295,6 @@ class TestInt8CacheAndSecret:
 
 
 # ---- speculative decoding: a draft model beside the target -------------------------------
-DRAFT_SERVES = re.compile(r"netloader: rank 0 draft serves (\d+) tensors \((\d+) bytes\) on (\S+);")
-
-
-def _port_pair() -> int:
-    """A free port whose draft twin (+10000) is free too."""
-    for _ in range(50):
-        port = free_port()
-        if port + DRAFT_PORT_OFFSET <= 65535:
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port + DRAFT_PORT_OFFSET))
-                    return port
-                except OSError:
-                    continue
-    raise RuntimeError("no free port pair")
-
-
 def _speculative(draft_dir: Path) -> tuple[str, ...]:
     config = {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": 2}
     return ("--speculative-config", json.dumps(config))
@@ -328,7 +312,7 @@ class TestSpeculativeDecoding:
         """A seed running speculative decoding serves its target on LISTEN_PORT and its
         draft on LISTEN_PORT + 10000 (files seed_0.txt and seed_0.draft.txt); a client whose
         target and draft folders hold no weights loads both and answers identically."""
-        port = _port_pair()
+        port = port_pair()
         seed_config = {"MODEL": "tiny", "LISTEN_PORT": port, "OUTPUT_PREFIX": start.prefix("spec")}
         with start(
             "spec_seed", tiny_model, seed_config, extra_args=_speculative(draft_model)

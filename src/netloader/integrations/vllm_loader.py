@@ -40,7 +40,13 @@ from netloader.integrations.vllm_compile_cache import (
     compile_key,
     take_compile_cache,
 )
-from netloader.integrations.weight_capture import Capture, capture, check_intact, kept_bytes
+from netloader.integrations.weight_capture import (
+    Capture,
+    capture,
+    check_intact,
+    kept_bytes,
+    share_equal,
+)
 from netloader.manifest import Identity, config_fingerprint
 from netloader.ranks import (
     client_for,
@@ -61,6 +67,7 @@ log = logging.getLogger("netloader.vllm")
 
 LOAD_FORMAT = "netloader"
 _servers: dict[tuple[int, bool], Server] = {}  # per (global rank, draft); lives with the Worker
+_target_tensors: dict[int, dict[str, torch.Tensor]] = {}  # per global rank: what its target serves
 
 
 def register() -> None:
@@ -112,6 +119,7 @@ def _loader_class() -> type:
             )
             self.slot: Slot | None = None
             self.capture: Capture | None = None
+            self.shared: list[str] = []  # a draft's tensors served from its target's
             self.relay: Relay | None = None
 
         def download_model(self, model_config: Any) -> None:
@@ -135,6 +143,8 @@ def _loader_class() -> type:
                     self.default.load_weights(model, model_config)
             params = {name: p.detach() for name, p in model.named_parameters()}
             self.capture = capture(params, identity, self.config)
+            if slot.draft:
+                self.capture, self.shared = _share_with_target(self.capture, slot)
 
         def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
             self.slot = _slot(self.config, vllm_config, model_config)
@@ -146,8 +156,12 @@ def _loader_class() -> type:
                     cache = _share_compile_cache(self, model, vllm_config, self.capture.identity)
                 files = _model_files(model_config)
                 with _phase("serve"):
-                    _serve(model, self.capture, self.config, self.slot, self.relay, files, cache)
+                    _serve(
+                        model, self.capture, self.config, self.slot, self.relay, files, cache,
+                        self.shared,
+                    )  # fmt: skip
                 self.capture = self.relay = None
+                self.shared = []
             return model
 
     return NetloaderModelLoader
@@ -178,6 +192,26 @@ def _slot(config: NetloaderConfig, vllm_config: Any, model_config: Any) -> Slot:
         target = spec.target_model_config
     base = config.model or str(target.served_model_name or target.model)
     return Slot(ps.get_world_group().rank, draft, base)
+
+
+def _share_with_target(captured: Capture, slot: Slot) -> tuple[Capture, list[str]]:
+    """A draft serves the tensors equal to its target's from the target's (see
+    `share_equal`): an MTP draft's embedding and lm_head, which vLLM replaces by the
+    target's right after this load, are then freed rather than kept alive by this server."""
+    target = _target_tensors.get(slot.rank)
+    if not target:
+        return captured, []
+    captured, shared = share_equal(captured, target)
+    if shared:
+        log.info(
+            "netloader: %s serves %d tensors (%d bytes) from its target's equal ones, not "
+            "its own copies: %s",
+            slot,
+            len(shared),
+            sum(captured.tensors[n].numel() * captured.tensors[n].element_size() for n in shared),
+            ", ".join(shared),
+        )
+    return captured, shared
 
 
 def _identity(slot: Slot, model_config: Any) -> Identity:
@@ -355,16 +389,21 @@ def _serve(
     relay: Relay | None,
     files: dict[str, torch.Tensor] | None,
     compile_cache: Callable[[], Holdings] | None,
+    shared: list[str],
 ) -> None:
     """After post-processing: check the kept tensors are intact, then serve them, with the
     model directory's `files` and the `compile_cache` when shared: through the wave relay,
     when this load had one; through the listener this slot already has, when the worker
-    loads the same model again; else on a new listener."""
+    loads the same model again; else on a new listener. A draft's `shared` tensors are its
+    target's: the target's line counts them."""
     started = time.perf_counter()
     unavailable = check_intact(captured)
     if unavailable is not None:
         log.error("netloader: %s cannot serve its weights: %s", slot, unavailable)
-    kept_alive = kept_bytes(captured, {n: p.detach() for n, p in model.named_parameters()})
+    live = {n: p.detach() for n, p in model.named_parameters()}
+    kept_alive = kept_bytes(captured, live | {n: captured.tensors[n] for n in shared})
+    if not slot.draft:
+        _target_tensors.pop(slot.rank, None)
     existing = _servers.get(slot_key(slot))
     server: Server | None = relay or existing
     if server is not None:
@@ -399,6 +438,8 @@ def _serve(
         server = _register(slot, new)
     if compile_cache is not None:
         server.offer_compile_cache(compile_cache)
+    if not slot.draft and unavailable is None:  # its draft, loaded next, may serve from these
+        _target_tensors[slot.rank] = captured.tensors
     log.info(
         "netloader: %s serves %d tensors (%d bytes) on %s; %d bytes kept beyond the "
         "running model (INT8_CACHE=%s); checked in %.2f s",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,6 +48,32 @@ def selected(name: str, patterns: tuple[str, ...] | None) -> bool:
     if patterns is None:
         return True
     return any(p in name or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def share_equal(captured: Capture, others: Mapping[str, torch.Tensor]) -> tuple[Capture, list[str]]:
+    """`captured` with each tensor that equals the one of the same name in `others` (same
+    dtype, shape, device and values) replaced by that one, and the names replaced.
+
+    For a speculative draft and its target: vLLM drops an MTP draft's embedding and lm_head
+    (loaded from the target's checkpoint) right after loading and gives the draft the
+    target's modules. Served from the draft's own capture, those copies would stay alive
+    (2.5 GB for a 152k vocabulary at hidden size 4096 in bf16); served from the target's
+    equal tensors, they are freed."""
+    tensors = dict(captured.tensors)
+    shared = []
+    for name, mine in captured.tensors.items():
+        theirs = others.get(name)
+        if (
+            theirs is not None
+            and theirs is not mine
+            and (theirs.dtype, theirs.shape, theirs.device) == (mine.dtype, mine.shape, mine.device)
+            and torch.equal(theirs, mine)
+        ):
+            tensors[name] = theirs
+            shared.append(name)
+    if not shared:
+        return captured, []
+    return replace(captured, tensors=tensors, cached=captured.cached - set(shared)), shared
 
 
 def check_intact(captured: Capture) -> str | None:
