@@ -1,10 +1,11 @@
 """Which part of each checkpoint tensor an engine's `load_weights` keeps, found by a dry
 run: the consumer is fed stand-ins (meta tensors, no memory) for the tensors that span
 several chunks, and the stand-ins record the part of themselves that reaches a parameter.
-Tensor-parallel weight loaders cut their shard with `narrow` (or a slice), so a rank of a
-column-parallel layer keeps a range of rows, and only the chunks holding those rows need
-to move. A stand-in used in any way the probe does not follow (transposed, concatenated,
-read as a number) marks its tensor as needed whole; a dry run that fails marks them all.
+Tensor-parallel weight loaders cut their shard with `narrow` (or a slice): a rank of a
+column-parallel layer keeps a range of rows, of a row-parallel layer a range of columns,
+and only the chunks holding that part need to move. A stand-in used in any way the probe
+does not follow (transposed, concatenated, read as a number) marks its tensor as needed
+whole; a dry run that fails marks them all.
 
 The dry run writes into the model's parameters (the small tensors are fed as zeros, and
 parameters a loader re-binds are bound back afterwards); the real load that follows
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten
 
 from netloader.manifest import Manifest
 from netloader.tensors import dtype_from_name
@@ -98,7 +98,7 @@ class _StandIn(torch.Tensor):
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
         kwargs = dict(kwargs or {})
-        probes = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, _StandIn)]
+        probes = _stand_ins((args, kwargs))
         if func in _WRITES and not isinstance(args[0], _StandIn):
             for probe in probes:  # what reaches a parameter: recorded, not written
                 probe.uses.used(probe)
@@ -112,6 +112,17 @@ class _StandIn(torch.Tensor):
         source = probes[0]
         box = _follow(func, args, kwargs, source) if len(probes) == 1 else None
         return _StandIn.make(result, source.root, box, source.uses)
+
+
+def _stand_ins(value: Any) -> list[_StandIn]:
+    """The stand-ins among an op's arguments (nested in lists, tuples and dicts)."""
+    if isinstance(value, _StandIn):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [p for item in value for p in _stand_ins(item)]
+    if isinstance(value, dict):
+        return _stand_ins(list(value.values()))
+    return []
 
 
 def _follow(
