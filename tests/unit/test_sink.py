@@ -11,7 +11,6 @@ from netloader.client import VerifyingSink
 from netloader.client import sink as sink_module
 from netloader.errors import TransferTimeout
 from netloader.manifest import Chunk, Identity, Manifest, build_manifest
-from netloader.tensors import byte_view
 
 SOURCE = {
     "w": torch.arange(40, dtype=torch.float32),  # 160 bytes: chunks of 16 rows
@@ -25,11 +24,12 @@ MANIFEST = build_manifest(Identity("m"), SOURCE, chunk_bytes=64)
 
 
 def chunk_bytes(source: dict[str, torch.Tensor], manifest: Manifest, chunk: Chunk) -> bytes:
+    """A chunk's bytes as a server sends them (a strided piece packed)."""
     out = b""
     for piece in chunk.pieces:
         tensor = source[manifest.tensors[piece.tensor].name].contiguous()
-        flat = bytes(byte_view(tensor.reshape(-1).view(torch.uint8))) if tensor.numel() else b""
-        out += flat[piece.offset : piece.offset + piece.length]
+        flat = tensor.reshape(-1).view(torch.uint8)
+        out += piece.of(flat).contiguous().numpy().tobytes()
     return out
 
 
@@ -187,3 +187,25 @@ def test_a_full_ring_is_a_timeout_not_a_hang(monkeypatch: pytest.MonkeyPatch) ->
         sink.landing(next(chunks))
     with pytest.raises(TransferTimeout, match="no host buffer freed"):
         sink.landing(next(chunks))
+
+
+@pytest.mark.parametrize("kind", ["in place", "staged", "ringed"])
+def test_column_tiles_land_packed_and_reach_their_columns(kind: str) -> None:
+    """A tiled manifest's chunks are strided pieces: each lands packed and, once verified,
+    goes to its columns, wherever the destination is; a corrupt one goes nowhere."""
+    source = {"m": torch.randn(64, 32), "b": torch.randn(5)}
+    manifest = build_manifest(Identity("m"), source, chunk_bytes=2048, column_tiles=4)
+    assert all(c.pieces[0].repeat == 16 for c in manifest.chunks[:-1])
+    dest = {"m": torch.zeros(64, 32), "b": torch.zeros(5)}
+    if kind == "staged":
+        dest["m"] = torch.zeros(32, 64).t()
+    ringed = (lambda t: t.shape == (64, 32)) if kind == "ringed" else sink_module.on_device
+    sink = VerifyingSink(manifest, dest, ringed=ringed)
+    first = manifest.chunks[0]
+    with pytest.raises(IntegrityError, match=r"chunk 0 \(tensor 'm'\)"):
+        deliver(sink, first, bytes(len(chunk_bytes(source, manifest, first))))
+    assert not dest["m"].any()
+    for chunk in reversed(manifest.chunks):
+        deliver(sink, chunk, chunk_bytes(source, manifest, chunk))
+    sink.settle()
+    assert torch.equal(dest["m"], source["m"]) and torch.equal(dest["b"], source["b"])
