@@ -127,7 +127,8 @@ class Piece(NamedTuple):
         is packed: its runs back to back."""
         if self.repeat == 1:
             return flat[self.offset : self.offset + self.length]
-        return flat.as_strided((self.repeat, self.length), (self.stride, 1), self.offset)
+        start = flat.storage_offset() + self.offset  # as_strided counts from the storage
+        return flat.as_strided((self.repeat, self.length), (self.stride, 1), start)
 
     def runs(self, here: int, there: int) -> list[tuple[int, int, int]]:
         """(address here, address there, length) of each run, for a piece packed at `here`
@@ -178,6 +179,8 @@ def plan_chunks(
     ranges of rows (at most MAX_TILE_ROWS of them) cut into one chunk per column tile. An
     empty tensor is a zero-length piece of the chunk it falls in. ProtocolError past
     `limit` chunks (a hostile manifest's tiny chunk size)."""
+    if not 1 <= column_tiles <= MAX_COLUMN_TILES:
+        raise ProtocolError(f"column tiles must be 1 to {MAX_COLUMN_TILES}, not {column_tiles}")
     chunks: list[Chunk] = []
     pieces: list[Piece] = []
     filled = 0

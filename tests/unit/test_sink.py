@@ -209,3 +209,20 @@ def test_column_tiles_land_packed_and_reach_their_columns(kind: str) -> None:
         deliver(sink, chunk, chunk_bytes(source, manifest, chunk))
     sink.settle()
     assert torch.equal(dest["m"], source["m"]) and torch.equal(dest["b"], source["b"])
+
+
+def test_column_tiles_of_tensors_that_are_views_of_a_larger_buffer() -> None:
+    """Tensors carved out of one buffer (not at its start): a tile's rows are found from
+    the tensor's own first byte, on the server (digests) and in the destination."""
+    arena = torch.randn(4096 + 64 * 32)
+    source = {"m": arena[4096:].view(64, 32)}
+    manifest = build_manifest(Identity("m"), source, chunk_bytes=2048, column_tiles=4)
+    copy = {"m": source["m"].clone()}  # the same values in a tensor of its own
+    assert manifest.digests == build_manifest(Identity("m"), copy, 2048, column_tiles=4).digests
+    target = torch.zeros(1000 + 64 * 32)
+    dest = {"m": target[1000:].view(64, 32)}
+    sink = VerifyingSink(manifest, dest)
+    for chunk in manifest.chunks:
+        deliver(sink, chunk, chunk_bytes(copy, manifest, chunk))
+    assert torch.equal(dest["m"], source["m"])
+    assert not target[:1000].any()  # nothing written before the tensor

@@ -165,7 +165,8 @@ def probe_shards(
     model: torch.nn.Module,
 ) -> ShardPlan:
     """Dry-run `consume` (e.g. `model.load_weights`) over `manifest`'s tensors that
-    `wanted` accepts, and say which rows of each tensor spanning several chunks it keeps.
+    `wanted` accepts, and say which part (rows, or rows and columns) of each tensor
+    spanning several chunks it keeps.
 
     consume:  takes an iterable of (name, tensor), as an engine's `load_weights` does.
     manifest: the checkpoint's manifest (its chunk plan decides which tensors are worth

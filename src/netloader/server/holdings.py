@@ -17,8 +17,15 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from netloader.errors import SourceUnavailable
-from netloader.manifest import DEFAULT_CHUNK_BYTES, Chunk, Identity, Manifest, build_manifest
+from netloader.errors import SourceUnavailable, UsageError
+from netloader.manifest import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_COLUMN_TILES,
+    Chunk,
+    Identity,
+    Manifest,
+    build_manifest,
+)
 from netloader.tensors import flat_bytes, memory_at
 
 log = logging.getLogger(__name__)
@@ -90,6 +97,8 @@ class LoadedTensors:
     ) -> None:
         self._tensors = dict(tensors)
         self._identity = identity
+        if not 1 <= column_tiles <= MAX_COLUMN_TILES:
+            raise UsageError(f"column_tiles must be 1 to {MAX_COLUMN_TILES}, not {column_tiles}")
         self._chunk_bytes = chunk_bytes
         self._column_tiles = column_tiles
         self._manifest = manifest
