@@ -86,7 +86,9 @@ class VerifyingSink:
     slot of a small host ring, copied to the device piece by piece, when it is contiguous
     device memory (`ringed`); else in a staging buffer copied in once the tensor is
     complete. Pieces of tensors the caller did not ask for (a chunk is verified whole)
-    land in a scratch buffer. A chunk counts only once its digest matches the manifest's,
+    land in a scratch buffer, and so do strided pieces (column tiles, which arrive packed
+    and are moved to their columns once verified). A chunk counts only once its digest
+    matches the manifest's,
     checked before any copy. Safe to use from several receiving threads at once: each
     chunk has one writer. Call `settle` before using device destinations.
 
@@ -321,6 +323,7 @@ class VerifyingSink:
             return chunk.number in self.done_chunks
 
     def completed(self) -> list[str]:
-        """Names of the tensors whose every chunk arrived verified."""
+        """Names of the tensors whose every chunk asked for arrived verified (with
+        `chunks`, the parts asked for)."""
         with self._lock:
             return [self.manifest.tensors[i].name for i, left in self.missing.items() if left == 0]
