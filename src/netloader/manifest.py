@@ -147,6 +147,11 @@ class Chunk(NamedTuple):
     pieces: tuple[Piece, ...]
     length: int
 
+    @property
+    def strided(self) -> bool:
+        """A column tile: one strided piece (the plan never mixes it with others)."""
+        return self.pieces[0].repeat > 1 if len(self.pieces) == 1 else False
+
 
 class TensorEntry(NamedTuple):
     """One tensor of a manifest (a tuple: a mixture-of-experts manifest has 100,000)."""

@@ -180,7 +180,7 @@ class VerifyingSink:
                 slot = self.ring.acquire()
                 with self._lock:
                     self._slots[chunk.number] = slot
-        if any(p.tensor not in self.dest or p.repeat > 1 for p in chunk.pieces):
+        if chunk.strided or any(p.tensor not in self.dest for p in chunk.pieces):
             with self._lock:
                 scratch = self._scratch.setdefault(chunk.number, bytearray(chunk.length))
         landing = self._landing(chunk, slot, scratch)

@@ -282,15 +282,16 @@ def _read_one(pid: int, addresses: Sequence[int], chunk: Chunk, sink: ChunkSink,
     benchmarks/bench_core.py.)"""
     landing = sink.landing(chunk)
     if chunk.length:
-        runs = [
-            run
-            for piece, here, there in zip(chunk.pieces, landing.addresses, addresses, strict=True)
-            for run in piece.runs(here, there)
-        ]
+        here, there = landing.addresses, addresses
+        lengths = [p.length for p in chunk.pieces]
+        if chunk.strided:  # a column tile: a run per row
+            runs = chunk.pieces[0].runs(here[0], there[0])
+            here, there, lengths = ([run[i] for run in runs] for i in range(3))
         try:
-            for first in range(0, len(runs), MAX_PIECES):  # IOV_MAX iovecs a call
+            for first in range(0, len(lengths), MAX_PIECES):  # IOV_MAX iovecs a call
+                end = first + MAX_PIECES
                 process_memory.read_pieces(
-                    pid, *zip(*runs[first : first + MAX_PIECES], strict=True)
+                    pid, here[first:end], there[first:end], lengths[first:end]
                 )
         except OSError as exc:
             if not _alive(pid):
