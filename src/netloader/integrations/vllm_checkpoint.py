@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,7 +50,7 @@ def load_from_checkpoints(
             f"fingerprint {theirs}, this instance's {mine})"
         )
     started = time.perf_counter()
-    tensors, pulled = [0], Counter()
+    tensors, pulled = [0], list[int]()  # list.append is atomic: receiving threads add
 
     def on_this_stage(name: str) -> bool:  # pipeline stages skip the others' layers
         return not is_pp_missing_parameter(name, model)
@@ -61,7 +60,7 @@ def load_from_checkpoints(
     def counted() -> Iterator[tuple[str, torch.Tensor]]:
         client = client_for(loader.config, [s for s, _ in checkpoints])
         stream = stream_tensors(
-            client, manifest, wanted=on_this_stage, parts=parts, progress=pulled.add
+            client, manifest, wanted=on_this_stage, parts=parts, progress=pulled.append
         )
         for name, tensor in stream:
             tensors[0] += 1
@@ -84,7 +83,7 @@ def load_from_checkpoints(
         "netloader: loaded %d checkpoint tensors, %d bytes from %s through the model's "
         "load_weights in %.3f s for tp rank %d/%d, pp rank %d/%d, verified",
         tensors[0],
-        pulled.total,
+        sum(pulled),
         ", ".join(str(s) for s, _ in checkpoints),
         time.perf_counter() - started,
         identity.tp_rank,
@@ -117,18 +116,6 @@ def _shard_parts(
         plan.summary(),
     )
     return plan.parts
-
-
-class Counter:
-    """Bytes received, added to from the receiving threads."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._lock = threading.Lock()
-
-    def add(self, count: int) -> None:
-        with self._lock:
-            self.total += count
 
 
 def _poison(model: torch.nn.Module, loader: Any) -> dict[str, torch.Tensor]:
