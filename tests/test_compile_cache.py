@@ -5,18 +5,29 @@ way, the client's cache directory left exactly as it was."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import netloader
-from netloader import Client, NetloaderError, Server, SourceUnavailable, TransferError
+from netloader import (
+    Client,
+    NetloaderConfig,
+    NetloaderError,
+    Server,
+    SourceUnavailable,
+    TransferError,
+)
 from netloader.integrations.vllm_compile_cache import (
     ARTIFACT,
     CompileKey,
     cache_holdings,
+    move_to_own_keys,
+    take_before_vllm_starts,
     take_compile_cache,
 )
 from netloader.manifest import Identity
@@ -75,9 +86,56 @@ def test_a_seeds_cache_is_taken_whole_and_kept_when_there(
     assert tree(mine.root) == tree(seed_key.root)
     info = "modelinfos/vllm-model_executor-models-llama-LlamaForCausalLM.json"
     assert tree(mine.root.parent.parent)[info] == b"{}"
+    (mine.root / seed_key.keys[0] / "inductor_cache").rename(tmp_path / "gone")
     again = take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
-    assert "0 files written, 3 parts already there kept" in again
+    assert "1 files written, 2 parts already there kept" in again
+    assert tree(mine.root) == tree(seed_key.root)
     assert not list(mine.root.rglob(".*partial"))
+    # Every part there (taken before vLLM started): nothing moves.
+    there = take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
+    assert there == f"found the compile cache in place in {mine.root}, key {'k' * 64}", there
+
+
+def test_a_cache_placed_under_the_seeds_key_moves_to_this_instances_key(
+    seed: Server, tmp_path: Path
+) -> None:
+    """The model at another path: vLLM's own key differs from the seed's, and each rank's
+    part moves there (the inductor cache once, by whichever rank comes first)."""
+    mine = key(tmp_path / "client")
+    take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
+    placed = mine.placed_as({"compile_key": json.dumps({"keys": ["k" * 64]})})
+    (mine.root / ("k" * 64) / "rank_1_0").mkdir()  # another rank's part, placed beside
+    taken = tree(mine.root / ("k" * 64))
+    move_to_own_keys(placed, ("o" * 64,))
+    assert tree(mine.root / ("o" * 64)) == taken
+    assert sorted(p.name for p in (mine.root / ("k" * 64)).iterdir()) == ["rank_1_0"]
+    move_to_own_keys(replace(placed, rank="rank_1_0"), ("o" * 64,))
+    assert sorted(p.name for p in mine.root.iterdir()) == ["o" * 64]
+    assert (mine.root / ("o" * 64) / "rank_1_0").is_dir()
+
+
+def test_the_model_directory_is_told_but_not_compared(seed: Server, tmp_path: Path) -> None:
+    mine = replace(key(tmp_path / "client"), model_path="/elsewhere/tiny")
+    said = take_compile_cache(Client([seed.address], secret=SECRET), mine, IDENTITY)
+    assert "4 files written" in said
+
+
+def test_vllms_api_server_takes_the_cache_before_it_inspects_the_model(
+    seed: Server, seed_key: CompileKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the plugin runs in vLLM's API server: every SOURCE entry's cache into the cache
+    root, under the seed's directory names; only with a secret (or TLS_CA)."""
+    root = tmp_path / "vllm-cache"
+    source = [{"device_id": 0, "sources": [str(seed.address)]}]
+    config = NetloaderConfig.load({"SOURCE": source, "SHARE_COMPILE_CACHE": True, "MODEL": "tiny"})
+    take_before_vllm_starts(config, root)
+    assert not root.exists()  # no secret: a compile cache is code
+    monkeypatch.setenv("NETLOADER_SECRET", SECRET.decode())
+    take_before_vllm_starts(replace(config, model="other"), root)
+    assert not root.exists()  # another model's cache
+    take_before_vllm_starts(config, root)
+    assert tree(root / "torch_compile_cache" / "torch_aot_compile") == tree(seed_key.root)
+    assert (root / "modelinfos").is_dir()
 
 
 def test_a_different_key_takes_nothing_and_names_the_difference(

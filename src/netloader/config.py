@@ -21,7 +21,7 @@ from netloader import transports
 from netloader.discovery.registry import check_registry_url
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import ConfigError
-from netloader.settings import MIN_SEND_RATE, Limits, Timeouts
+from netloader.settings import MIN_SEND_RATE, Limits, Timeouts, resolve_secret
 from netloader.transports import tls
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,11 @@ class NetloaderConfig:
     def client_tls(self) -> ssl.SSLContext | None:
         """TLS for pulls: TLS_CA, the CA that signed the servers' certificates."""
         return None if self.tls_ca is None else tls.client_context(self.tls_ca)
+
+    def authenticates_sources(self) -> bool:
+        """Whether a source must prove the shared secret or a certificate from TLS_CA: what
+        taking code from a peer (a compile cache) requires."""
+        return resolve_secret(None, self.secret_file) is not None or self.tls_ca is not None
 
 
 # ---- field parsers ---------------------------------------------------------------------

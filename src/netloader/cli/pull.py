@@ -48,7 +48,7 @@ from netloader.ranks import (
     relay_rank,
 )
 from netloader.server import LoadedTensors, Relay
-from netloader.settings import Timeouts, resolve_secret
+from netloader.settings import Timeouts
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +165,7 @@ def pull(
         raise click.UsageError("--join-wave needs --registry, and no --wave")
     # SIGTERM unwinds like an error, so an interrupted pull removes its partial file.
     signal.signal(signal.SIGTERM, exit_on_signal)
-    if compile_cache is not None and not _trusted(config):
+    if compile_cache is not None and not config.authenticates_sources():
         raise click.UsageError(
             "--compile-cache: a compile cache is code vLLM will run, so it is taken only from "
             "a source that proves the shared secret (--secret-file, $NETLOADER_SECRET) or a "
@@ -365,10 +365,6 @@ def _progress_bar(total: int) -> Iterator[Callable[[int], None]]:
             bar.update(nbytes)
 
         yield advance
-
-
-def _trusted(config: NetloaderConfig) -> bool:
-    return resolve_secret(None, config.secret_file) is not None or config.tls_ca is not None
 
 
 def _pull_compile_cache(client: Client, root: Path) -> None:

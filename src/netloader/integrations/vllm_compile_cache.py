@@ -15,6 +15,9 @@ takes one only from a source that proved the shared secret or a certificate it t
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 
 from netloader.client import Client
+from netloader.config import NetloaderConfig
 from netloader.errors import NetloaderError, SourceUnavailable
 from netloader.files import (
     COMPILE_CACHE,
@@ -37,6 +41,7 @@ from netloader.files import (
 )
 from netloader.manifest import Identity, Manifest
 from netloader.protocol import Part
+from netloader.ranks import client_for
 from netloader.server import Holdings, LoadedTensors
 
 log = logging.getLogger("netloader.vllm")
@@ -45,6 +50,7 @@ AOT_DIR = ("torch_compile_cache", "torch_aot_compile")
 INDUCTOR_DIR = "inductor_cache"
 ARTIFACT = "model"  # vLLM writes it once a module is compiled
 MODEL_INFO_DIR = "modelinfos"  # beside torch_compile_cache in VLLM_CACHE_ROOT
+ANY_PATH = "<the model directory>"  # stands in for it in the compared engine configuration
 
 
 @dataclass(frozen=True)
@@ -57,15 +63,22 @@ class CompileKey:
              (vLLM completes its configuration later, so the keys themselves are known
              only once it has compiled: equal factors here make equal keys then).
     keys:    vLLM's directory name for each compiled module, once known.
+    model_path: the model directory vLLM was started with (told, not compared).
     """
 
     root: Path
     rank: str
     factors: dict[str, str]
     keys: tuple[str, ...] = ()
+    model_path: str = ""
 
     def attributes(self) -> dict[str, str]:
-        described = {**self.factors, "rank": self.rank, "keys": list(self.keys)}
+        described = {
+            **self.factors,
+            "rank": self.rank,
+            "keys": list(self.keys),
+            "model path": self.model_path,
+        }
         return {"compile_key": json.dumps(described)}
 
     def differences(self, attributes: Mapping[str, str]) -> list[str]:
@@ -80,12 +93,13 @@ class CompileKey:
 
     def placed_as(self, attributes: Mapping[str, str]) -> CompileKey:
         """This key with the directory names of a seed's cache (checked to be plain)."""
-        keys = _offered(attributes).get("keys")
+        offered = _offered(attributes)
+        keys = offered.get("keys")
         if not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
             raise NetloaderError("the seed's compile key names no cache directories")
         if any(not valid_name(k) for k in keys):
             raise NetloaderError("the seed's compile key names a directory that is not plain")
-        return replace(self, keys=tuple(keys))
+        return replace(self, keys=tuple(keys), model_path=str(offered.get("model path", "")))
 
     @classmethod
     def offered(cls, attributes: Mapping[str, str], root: Path) -> CompileKey:
@@ -95,6 +109,7 @@ class CompileKey:
         theirs = _offered(attributes)
         rank = theirs.pop("rank", None)
         theirs.pop("keys", None)
+        theirs.pop("model path", None)
         if not isinstance(rank, str) or not valid_name(rank):
             raise NetloaderError("the seed's compile key names a rank that is not plain")
         factors = {k: str(v) for k, v in theirs.items()}
@@ -125,12 +140,29 @@ def _offered(attributes: Mapping[str, str]) -> dict[str, object]:
     return offered
 
 
-def compile_key(
-    model: torch.nn.Module, vllm_config: Any
-) -> tuple[CompileKey, Callable[[], tuple[str, ...]]] | str:
-    """This instance's CompileKey, with a function that gives vLLM's directory names once
-    it has compiled; or why this instance has no compile cache. vLLM's own functions make
-    both, so the directories are the ones vLLM itself uses."""
+@dataclass(frozen=True)
+class VllmKeys:
+    """How this instance's vLLM names its cache directories: per compiled module, a hash of
+    vLLM's factors (final only when it compiles) and the module's code."""
+
+    vllm_config: Any
+    modules: tuple[str, ...]  # vLLM's hash key of each compiled module's forward
+
+    def __call__(self, factors: list[str] | None = None) -> tuple[str, ...]:
+        """The directory names, from `factors` (default: vLLM's factors now)."""
+        if factors is None:
+            from vllm.compilation import caching
+
+            factors = caching.aot_compile_hash_factors(self.vllm_config)
+        return tuple(
+            hashlib.sha256(str([*factors, module]).encode()).hexdigest() for module in self.modules
+        )
+
+
+def compile_key(model: torch.nn.Module, vllm_config: Any) -> tuple[CompileKey, VllmKeys] | str:
+    """This instance's CompileKey, with vLLM's directory names once it has compiled; or why
+    this instance has no compile cache. vLLM's own functions make both, so the directories
+    are the ones vLLM itself uses."""
     import vllm.envs as envs
     from vllm.compilation.caching import aot_compile_hash_factors
     from vllm.compilation.decorators import _model_hash_key
@@ -143,26 +175,83 @@ def compile_key(
     if not envs.VLLM_USE_AOT_COMPILE or envs.VLLM_DISABLE_COMPILE_CACHE:
         return "vLLM's AOT compile cache is off (VLLM_USE_AOT_COMPILE, VLLM_DISABLE_COMPILE_CACHE)"
 
-    def keys() -> tuple[str, ...]:
-        factors = aot_compile_hash_factors(vllm_config)
-        return tuple(
-            hashlib.sha256(str([*factors, _model_hash_key(m.forward)]).encode()).hexdigest()
-            for m in compiled
-        )
-
     factors = aot_compile_hash_factors(vllm_config)
+    modules = tuple(_model_hash_key(m.forward) for m in compiled)
     named = {
         "vllm": str(vllm.__version__),
         "torch": str(torch.__version__),
         "environment": str(factors[0]),
-        "engine config": str(factors[1]),
+        "engine config": _engine_config_hash(vllm_config),
         "inductor config": hashlib.sha256(str(factors[2:]).encode()).hexdigest()[:16],
-        "modules": ",".join(_model_hash_key(m.forward)[:16] for m in compiled),
+        "modules": ",".join(module[:16] for module in modules),
     }
     parallel = vllm_config.parallel_config
     root = Path(envs.VLLM_CACHE_ROOT).joinpath(*AOT_DIR)
     rank = f"rank_{parallel.rank}_{parallel.data_parallel_index}"
-    return CompileKey(root, rank, named), keys
+    key = CompileKey(root, rank, named, model_path=str(vllm_config.model_config.model))
+    return key, VllmKeys(vllm_config, modules)
+
+
+def _engine_config_hash(vllm_config: Any) -> str:
+    """vLLM's hash of the engine configuration with the model's directory left out (its
+    `ModelConfig.model`: the tokenizer's and the served name are already left out)."""
+    model_config = copy.copy(vllm_config.model_config)
+    object.__setattr__(model_config, "model", ANY_PATH)
+    config = copy.copy(vllm_config)
+    object.__setattr__(config, "model_config", model_config)
+    return str(config.compute_hash())
+
+
+_to_follow: list[tuple[CompileKey, VllmKeys]] = []  # taken caches, until vLLM names its keys
+
+
+def follow_own_keys(placed: CompileKey, own: VllmKeys) -> None:
+    """Have vLLM find a cache taken under the seed's directory names (`placed`) under its own
+    names: when vLLM computes its key (as it compiles), the seed's directories for this rank
+    move to this instance's. They differ only where the model's directory does, as the
+    factors compared before taking the cache left nothing else to differ."""
+    from vllm.compilation import caching
+
+    _to_follow.append((placed, own))
+    if hasattr(caching.aot_compile_hash_factors, "__wrapped__"):
+        return
+    computed = caching.aot_compile_hash_factors
+
+    @functools.wraps(computed)
+    def factors_then_follow(vllm_config: Any) -> list[str]:
+        factors: list[str] = computed(vllm_config)
+        for placed, own in _to_follow:
+            if own.vllm_config is vllm_config:
+                move_to_own_keys(placed, own(factors))
+        return factors
+
+    caching.aot_compile_hash_factors = factors_then_follow
+
+
+def move_to_own_keys(placed: CompileKey, own_keys: tuple[str, ...]) -> None:
+    """Move this rank's part of a cache placed under the seed's keys, and the inductor
+    cache, to `own_keys` (one per compiled module); a part already there is kept."""
+    for seed_key, own_key in zip(placed.keys, own_keys, strict=True):
+        moved = []
+        for part in (placed.rank, INDUCTOR_DIR):
+            source, target = placed.root / seed_key / part, placed.root / own_key / part
+            if seed_key == own_key or not source.is_dir() or target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # another rank moved it first
+                source.rename(target)
+                moved.append(part)
+        with contextlib.suppress(OSError):  # empty once every rank's part has moved
+            (placed.root / seed_key).rmdir()
+        if moved:
+            log.info(
+                "netloader: moved the seed's compile cache %s (%s) to %s, this instance's own "
+                "key (the model's directory is %s on the seed)",
+                seed_key,
+                ", ".join(moved),
+                own_key,
+                placed.model_path or "unknown",
+            )
 
 
 def cache_holdings(
@@ -194,15 +283,24 @@ def cache_holdings(
     return snapshot
 
 
-def take_compile_cache(client: Client, key: CompileKey, identity: Identity) -> str:
+def take_compile_cache(
+    client: Client, key: CompileKey, identity: Identity, own: VllmKeys | None = None
+) -> str:
     """Pull a seed's compile cache into this instance's cache directory, verified, each
     part written at once (a part already there is kept); returns what happened, for the
-    log. Raises NetloaderError when it cannot (the cache directory is then as it was)."""
+    log. With `own`, vLLM finds it under its own key (`follow_own_keys`). Raises
+    NetloaderError when it cannot (the cache directory is then as it was)."""
     manifest = client.manifest(Part.COMPILE_CACHE)
-    return take_offered(client, manifest, key, identity)
+    return take_offered(client, manifest, key, identity, own)
 
 
-def take_offered(client: Client, manifest: Manifest, key: CompileKey, identity: Identity) -> str:
+def take_offered(
+    client: Client,
+    manifest: Manifest,
+    key: CompileKey,
+    identity: Identity,
+    own: VllmKeys | None = None,
+) -> str:
     """`take_compile_cache` once the seed's manifest is in hand."""
     if manifest.identity.model != identity.model:
         raise NetloaderError(f"the compile cache is for {manifest.identity.model!r}")
@@ -215,6 +313,21 @@ def take_offered(client: Client, manifest: Manifest, key: CompileKey, identity: 
     stray = [t.name for t in manifest.tensors if not t.name.startswith(tuple(prefixes))]
     if stray:
         raise NetloaderError(f"the compile cache holds {stray[0]!r}, outside its key")
+    offered = [
+        (prefix, directory)
+        for prefix, directory in key.directories()
+        if any(t.name.startswith(prefix) for t in manifest.tensors)
+    ]
+    if all(directory.is_dir() for _, directory in offered):  # taken before vLLM started
+        said = f"found the compile cache in place in {key.root}, key {','.join(key.keys)}"
+    else:
+        said = _write_offered(client, manifest, key)
+    if own is not None:
+        follow_own_keys(key, own)
+    return said
+
+
+def _write_offered(client: Client, manifest: Manifest, key: CompileKey) -> str:
     files = empty_files(manifest)
     client.load_into(files, manifest.identity, within=manifest, part=Part.COMPILE_CACHE)
     written, kept = 0, 0
@@ -232,3 +345,29 @@ def take_offered(client: Client, manifest: Manifest, key: CompileKey, identity: 
         f"{','.join(key.keys)}: {written} files written"
         + (f", {kept} parts already there kept" if kept else "")
     )
+
+
+def take_before_vllm_starts(config: NetloaderConfig, cache_root: Path) -> None:
+    """SHARE_COMPILE_CACHE in vLLM's API server, before it inspects the model: each SOURCE
+    entry's compile cache, vLLM's model-inspection cache included, into `cache_root`
+    (VLLM_CACHE_ROOT) under the seed's directory names, as `netloader pull --compile-cache`
+    does. Nothing here decides that vLLM uses it: each worker compares its own key's
+    factors with the seed's before it does (`take_offered` finds the cache in place).
+    Failures are logged; the workers then try again."""
+    if not config.share_compile_cache or not config.authenticates_sources():
+        return  # without trust, each worker says why it compiles itself
+    for entry in config.source:
+        try:
+            client = client_for(config, entry.sources)
+            manifest = client.manifest(Part.COMPILE_CACHE)
+            key = CompileKey.offered(manifest.identity.attributes, cache_root)
+            identity = Identity(config.model) if config.model else manifest.identity
+            said = take_offered(client, manifest, key, identity)
+            log.info("netloader: rank %d, before vLLM starts: %s", entry.device_id, said)
+        except NetloaderError as exc:
+            log.warning(
+                "netloader: rank %d takes no compile cache before vLLM starts (its worker "
+                "tries again): %s",
+                entry.device_id,
+                exc,
+            )

@@ -19,6 +19,7 @@ so a wave of instances started together forms a chain instead of all reading the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -38,6 +39,7 @@ from netloader.integrations.vllm_checkpoint import load_from_checkpoints
 from netloader.integrations.vllm_compile_cache import (
     cache_holdings,
     compile_key,
+    take_before_vllm_starts,
     take_compile_cache,
 )
 from netloader.integrations.weight_capture import (
@@ -61,13 +63,13 @@ from netloader.ranks import (
 )
 from netloader.server import Holdings, LoadedTensors, Relay, Server
 from netloader.server.drain import drain_on_sigterm
-from netloader.settings import resolve_secret
 
 log = logging.getLogger("netloader.vllm")
 
 LOAD_FORMAT = "netloader"
 _servers: dict[tuple[int, bool], Server] = {}  # per (global rank, draft); lives with the Worker
 _target_tensors: dict[int, dict[str, torch.Tensor]] = {}  # per global rank: what its target serves
+_taken_before_inspection: list[bool] = []  # once per process
 
 
 def register() -> None:
@@ -77,6 +79,35 @@ def register() -> None:
     from vllm.model_executor.model_loader import register_model_loader
 
     register_model_loader(LOAD_FORMAT)(_loader_class())
+    _take_compile_cache_before_inspection()
+
+
+def _take_compile_cache_before_inspection() -> None:
+    """SHARE_COMPILE_CACHE: vLLM's API server inspects the model (seconds, unless vLLM's
+    model-inspection cache has it) in `EngineArgs.create_model_config`, before any worker
+    exists; take the seeds' compile caches, that cache included, just before it does."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    create = EngineArgs.create_model_config
+    if hasattr(create, "__wrapped__"):
+        return
+
+    @functools.wraps(create)
+    def create_model_config(engine_args: Any) -> Any:
+        if engine_args.load_format == LOAD_FORMAT and not _taken_before_inspection:
+            _taken_before_inspection.append(True)
+            try:
+                import vllm.envs as envs
+
+                config = NetloaderConfig.load(dict(engine_args.model_loader_extra_config or {}))
+                take_before_vllm_starts(config, Path(envs.VLLM_CACHE_ROOT))
+            except NetloaderError:
+                pass  # a configuration error: the loader reports it where it fails the load
+            except Exception:  # never let a netloader bug stop vLLM from starting
+                log.exception("netloader: unexpected failure taking the compile cache early")
+        return create(engine_args)
+
+    EngineArgs.create_model_config = create_model_config
 
 
 def _route_logs_to_stderr() -> None:
@@ -471,8 +502,7 @@ def _share_compile_cache(
         return None
     key, keys = found
     sources = find_sources(config, identity, slot.rank, draft=slot.draft)
-    trusted = resolve_secret(None, config.secret_file) is not None or config.tls_ca is not None
-    if sources and not trusted:
+    if sources and not config.authenticates_sources():
         log.warning(
             "netloader: %s compiles itself: a compile cache is code this instance would run, "
             "so it is taken only from a source that proved the shared secret or a trusted "
@@ -481,7 +511,7 @@ def _share_compile_cache(
         )
     elif sources:
         try:
-            taken = take_compile_cache(client_for(config, sources), key, identity)
+            taken = take_compile_cache(client_for(config, sources), key, identity, keys)
             log.info("netloader: %s %s", slot, taken)
         except NetloaderError as exc:
             log.warning("netloader: %s compiles itself: no compile cache taken: %s", slot, exc)
