@@ -4,9 +4,10 @@ server = netloader.serve(model, "my-model")                 # background threads
 report = netloader.load(empty_model, [server.address], "my-model")
 """
 
-from netloader.api import load, relay, serve, tensors_of
+from netloader.api import load, publish, relay, serve, tensors_of, update
 from netloader.checkpoint import checkpoint_identity
 from netloader.client import Client, LoadReport
+from netloader.client.update import StagedUpdate, UpdateReport, stage_update
 from netloader.config import NetloaderConfig
 from netloader.endpoint import Endpoint
 from netloader.errors import (
@@ -50,18 +51,23 @@ __all__ = [
     "Server",
     "ServerBusy",
     "SourceUnavailable",
+    "StagedUpdate",
     "Timeouts",
     "TransferError",
     "TransferTimeout",
+    "UpdateReport",
     "UsageError",
     "VersionMismatch",
     "checkpoint_identity",
     "join_wave",
     "load",
     "load_rank",
+    "publish",
     "relay",
     "relay_rank",
     "serve",
     "serve_rank",
+    "stage_update",
     "tensors_of",
+    "update",
 ]

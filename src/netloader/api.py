@@ -1,20 +1,26 @@
-"""The Python API for any PyTorch model: serve a module or a dict of tensors, and load into
-one from peers.
+"""The Python API for any PyTorch model: serve a module or a dict of tensors, load into
+one from peers, and update a live one to a new version in place.
 
     >>> server = netloader.serve(model, "my-model")                       # background threads
     >>> report = netloader.load(empty_model, [server.address], "my-model")
+    >>> publisher = netloader.publish(new_state_dict, "my-model", version=2)
+    >>> report = netloader.update(model, [publisher.address], "my-model", version=2)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from netloader.client import Client, LoadReport
+from netloader.client.update import UpdateReport, stage_update
 from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_address_file
 from netloader.errors import UsageError
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity
@@ -50,6 +56,7 @@ def serve(
     limits: Limits = DEFAULT_LIMITS,
     tls: ssl.SSLContext | None = None,
     output_file: str | Path | None = None,
+    version: int | str | None = None,
 ) -> Server:
     """Serve `model`'s tensors from background threads, by reference (no copy); returns the
     running Server (`.address`, `.close()`, a context manager).
@@ -69,12 +76,13 @@ def serve(
     limits:         connection and transfer caps, send-rate cap, sender priority.
     tls:            netloader.transports.tls.server_context(cert, key) to require TLS.
     output_file:    write "host:port" there (atomically) once listening.
+    version:        the version of the weights (in the identity; see `publish`).
     """
     endpoint = _listen_endpoint(listen)
     server = Server(
         LoadedTensors(
             tensors_of(model),
-            as_identity(identity),
+            versioned(as_identity(identity), version),
             chunk_bytes=chunk_bytes,
             column_tiles=column_tiles,
         ),
@@ -86,6 +94,66 @@ def serve(
         tls=tls,
     )
     return _published(server, output_file)
+
+
+def versioned(identity: Identity, version: int | str | None) -> Identity:
+    """`identity` as version `version` (unchanged for None)."""
+    return identity if version is None else replace(identity, version=str(version))
+
+
+def publish(
+    model: Tensors, identity: Identity | str, *, version: int | str, **options: Any
+) -> Server:
+    """Serve `model` (a trainer's new weights, any dict of tensors) as version `version` of
+    `identity`, for running instances to `update` to; `options` as for `serve`. Instances
+    pull only the chunks that differ from what they hold."""
+    return serve(model, identity, version=version, **options)
+
+
+def update(
+    model: Tensors,
+    sources: Sequence[str | Endpoint],
+    identity: Identity | str,
+    *,
+    version: int | str | None = None,
+    paused: Callable[[], AbstractContextManager[Any]] | None = None,
+    server: Server | None = None,
+    max_staging_bytes: int | None = None,
+    secret: bytes | str | None = None,
+    transport: str = "auto",
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    tls: ssl.SSLContext | None = None,
+) -> UpdateReport:
+    """Switch `model`, in place, to the version of its weights that `sources` serve, all or
+    nothing: the chunks that differ from what it holds are pulled into staging memory and
+    verified first, then copied into its tensors inside `paused()`. On any failure before
+    that the model is left exactly as it was.
+
+    model:     the live module or mapping of tensors (contiguous; host or device).
+    sources:   "host:port" of servers of the new version (a publisher, or instances that
+               already updated).
+    identity:  the model name, or an Identity, that the servers' must match.
+    version:   take only this version (default: whatever the sources serve).
+    paused:    a context manager factory that keeps the model's readers out while the new
+               bytes are copied in (e.g. an engine's pause and resume); none by default.
+    server:    a Server serving `model`: it serves the new version once switched.
+    max_staging_bytes: cap on the staging memory (the changed tensors, whole).
+    secret, transport, timeouts, tls: as for `load`.
+
+    Raises ManifestMismatch, UsageError or a TransferError (the model unchanged); returns
+    the report (chunks and bytes that moved, seconds to stage and to switch).
+    """
+    client = Client(
+        sources, secret=resolve_secret(secret), transport=transport, timeouts=timeouts, tls=tls
+    )
+    staged = stage_update(
+        client,
+        tensors_of(model),
+        versioned(as_identity(identity), version),
+        max_staging_bytes=max_staging_bytes,
+    )
+    with paused() if paused is not None else contextlib.nullcontext():
+        return staged.commit(server)
 
 
 def load(

@@ -63,7 +63,9 @@ def new_hasher() -> xxhash.xxh3_128:
 @dataclass(frozen=True)
 class Identity:
     """What must match before any byte moves: model name, parallel layout, and any
-    further attributes an integration cares about (dtype, quantization, loader layout)."""
+    further attributes an integration cares about (dtype, quantization, loader layout).
+    `version`: which version of the model's weights ("" when unversioned); a client that
+    states one takes only that one."""
 
     model: str
     tp_size: int = 1
@@ -71,6 +73,7 @@ class Identity:
     pp_size: int = 1
     pp_rank: int = 0
     attributes: Mapping[str, str] = field(default_factory=dict)
+    version: str = ""
 
     def differences(self, offered: Identity) -> list[str]:
         """What in `offered` (a server's identity) contradicts this expectation. Name and
@@ -84,6 +87,8 @@ class Identity:
         ]
         if self.model != offered.model:
             out[0] += f" (pass {offered.model!r} to load the model it serves)"
+        if self.version and self.version != offered.version:
+            out.append(f"version: expected {self.version!r}, server has {offered.version!r}")
         for key in sorted(self.attributes):
             mine_a, theirs_a = self.attributes[key], offered.attributes.get(key)
             if mine_a == theirs_a:
@@ -388,6 +393,7 @@ class Manifest:
                 "pp_size": ident.pp_size,
                 "pp_rank": ident.pp_rank,
                 "attributes": dict(ident.attributes),
+                **({"version": ident.version} if ident.version else {}),
             },
             "tensors": [[t.name, t.dtype, list(t.shape), t.nbytes] for t in self.tensors],
             "digests": "".join(self.digests),
@@ -425,6 +431,7 @@ class Manifest:
                 v.string(k, "attribute name"): v.string(val, f"attribute {k}", empty_ok=True)
                 for k, val in attributes.items()
             },
+            version=v.string(ident.get("version", ""), "identity.version", empty_ok=True),
         )
         rows = obj.get("tensors")
         if not isinstance(rows, list) or len(rows) > MAX_TENSORS:

@@ -79,6 +79,32 @@ VLLM_LOAD_PHASE_SECONDS = Histogram(
     buckets=_SECONDS,
     registry=REGISTRY,
 )
+MODEL_VERSION = Gauge(
+    "netloader_model_version",
+    "The version of a model's weights this process holds (versions that are integers).",
+    ["model"],
+    registry=REGISTRY,
+)
+UPDATES_FINISHED = Counter(
+    "netloader_updates_finished",
+    "Live updates ended, by outcome (ok, or the kind of failure: the old version stays).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+UPDATE_PHASE_SECONDS = Histogram(
+    "netloader_update_phase_duration_seconds",
+    "Duration of live-update phases: stage (pull and verify), switch (copy into the model).",
+    ["phase"],
+    buckets=_SECONDS,
+    registry=REGISTRY,
+)
+
+
+def holds_version(model: str, version: str) -> None:
+    """Record the version of `model` this process now holds (integers only: a gauge)."""
+    if version.isdigit():
+        MODEL_VERSION.labels(model).set(int(version))
+
 
 # Failure kinds as labels: a bounded set, whatever the message said.
 _KINDS: tuple[tuple[type[BaseException], str], ...] = (

@@ -86,7 +86,7 @@ def register_server(
     layout = "checkpoint" if identity.attributes.get("weights") == CHECKPOINT_WEIGHTS else ""
     heartbeat = reg.Heartbeat(
         registry,
-        reg.server_record(group, str(server.address), layout=layout),
+        reg.server_record(group, str(server.address), layout=layout, version=identity.version),
         update=reg.with_transfers(lambda: server.transfers_in_progress),
         ready=lambda: _serving(server),
     )

@@ -69,8 +69,8 @@ def peers(
     as_json: bool,
     connect_timeout: float,
 ) -> None:
-    """List live servers: model, layout, rank, address, transfers in progress, and since
-    when (from a registry), or a wave directory's seeds and live members."""
+    """List live servers: model, layout, rank, address, version, transfers in progress,
+    and since when (from a registry), or a wave directory's seeds and live members."""
     if (registry is None) == (wave_dir is None):
         raise click.UsageError("give one of --registry and --wave")
     if wave_dir is not None:
@@ -99,7 +99,8 @@ def peers(
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.since))
         click.echo(
             f"{r.model}  {layout}  rank {r.rank}  {r.address}  "
-            f"transfers {r.transfers}  since {since}"
+            + (f"version {r.version}  " if r.version else "")
+            + f"transfers {r.transfers}  since {since}"
         )
 
 
@@ -123,6 +124,7 @@ def _describe(manifest: Manifest) -> str:
     lines = [
         f"model {ident.model}  tp {ident.tp_rank}/{ident.tp_size}  "
         f"pp {ident.pp_rank}/{ident.pp_size}"
+        + (f"  version {ident.version}" if ident.version else "")
         + "".join(f"  {k}={v}" for k, v in sorted(ident.attributes.items())),
         f"{len(manifest.tensors)} tensors, {manifest.total_bytes} bytes, "
         f"{manifest.chunk_total} chunks of up to {manifest.chunk_bytes} bytes"

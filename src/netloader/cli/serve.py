@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from netloader.api import versioned
 from netloader.checkpoint import checkpoint_identity, load_checkpoint
 from netloader.cli.common import (
     DRAIN_TIMEOUT,
@@ -34,6 +35,12 @@ from netloader.settings import Limits
 @with_options(*listen_options("Address to bind; port 0 picks a free port."))
 @click.option(
     "--model", "model_name", help="Model name clients must ask for [default: directory name]."
+)
+@click.option(
+    "--version",
+    "version",
+    help="The version of the weights (a trainer's release): running instances update to it "
+    "and pull only the chunks that differ from the version they hold.",
 )
 @click.option("--output-prefix", help="Write the address to {prefix}0.txt once listening.")
 @registry_option
@@ -81,6 +88,7 @@ def serve(
     model_dir: Path,
     listen: Endpoint,
     model_name: str | None,
+    version: str | None,
     advertise: str | None,
     output_prefix: str | None,
     registry: str | None,
@@ -111,7 +119,9 @@ def serve(
         TLS_KEY=tls_key,
     )
     tensors = load_checkpoint(model_dir)
-    identity = checkpoint_identity(model_name or model_dir.resolve().name, model_dir)
+    identity = versioned(
+        checkpoint_identity(model_name or model_dir.resolve().name, model_dir), version
+    )
     files = model_files(model_dir) if model_dir.is_dir() else {}
     server = serve_rank(
         tensors,
@@ -127,7 +137,9 @@ def serve(
     with server:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         click.echo(
-            f"netloader: serving {identity.model} ({len(tensors)} tensors, {size} bytes; "
+            f"netloader: serving {identity.model} ("
+            + (f"version {identity.version}, " if identity.version else "")
+            + f"{len(tensors)} tensors, {size} bytes; "
             f"{len(files)} other files) on {server.address}",
             nl=True,
         )

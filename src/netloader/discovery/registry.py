@@ -129,6 +129,7 @@ class Record:
     since: float = 0.0  # when it started serving (Unix time)
     layout: str = ""  # "checkpoint": a served checkpoint, which any layout can load
     position: int | None = None  # a wave member's claimed position
+    version: str = ""  # the version of the weights it serves ("": unversioned)
 
     @property
     def group(self) -> Group:
@@ -144,6 +145,8 @@ class Record:
         fields = asdict(self)
         if self.position is None:
             del fields["position"]
+        if not self.version:
+            del fields["version"]
         return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
@@ -169,6 +172,7 @@ class Record:
                 since=float(_get(raw, "since", (int, float))),
                 layout=_get(raw, "layout", str),
                 position=None if raw.get("position") is None else _get(raw, "position", int),
+                version=_get(raw, "version", str) if "version" in raw else "",
             )
             parse_endpoint(record.address)
         except (TypeError, ValueError):
@@ -416,10 +420,16 @@ class Heartbeat:
 
 
 def server_record(
-    group: Group, address: str, *, layout: str = "", position: int | None = None
+    group: Group,
+    address: str,
+    *,
+    layout: str = "",
+    position: int | None = None,
+    version: str = "",
 ) -> Record:
     """A record for a server (or wave member) starting now."""
     return Record(
+        version=version,
         model=group.model,
         tp_size=group.tp_size,
         pp_size=group.pp_size,

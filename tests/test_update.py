@@ -1,0 +1,142 @@
+"""Live updates over real sockets: a model holding version 1 switches in place to version
+2, pulling only the chunks that changed; an instance that updated serves the new version
+to the next (relay); and a corrupted byte, a publisher killed mid-update, another version
+or other tensors, or too little staging memory all leave the live model exactly as it
+was, with the reason in the error."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import netloader
+from netloader import IntegrityError, ManifestMismatch, Timeouts, TransferError, UsageError, metrics
+from netloader.testing.models import differing, transformer_like, write_checkpoint
+from support.servers import MakeProxy, StartCliServer, run_cli
+
+CHUNK = 64 << 10
+CHANGED = "layers.2.mlp.up"  # one layer's matrix: 512 KiB, 8 chunks
+
+
+def version_2(old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Version 1 with one matrix fine-tuned."""
+    new = {name: t.clone() for name, t in old.items()}
+    new[CHANGED] += 0.5
+    return new
+
+
+@pytest.fixture
+def v1() -> dict[str, torch.Tensor]:
+    return transformer_like()
+
+
+@pytest.fixture
+def publisher(v1: dict[str, torch.Tensor]) -> Iterator[netloader.Server]:
+    with netloader.publish(version_2(v1), "m", version=2, chunk_bytes=CHUNK) as server:
+        yield server
+
+
+def _sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def copy_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in tensors.items()}
+
+
+def test_an_update_moves_only_the_changed_layer_and_switches_in_place(
+    publisher: netloader.Server, v1: dict[str, torch.Tensor]
+) -> None:
+    live = copy_of(v1)
+    addresses = {name: t.data_ptr() for name, t in live.items()}
+    pauses: list[str] = []
+
+    class Paused:
+        def __enter__(self) -> None:
+            pauses.append("pause")
+
+        def __exit__(self, *_: object) -> None:
+            pauses.append("resume")
+
+    ok_before = _sample("netloader_updates_finished_total", outcome="ok")
+    report = netloader.update(live, [str(publisher.address)], "m", version=2, paused=Paused)
+    assert not differing(live, version_2(v1))
+    assert _sample("netloader_model_version", model="m") == 2
+    assert _sample("netloader_updates_finished_total", outcome="ok") == ok_before + 1
+    assert {name: t.data_ptr() for name, t in live.items()} == addresses  # in place
+    assert pauses == ["pause", "resume"]
+    assert report.tensors == (CHANGED,)
+    assert report.bytes == v1[CHANGED].nbytes == 8 * CHUNK  # the delta, nothing else
+    assert report.changed == 8 and report.chunk_total > 8
+    assert report.version == "2" and "8 of" in report.summary()
+    # Already at version 2: nothing moves.
+    again = netloader.update(live, [str(publisher.address)], "m", version=2)
+    assert again.bytes == 0 and again.changed == 0
+
+
+def test_an_updated_instance_serves_the_new_version_to_the_next(
+    publisher: netloader.Server, v1: dict[str, torch.Tensor]
+) -> None:
+    first, second = copy_of(v1), copy_of(v1)
+    with netloader.serve(first, "m", chunk_bytes=CHUNK, version=1) as serving:
+        assert serving.manifest(timeout=30).identity.version == "1"
+        inspected = run_cli("inspect", str(serving.address))
+        assert "model m  tp 0/1  pp 0/1  version 1" in inspected.stdout, inspected.stderr
+        netloader.update(first, [str(publisher.address)], "m", version=2, server=serving)
+        assert serving.manifest().identity.version == "2"
+        report = netloader.update(second, [str(serving.address)], "m", version=2)
+    assert report.sources == (str(serving.address),) and report.bytes == v1[CHANGED].nbytes
+    assert not differing(second, version_2(v1))
+
+
+def test_a_flipped_byte_is_rejected_and_the_model_keeps_its_version(
+    publisher: netloader.Server, v1: dict[str, torch.Tensor], proxy: MakeProxy
+) -> None:
+    bad = proxy(str(publisher.address), flip_at=200_000)  # inside the changed chunks
+    live = copy_of(v1)
+    with pytest.raises(IntegrityError, match="digest"):
+        netloader.update(live, [bad.address], "m", version=2)
+    assert not differing(live, v1)
+
+
+def test_another_version_other_tensors_or_too_little_staging_leave_the_model_as_it_was(
+    publisher: netloader.Server, v1: dict[str, torch.Tensor]
+) -> None:
+    live = copy_of(v1)
+    source = [str(publisher.address)]
+    with pytest.raises(ManifestMismatch, match="version: expected '3', server has '2'"):
+        netloader.update(live, source, "m", version=3)
+    with pytest.raises(ManifestMismatch, match="model: expected 'other'"):
+        netloader.update(live, source, "other")
+    wider = {**live, "embed.weight": torch.zeros(1001, 256, dtype=torch.bfloat16)}
+    with pytest.raises(ManifestMismatch, match=r"embed\.weight"):
+        netloader.update(wider, source, "m")
+    with pytest.raises(UsageError, match="more than the staging limit of 1000 bytes"):
+        netloader.update(live, source, "m", max_staging_bytes=1000)
+    assert not differing(live, v1)
+
+
+def test_a_publisher_killed_mid_update_leaves_the_model_as_it_was(
+    cli_server: StartCliServer, v1: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """A trainer's retrained checkpoint (every tensor changed) served by `netloader serve
+    --version 2` at 10 MB/s, SIGKILLed while the update is a third of the way through."""
+    retrained = {name: t + 0.5 for name, t in v1.items()}
+    write_checkpoint(tmp_path / "v2", retrained)
+    served = cli_server(tmp_path / "v2", "--model", "m", "--version", "2", "--send-rate", "1e7")
+    live = copy_of(v1)
+    killer = threading.Timer(0.2, served.proc.send_signal, (signal.SIGKILL,))
+    killer.start()
+    try:
+        with pytest.raises(TransferError) as caught:
+            netloader.update(live, [served.address], "m", version=2, timeouts=Timeouts(stall=5))
+    finally:
+        killer.cancel()
+    assert served.proc.wait(timeout=10) == -signal.SIGKILL
+    assert served.address in str(caught.value)
+    assert not differing(live, v1)

@@ -1,0 +1,91 @@
+"""Live updates without sockets: versions in identities, manifests and registry records,
+and a staged update's switch, which copies exactly the changed chunks (column tiles
+included) into the live tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from netloader.client.update import StagedUpdate, UpdateReport
+from netloader.discovery.registry import Group, Record, server_record
+from netloader.errors import UsageError
+from netloader.manifest import Identity, Manifest, build_manifest
+from netloader.testing.models import differing, transformer_like
+
+
+def test_a_stated_version_must_match_and_an_unstated_one_accepts_any() -> None:
+    served = Identity("m", version="7")
+    assert Identity("m", version="7").differences(served) == []
+    assert Identity("m").differences(served) == []
+    assert Identity("m", version="8").differences(served) == [
+        "version: expected '8', server has '7'"
+    ]
+    assert Identity("m", version="8").differences(Identity("m")) == [
+        "version: expected '8', server has ''"
+    ]
+
+
+def test_the_version_travels_in_the_manifest_and_the_registry_record() -> None:
+    tensors = {"w": torch.ones(4)}
+    manifest = build_manifest(Identity("m", version="3"), tensors)
+    assert Manifest.from_json(manifest.to_json()).identity.version == "3"
+    unversioned = build_manifest(Identity("m"), tensors).to_json()
+    assert "version" not in unversioned["identity"]
+    assert Manifest.from_json(unversioned).identity.version == ""
+    record = server_record(Group("m", 1, 1, 0), "127.0.0.1:7000", version="3")
+    assert Record.from_json(record.to_json()) == record
+    plain = server_record(Group("m", 1, 1, 0), "127.0.0.1:7000")
+    assert "version" not in plain.to_json()
+    assert Record.from_json(plain.to_json()) == plain
+    planted = plain.to_json().replace("}", ',"version":3}')
+    assert Record.from_json(planted) is None  # not a string: junk, skipped
+
+
+def _staged(
+    live: dict[str, torch.Tensor], new: dict[str, torch.Tensor], tiles: int
+) -> StagedUpdate:
+    """What `stage_update` hands over: the new version's manifest, the changed chunks'
+    tensors staged whole (only their changed chunks are read)."""
+    offered = build_manifest(Identity("m", version="2"), new, 16 << 10, tiles)
+    held = build_manifest(Identity("m"), live, 16 << 10, tiles)
+    changed = [
+        i for i, (a, b) in enumerate(zip(held.digests, offered.digests, strict=True)) if a != b
+    ]
+    names = offered.tensor_names(changed)
+    # Only the changed chunks are pulled: everything else in staging is garbage.
+    staging = {n: torch.full_like(new[n], float("nan")) for n in names}
+    flats = {n: staging[n].view(-1).view(torch.uint8) for n in names}
+    for index in changed:
+        for piece in offered.chunks[index].pieces:
+            name = offered.tensors[piece.tensor].name
+            piece.of(flats[name]).copy_(piece.of(new[name].reshape(-1).view(torch.uint8)))
+    report = UpdateReport("m", "2", len(changed), offered.chunk_total, 0, 0, tuple(names), (), 0)
+    return StagedUpdate(live, offered, staging, changed, report)
+
+
+@pytest.mark.parametrize("tiles", [1, 4])
+def test_commit_copies_the_changed_chunks_and_nothing_else(tiles: int) -> None:
+    old = transformer_like(layers=2)
+    new = {n: t.clone() for n, t in old.items()}
+    new["layers.1.mlp.down"][3:5, 100:300] += 1  # a few chunks of one matrix (some tiles)
+    new["layers.0.norm"][0] = 42.0
+    live = {n: t.clone() for n, t in old.items()}
+    staged = _staged(live, new, tiles)
+    assert set(staged.report.tensors) == {"layers.1.mlp.down", "layers.0.norm"}
+    assert staged.report.changed < staged.report.chunk_total
+    staged.commit()
+    assert not differing(live, new)
+    with pytest.raises(UsageError, match="committed or discarded already"):
+        staged.commit()
+
+
+def test_a_discarded_update_leaves_the_live_tensors_as_they_were() -> None:
+    old = transformer_like(layers=1)
+    new = {n: t + 1 if t.is_floating_point() else t for n, t in old.items()}
+    live = {n: t.clone() for n, t in old.items()}
+    staged = _staged(live, new, 1)
+    staged.discard()
+    assert not differing(live, old)
+    with pytest.raises(UsageError):
+        staged.commit()
