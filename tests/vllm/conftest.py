@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from netloader.testing.models import perturbed_checkpoint
 from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import VllmInstance, make_weightless_dir
 from support.vllm_checks import Starter, serve_directory
@@ -103,6 +104,13 @@ def client_model_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
     out = make_weightless_dir(tiny_model, tmp_path_factory.mktemp("weightless") / "tiny")
     assert not [f for f in out.iterdir() if "safetensors" in f.name]
     return out
+
+
+@pytest.fixture(scope="session")
+def v2_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Version 2 of the tiny model: its decoder layer 1 fine-tuned (noise added), the
+    rest bit-identical (what a live update moves)."""
+    return perturbed_checkpoint(tiny_model, tmp_path_factory.mktemp("v2") / "tiny", "layers.1.")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Tensor parallel 2: one tp=2 seed that loaded from disk is the reference and the source
 for both ways a tp=2 instance loads over the network: each rank from the seed's rank (the
 same layout), and each rank from a checkpoint-format server through vLLM's load_weights.
-A tp=2 start is the slowest here, so the seed is started once for the module."""
+A tp=2 start is the slowest here, so the seed is started once for the module, and the
+checkpoint-loaded instance also takes a live update, switching both ranks or neither."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 from safetensors.torch import load_file
 
 from netloader.testing.processes import ServerProcess
-from netloader.testing.vllm import PROMPTS, VllmInstance
+from netloader.testing.vllm import PROMPTS, VllmError, VllmInstance
 from support.proxy import FaultyProxy
+from support.servers import run_cli
 from support.vllm_checks import (
     Starter,
     checkpoint_lines,
@@ -27,6 +29,7 @@ from support.vllm_checks import (
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 TP2: dict[str, Any] = {"dtype": "float32", "tensor_parallel": 2, "ready_timeout": 300}
+UPDATES = ("--weight-transfer-config", '{"backend": "netloader"}')
 
 
 @pytest.fixture(scope="module")
@@ -78,31 +81,67 @@ def sharded_bytes(tiny_model: Path) -> tuple[int, int]:
     return sharded, sum(t.nbytes for t in tensors.values()) - sharded
 
 
+@pytest.fixture(scope="module")
+def ckpt_tp2(
+    start: Starter, fine_checkpoint: ServerProcess, client_model_dir: Path
+) -> Iterator[VllmInstance]:
+    """A weightless tp=2 instance loading from the checkpoint server, with live updates on
+    (vLLM's weight-update routes and the netloader backend)."""
+    sources = [{"device_id": r, "sources": [fine_checkpoint.address]} for r in (0, 1)]
+    config = {"MODEL": "tiny", "SOURCE": sources}
+    live = {"env": {"VLLM_SERVER_DEV_MODE": "1"}, "extra_args": UPDATES}
+    with start("ckpt_tp2", client_model_dir, config, **TP2, **live) as tp2:
+        yield tp2
+
+
 def test_tp2_ranks_pull_only_their_shards_from_a_checkpoint_server(
-    start: Starter,
-    fine_checkpoint: ServerProcess,
-    reference_tp2: dict[str, str],
-    tiny_model: Path,
-    client_model_dir: Path,
+    ckpt_tp2: VllmInstance, reference_tp2: dict[str, str], tiny_model: Path
 ) -> None:
     """Each rank of a tp=2 instance streams the checkpoint through load_weights, which
     cuts its shard; a dry run of load_weights found which rows (qkv, gate/up, embeddings)
     or columns (o_proj, down_proj) each rank keeps, so about half of every matrix moves
     to each rank, the norms whole. Outputs match the tp=2 seed that loaded from disk."""
-    sources = [{"device_id": r, "sources": [fine_checkpoint.address]} for r in (0, 1)]
-    config = {"MODEL": "tiny", "SOURCE": sources}
-    with start("ckpt_tp2", client_model_dir, config, **TP2) as tp2:
-        found = checkpoint_lines(tp2)
-        assert sorted(m.group(4, 5) for m in found) == [("0", "2"), ("1", "2")], found
-        sharded, others = sharded_bytes(tiny_model)
-        slack = 2 * 16 * 9 * 4 << 10  # at most a chunk at each end of each sharded tensor
-        for m in found:
-            assert sharded // 2 + others <= int(m.group(2)) <= sharded // 2 + others + slack
-        plans = [line for line in tp2.netloader_lines() if "tp rank" in line and "pulls" in line]
-        assert len(plans) == 2, tp2.netloader_lines()
-        assert all(p.endswith("pulls 30 tensors by the part this rank keeps") for p in plans)
-        assert fallback_reasons(tp2) == []
-        assert tp2.completions(PROMPTS[:3]) == reference_tp2
+    tp2 = ckpt_tp2
+    found = checkpoint_lines(tp2)
+    assert sorted(m.group(4, 5) for m in found) == [("0", "2"), ("1", "2")], found
+    sharded, others = sharded_bytes(tiny_model)
+    slack = 2 * 16 * 9 * 4 << 10  # at most a chunk at each end of each sharded tensor
+    for m in found:
+        assert sharded // 2 + others <= int(m.group(2)) <= sharded // 2 + others + slack
+    plans = [line for line in tp2.netloader_lines() if "tp rank" in line and "pulls" in line]
+    assert len(plans) == 2, tp2.netloader_lines()
+    assert all(p.endswith("pulls 30 tensors by the part this rank keeps") for p in plans)
+    assert fallback_reasons(tp2) == []
+    assert tp2.completions(PROMPTS[:3]) == reference_tp2
+
+
+def test_tp2_switches_both_ranks_to_a_new_version_or_neither(
+    ckpt_tp2: VllmInstance, reference_tp2: dict[str, str], v2_model: Path, vllm_logs: Path
+) -> None:
+    """A live update whose rank 1 pulls through a proxy that flips a byte: rank 1 cannot
+    stage it, so neither rank switches and the instance answers exactly as before. The
+    same update with both ranks on the good source then switches both."""
+    log = vllm_logs / "tp2_v2.log"
+    with serve_directory(v2_model, log, "--version", "2") as v2:
+        proxy = FaultyProxy(v2.address, flip_at=300_000)
+        good = {"version": "2", "sources": [v2.address]}
+        try:
+            ckpt_tp2._post("/start_weight_update", {}, 60)
+            refused = {**good, "sources": [proxy.address]}
+            with pytest.raises(VllmError, match="refused"):
+                ckpt_tp2._post("/update_weights", {"update_info": [good, refused]}, 120)
+        finally:
+            proxy.close()
+        said = [line for line in ckpt_tp2.netloader_lines() if "keeps its weights" in line]
+        assert len(said) == 2, ckpt_tp2.netloader_lines()
+        assert any("rank 1: " in line and "digest mismatch" in line for line in said), said
+        assert any("1 other rank(s) could not stage it" in line for line in said), said
+        assert ckpt_tp2.completions(PROMPTS[:3]) == reference_tp2
+        done = run_cli("update", ckpt_tp2.base_url, "--version", "2", "--source", v2.address)
+        assert done.returncode == 0, done.stdout + done.stderr
+    switched = [line for line in ckpt_tp2.netloader_lines() if "switched to version 2" in line]
+    assert len(switched) == 2, ckpt_tp2.netloader_lines()
+    assert ckpt_tp2.completions(PROMPTS[:3]) != reference_tp2
 
 
 def test_tp2_rejects_a_corrupt_range_and_falls_back(

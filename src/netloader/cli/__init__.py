@@ -1,5 +1,6 @@
 """The `netloader` command line: serve a checkpoint, pull one, inspect a server, list live
-peers, make a secret. One module per command group; `common` holds what they share."""
+peers, make a secret, update running vLLM instances. One module per command group;
+`common` holds what they share."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import click
 from netloader.cli.info import inspect, peers, secret
 from netloader.cli.pull import pull
 from netloader.cli.serve import serve
+from netloader.cli.update import update
 
 
 class _Commands(click.Group):
@@ -57,7 +59,7 @@ def main(verbose: bool) -> None:
     )
 
 
-for command in (serve, pull, inspect, peers, secret):
+for command in (serve, pull, inspect, peers, secret, update):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -160,7 +160,7 @@ def stage_update(
         scattered = [name for name, t in live.items() if not t.is_contiguous()]
         if scattered:
             raise UsageError(f"an update lands in contiguous tensors: not {scattered[0]!r}")
-        if held is None or not _planned_alike(held, offered):
+        if held is None or not planned_alike(held, offered):
             in_order = {t.name: live[t.name] for t in offered.tensors}
             held = build_manifest(
                 offered.identity, in_order, offered.chunk_bytes, offered.column_tiles
@@ -202,7 +202,8 @@ def stage_update(
     return StagedUpdate(live, offered, staging, changed, report)
 
 
-def _planned_alike(held: Manifest, offered: Manifest) -> bool:
+def planned_alike(held: Manifest, offered: Manifest) -> bool:
+    """Whether `held`'s digests compare chunk by chunk with `offered`'s."""
     return (
         bool(held.digests)
         and held.tensors == offered.tensors

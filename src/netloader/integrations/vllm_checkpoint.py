@@ -25,6 +25,18 @@ from netloader.ranks import client_for
 from netloader.tensors import dtype_from_name
 
 log = logging.getLogger("netloader.vllm")
+_held: dict[int, Manifest] = {}  # per global rank: the checkpoint (version) its model holds
+
+
+def hold(rank: int, manifest: Manifest) -> None:
+    """Record that `rank`'s model holds the checkpoint `manifest` describes: its version,
+    and the digests a live update compares with."""
+    _held[rank] = manifest
+
+
+def held(rank: int) -> Manifest | None:
+    """The manifest of the checkpoint `rank`'s model holds, when known."""
+    return _held.get(rank)
 
 
 def load_from_checkpoints(
@@ -43,7 +55,7 @@ def load_from_checkpoints(
     offered = manifest.identity
     if offered.model != identity.model:
         return f"checkpoint source {source} serves {offered.model!r}, not {identity.model!r}"
-    mine, theirs = _checkpoint_config(model_config), offered.attributes.get("config")
+    mine, theirs = checkpoint_config(model_config), offered.attributes.get("config")
     if mine is not None and theirs is not None and mine != theirs:
         return (
             f"checkpoint source {source} holds a model of another configuration (config "
@@ -156,7 +168,7 @@ def _not_loaded(
     return [name for name, tensor in poisoned.items() if bool(torch.isnan(tensor).any())]
 
 
-def _checkpoint_config(model_config: Any) -> str | None:
+def checkpoint_config(model_config: Any) -> str | None:
     """The fingerprint of this instance's config.json, as a served checkpoint's is made."""
     try:
         return directory_fingerprint(Path(str(model_config.model)))

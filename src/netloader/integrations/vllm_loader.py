@@ -35,7 +35,7 @@ from netloader.config import NetloaderConfig
 from netloader.discovery.registry import mask_url
 from netloader.errors import NetloaderError
 from netloader.files import model_files
-from netloader.integrations.vllm_checkpoint import load_from_checkpoints
+from netloader.integrations.vllm_checkpoint import held, hold, load_from_checkpoints
 from netloader.integrations.vllm_compile_cache import (
     cache_holdings,
     compile_key,
@@ -80,6 +80,18 @@ def register() -> None:
 
     register_model_loader(LOAD_FORMAT)(_loader_class())
     _take_compile_cache_before_inspection()
+    _register_update_backend()
+
+
+def _register_update_backend() -> None:
+    """`netloader` as a backend of vLLM's weight-transfer system (live updates); its module
+    is imported only by a worker that uses it."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    with contextlib.suppress(ValueError):  # registered already
+        WeightTransferEngineFactory.register_engine(
+            LOAD_FORMAT, "netloader.integrations.vllm_update", "NetloaderEngine"
+        )
 
 
 def _take_compile_cache_before_inspection() -> None:
@@ -173,6 +185,10 @@ def _loader_class() -> type:
                 with _phase("disk"):
                     self.default.load_weights(model, model_config)
             params = {name: p.detach() for name, p in model.named_parameters()}
+            checkpoint = held(slot.rank)
+            if reason is None and not slot.draft and checkpoint is not None:
+                identity = replace(identity, version=checkpoint.identity.version)
+                metrics.holds_version(identity.model, identity.version)
             self.capture = capture(params, identity, self.config)
             if slot.draft:
                 self.capture, self.shared = _share_with_target(self.capture, slot)
@@ -319,6 +335,8 @@ def _load_from_peers(
         if found.checkpoints:
             why = load_from_checkpoints(model, model_config, identity, loader, found.checkpoints)
             if why is None:
+                if not slot.draft:  # its version, and what a live update compares with
+                    hold(slot.rank, found.checkpoints[0][1])
                 return _counted("checkpoint", None)
             reasons.append(why)
         failed = "checkpoint" if found.checkpoints else "peers" if found.peers else "unreachable"

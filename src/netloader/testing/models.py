@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 Tensors = dict[str, torch.Tensor]
 
@@ -301,3 +302,26 @@ def checkpoint_specs(path: Path) -> list[TensorSpec]:
         spec = TensorSpec(name, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
         entries.append((entry["data_offsets"][0], spec))
     return [spec for _, spec in sorted(entries, key=lambda e: e[0])]
+
+
+def perturbed_checkpoint(
+    model_dir: Path, out: Path, touched: str, *, scale: float = 0.05, seed: int = 0
+) -> Path:
+    """A copy of the checkpoint directory `model_dir` in `out` whose floating-point tensors
+    with `touched` in their name carry added noise (the next version of a model, as a
+    fine-tune changes some layers); its other files are copied as they are."""
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for path in sorted(model_dir.iterdir()):
+        if not path.is_file():
+            continue
+        if path.suffix != ".safetensors":
+            shutil.copy2(path, out / path.name)
+            continue
+        tensors = load_file(str(path))
+        for name, t in tensors.items():
+            if touched in name and t.is_floating_point():
+                noise = torch.randn(t.shape, generator=generator) * scale
+                tensors[name] = (t.float() + noise).to(t.dtype).contiguous()
+        save_file(tensors, str(out / path.name), metadata={"format": "pt"})
+    return out

@@ -1,0 +1,90 @@
+"""`netloader update`: switch running vLLM instances to a new version of their weights, in
+place, through vLLM's own weight-update routes and the `netloader` weight-transfer backend.
+
+Each instance runs with `VLLM_SERVER_DEV_MODE=1` (vLLM mounts its weight-update routes only
+then) and `--weight-transfer-config '{"backend": "netloader"}'`. For each, one after the
+other: `/start_weight_update`, `/update_weights` (every rank stages what changed, verified;
+a failure on any rank ends the update there, the instance untouched), `/pause?mode=wait`
+(requests in flight finish, new ones wait), `/finish_weight_update` (the switch), `/resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import click
+
+from netloader.cli.common import fail_cleanly
+from netloader.errors import NetloaderError
+
+
+class UpdateFailed(NetloaderError):
+    """An instance did not switch (it keeps serving the version it had)."""
+
+
+def update_instance(url: str, version: str, sources: list[str], timeout: float) -> float:
+    """Switch the vLLM instance at `url` to `version` from `sources`; the seconds it took.
+    Raises UpdateFailed with the instance's reason."""
+    started = time.perf_counter()
+    info = {"update_info": {"version": version, "sources": sources}}
+    _post(url, "/start_weight_update", None, timeout)
+    _post(url, "/update_weights", info, timeout)  # staged on every rank, or refused
+    _post(url, "/pause?mode=wait", None, timeout)
+    try:
+        _post(url, "/finish_weight_update", {"weight_version": version}, timeout)
+    finally:
+        _post(url, "/resume", None, timeout)
+    return time.perf_counter() - started
+
+
+def _post(url: str, path: str, body: dict[str, Any] | None, timeout: float) -> None:
+    data = json.dumps(body if body is not None else {}).encode()
+    request = urllib.request.Request(
+        url.rstrip("/") + path, data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            reply.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:2000]
+        hint = " (is VLLM_SERVER_DEV_MODE=1 set?)" if exc.code == 404 else ""
+        raise UpdateFailed(f"{url}{path}: HTTP {exc.code}{hint}: {detail}") from None
+    except (urllib.error.URLError, TimeoutError) as exc:
+        raise UpdateFailed(f"{url}{path}: {exc}") from None
+
+
+@click.command()
+@click.argument("instances", nargs=-1, required=True)
+@click.option("--version", "version", required=True, help="The version to switch to.")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    required=True,
+    help="host:port of a checkpoint-format server of that version (repeatable).",
+)
+@click.option(
+    "--timeout", type=float, default=600.0, show_default=True, help="Seconds per request."
+)
+@fail_cleanly
+def update(
+    instances: tuple[str, ...], version: str, sources: tuple[str, ...], timeout: float
+) -> None:
+    """Switch running vLLM INSTANCES (their http://host:port) to VERSION of their weights,
+    in place, one after the other: each pulls what changed, verified, then switches between
+    requests. One that fails keeps its version and says why; the rest go on."""
+    failed = 0
+    for url in instances:
+        try:
+            seconds = update_instance(url, version, list(sources), timeout)
+        except UpdateFailed as exc:
+            failed += 1
+            click.echo(f"netloader: {url} keeps its version: {exc}", err=True)
+            continue
+        click.echo(f"netloader: {url} switched to version {version} in {seconds:.2f} s")
+    if failed:
+        raise UpdateFailed(f"{failed} of {len(instances)} instances did not switch")

@@ -1,0 +1,139 @@
+"""Live updates of a running vLLM instance with real vLLM: `netloader update` drives vLLM's
+own weight-update routes (VLLM_SERVER_DEV_MODE=1) and the `netloader` weight-transfer
+backend. The instance loaded version 1 from a checkpoint server; version 2 (one decoder
+layer fine-tuned) is published by another. Refused updates (a source without the secret,
+a flipped byte, another version) leave it answering exactly as before; the good one
+switches it in place (same process, same server, requests during the update all answered
+by one version or the other), moving that one layer's bytes, after which it answers
+exactly as a fresh vLLM started from version 2 on disk. Its own server goes on serving
+version 1, labelled so, to instances still on it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netloader import Client
+from netloader.testing.processes import ServerProcess
+from netloader.testing.vllm import PROMPTS, VllmInstance, running
+from support.proxy import FaultyProxy
+from support.servers import run_cli
+from support.vllm_checks import Starter, serve_directory, serve_line
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+SECRET = "the live update e2e secret"
+BACKEND = ("--weight-transfer-config", '{"backend": "netloader"}')
+STAGED = re.compile(
+    r"rank 0 staged version 2: (\d+) of (\d+) checkpoint tensors, (\d+) of (\d+) bytes pulled"
+)
+
+
+@pytest.fixture(scope="module")
+def publishers(
+    tiny_model: Path, v2_model: Path, vllm_logs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ServerProcess]]:
+    """Checkpoint servers: version 1 (what the instance loads) and version 2, with the
+    secret; and version 2 without it."""
+    secret = tmp_path_factory.mktemp("secret") / "key"
+    secret.write_text(SECRET)
+    chunks = ("--chunk-kib", "64")
+    keyed = ("--secret-file", str(secret))
+    started = {
+        "v1": serve_directory(tiny_model, vllm_logs / "upd_v1.log", "--version", "1", *chunks,
+                              *keyed),
+        "v2": serve_directory(v2_model, vllm_logs / "upd_v2.log", "--version", "2", *chunks,
+                              *keyed),
+        "open": serve_directory(v2_model, vllm_logs / "upd_open.log", "--version", "2", *chunks),
+    }  # fmt: skip
+    try:
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def instances(
+    start: Starter, tiny_model: Path, v2_model: Path, publishers: dict[str, ServerProcess]
+) -> Iterator[tuple[VllmInstance, dict[str, str], dict[str, str]]]:
+    """(the live instance, its version-1 answers, a fresh version-2 instance's answers)."""
+    config = {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": [publishers["v1"].address]}]}
+    env = {"VLLM_SERVER_DEV_MODE": "1", "NETLOADER_SECRET": SECRET}
+    live = start("upd_live", tiny_model, config, env=env, extra_args=BACKEND)
+    fresh = start("upd_fresh_v2", v2_model, None, load_format="auto", served_model_name="tiny")
+    with running(live, fresh):
+        version_2 = fresh.completions()
+        fresh.stop()
+        version_1 = live.completions()
+        assert version_1 != version_2, "version 2 answers as version 1 does: perturb more"
+        yield live, version_1, version_2
+
+
+def update(instance: VllmInstance, source: str, version: str = "2") -> tuple[int, str]:
+    done = run_cli("update", instance.base_url, "--version", version, "--source", source)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_refused_updates_leave_the_old_version_answering(
+    instances: tuple[VllmInstance, dict[str, str], dict[str, str]],
+    publishers: dict[str, ServerProcess],
+) -> None:
+    live, version_1, _ = instances
+    flipping = FaultyProxy(publishers["v2"].address, flip_at=100_000)
+    cases = {
+        "a source without the secret": (publishers["open"].address, "2", "prove it knows"),
+        "a flipped byte": (flipping.address, "2", "digest mismatch"),
+        "another version": (publishers["v2"].address, "3", "version: expected '3', server has '2'"),
+    }  # fmt: skip
+    try:
+        for case, (source, version, reason) in cases.items():
+            code, said = update(live, source, version)
+            assert code == 1 and "keeps its version" in said and reason in said, (case, said)
+            assert live.completions() == version_1, case
+    finally:
+        flipping.close()
+    refused = [line for line in live.netloader_lines() if "keeps its weights" in line]
+    assert len(refused) == len(cases), live.netloader_lines()
+
+
+def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_version(
+    instances: tuple[VllmInstance, dict[str, str], dict[str, str]],
+    publishers: dict[str, ServerProcess],
+) -> None:
+    live, version_1, version_2 = instances
+    assert live.proc is not None
+    pid = live.proc.pid
+    probe = next(p for p in PROMPTS if version_1[p] != version_2[p])
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def ask_while_updating() -> None:
+        while not stop.is_set():
+            answers.append(live.complete(probe))
+
+    asking = threading.Thread(target=ask_while_updating, daemon=True)
+    asking.start()
+    try:
+        code, said = update(live, publishers["v2"].address)
+    finally:
+        stop.set()
+        asking.join(timeout=120)
+    assert code == 0 and "switched to version 2" in said, said
+    assert live.completions() == version_2
+    assert live.proc.pid == pid and live.proc.poll() is None  # no restart
+    assert answers and set(answers) <= {version_1[probe], version_2[probe]}, answers
+    assert live._get("/weight_info") == {"weight_version": "2"}
+    # Only the changed decoder layer moved (whole: it is post-processed as a unit).
+    staged = [m for line in live.netloader_lines() if (m := STAGED.search(line))]
+    assert len(staged) == 1, live.netloader_lines()
+    tensors, total_tensors, pulled, total = map(int, staged[0].groups())
+    assert 0 < tensors < total_tensors and 0 < pulled < total // 2, staged[0].group(0)
+    # Its own server goes on serving what it loaded, labelled as the version it is.
+    served = Client([serve_line(live).group(4)], secret=SECRET.encode()).manifest()
+    assert served.identity.version == "1"
