@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, drop_page_cache, run_setup
+from common import REPO, drop_page_cache, vllm_and_llama
 from netloader.testing.processes import ChildProcess, read_address_file
 from netloader.testing.vllm import PROMPTS, VllmInstance, make_weightless_dir
 
@@ -211,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         pull_loop(args.pull_loop, args.latency_seconds, str(args.json), args.pull_transport)
         return 0
 
-    python = run_setup(["bash", str(REPO / "scripts" / "setup_vllm.sh")], 1800)
-    model = Path(run_setup([python, str(REPO / "scripts" / "make_tiny_llama.py"),
-                            str(REPO / "runs" / "models"), "--size", "1g"], 1800))  # fmt: skip
+    python, model = vllm_and_llama("1g")
     logs = Path(tempfile.mkdtemp(prefix="bench-vllm-", dir=REPO / "runs"))
     weightless = make_weightless_dir(model, logs / "weightless")
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))

@@ -39,7 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from common import REPO, run_setup, write_json
+from common import REPO, vllm_and_llama, write_json
 from netloader.testing.processes import netloader_command, read_address_file
 from netloader.testing.vllm import VllmInstance, make_weightless_dir
 
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    python = run_setup(["bash", str(REPO / "scripts" / "setup_vllm.sh")], 1800)
-    model = Path(run_setup([python, str(REPO / "scripts" / "make_tiny_llama.py"),
-                            str(REPO / "runs" / "models"), "--size", args.size], 1800))  # fmt: skip
+    python, model = vllm_and_llama(args.size)
     logs = Path(tempfile.mkdtemp(prefix="bench-compiled-", dir=REPO / "runs"))
     print(f"bench_vllm_compiled: model {model}, logs in {logs}", file=sys.stderr)
 

@@ -214,6 +214,14 @@ def run_setup(cmd: list[str], timeout: float) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def vllm_and_llama(size: str) -> tuple[str, Path]:
+    """(the vLLM venv's python, the `scripts/make_tiny_llama.py --size SIZE` model), each
+    set up or built on first use and cached."""
+    python = run_setup(["bash", str(REPO / "scripts" / "setup_vllm.sh")], 1800)
+    builder = [python, str(REPO / "scripts" / "make_tiny_llama.py"), str(REPO / "runs" / "models")]
+    return python, Path(run_setup([*builder, "--size", size], 1800))
+
+
 def write_json(path: Path, value: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=1) + "\n")

@@ -4,12 +4,14 @@ place, through vLLM's own weight-update routes and the `netloader` weight-transf
 Each instance runs with `VLLM_SERVER_DEV_MODE=1` (vLLM mounts its weight-update routes only
 then) and `--weight-transfer-config '{"backend": "netloader"}'`. For each, one after the
 other: `/start_weight_update`, `/update_weights` (every rank stages what changed, verified;
-a failure on any rank ends the update there, the instance untouched), `/pause?mode=wait`
-(requests in flight finish, new ones wait), `/finish_weight_update` (the switch), `/resume`.
+a failure on any rank refuses it on all, the instance untouched, and `/finish_weight_update`
+ends it), `/pause?mode=wait` (requests in flight finish, new ones wait),
+`/finish_weight_update` (the switch), `/resume`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.error
@@ -32,13 +34,24 @@ def update_instance(url: str, version: str, sources: list[str], timeout: float) 
     started = time.perf_counter()
     info = {"update_info": {"version": version, "sources": sources}}
     _post(url, "/start_weight_update", None, timeout)
-    _post(url, "/update_weights", info, timeout)  # staged on every rank, or refused
+    try:
+        _post(url, "/update_weights", info, timeout)  # staged on every rank, or refused
+    except UpdateFailed:
+        end_refused_update(url, timeout)
+        raise
     _post(url, "/pause?mode=wait", None, timeout)
     try:
         _post(url, "/finish_weight_update", {"weight_version": version}, timeout)
     finally:
         _post(url, "/resume", None, timeout)
     return time.perf_counter() - started
+
+
+def end_refused_update(url: str, timeout: float) -> None:
+    """End an update that `/update_weights` refused on the ranks that did not raise (only
+    the last one does); the last one, already ended by vLLM, answers with an error."""
+    with contextlib.suppress(UpdateFailed):
+        _post(url, "/finish_weight_update", None, timeout)
 
 
 def _post(url: str, path: str, body: dict[str, Any] | None, timeout: float) -> None:

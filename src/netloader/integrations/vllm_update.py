@@ -8,8 +8,9 @@ drives each instance through vLLM's own sequence: pause, `start_weight_update`,
 `update_weights({"version": N, "sources": [...]})`, `finish_weight_update`, resume.
 
 - `update_weights` stages: every rank pulls what changed into host memory, verified, and
-  the ranks vote; if any failed, every rank raises there (vLLM then ends the update on
-  each), and the model is untouched.
+  the ranks vote; if any failed, none switches, the last rank raises (see
+  `receive_weights` for why only it), and the caller ends the update with
+  `finish_weight_update`, which then switches nothing.
 - `finish_weight_update` switches: the staged tensors go through the model's own
   `load_weights` under vLLM's layerwise reload, which re-runs each touched layer's
   post-processing (on the CPU, the oneDNN packing) and copies the result into the
@@ -109,21 +110,27 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         except Exception as exc:  # a netloader bug: refuse the update, keep serving
             log.exception("netloader: unexpected failure staging an update")
             failure = f"rank {rank}: unexpected {type(exc).__name__}: {exc}"
-        failed = _ranks_failed(failure is not None)
+        failed, ranks = _ranks_failed(failure is not None)
         if failed:
             self.staged = None
             metrics.UPDATES_FINISHED.labels("refused").inc()
-            reason = failure or f"{failed} other rank(s) could not stage it"
             log.warning(
                 "netloader: rank %d keeps its weights: update to version %s refused: %s",
                 rank,
                 update_info.version,
-                reason,
+                failure or f"{failed} other rank(s) could not stage it",
             )
-            raise NetloaderError(
-                f"update to version {update_info.version} refused, the old version keeps "
-                f"serving: {reason}"
-            )
+            # vLLM's executor reads the ranks' answers in rank order and stops at the first
+            # failure, leaving the later ones to be read as answers to the next call: so
+            # only the last rank raises, and the caller ends the update on the others
+            # (`finish_weight_update`, which then switches nothing).
+            if rank == ranks - 1:
+                raise NetloaderError(
+                    f"update to version {update_info.version} refused, the old version "
+                    f"keeps serving: {failed} of {ranks} ranks could not stage it"
+                    + (f" ({failure})" if failure else " (their logs say why)")
+                )
+            return
         metrics.UPDATE_PHASE_SECONDS.labels("stage").observe(time.perf_counter() - started)
 
     def _stage(self, rank: int, info: NetloaderUpdateInfo) -> _Staged:
@@ -231,17 +238,18 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         self.staged = None
 
 
-def _ranks_failed(failed: bool) -> int:
-    """How many ranks of this instance failed (each rank says whether it did)."""
+def _ranks_failed(failed: bool) -> tuple[int, int]:
+    """(how many ranks of this instance failed, how many there are): each rank says
+    whether it did."""
     import torch.distributed as dist
     from vllm.distributed import parallel_state as ps
 
     group = ps.get_world_group()
     if group.world_size == 1:
-        return int(failed)
+        return int(failed), 1
     count = torch.tensor([int(failed)])
     dist.all_reduce(count, group=group.cpu_group)
-    return int(count.item())
+    return int(count.item()), group.world_size
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Live updates of a running vLLM fleet against restarting it with the new weights.
+
+    .venv/bin/python benchmarks/bench_update.py [--size tiny|1g] [--instances 2] [--json out.json]
+
+In one run (bfloat16, `--enforce-eager`, each instance tp=1):
+
+1. a fleet of `--instances` vLLM instances loads version 1 from a checkpoint server
+   (`netloader serve DIR --version 1`), with live updates on;
+2. `one layer`: version 2 changes decoder layer 1; `netloader update` switches the fleet,
+   one instance after the other, while a client sends requests to the first instance;
+3. `every layer`: version 3 changes every weight; the fleet switches again;
+4. for comparison, what a restart costs: a new instance started from version 3 on disk
+   (vLLM's default loader), and one loading it from the checkpoint server of version 3.
+
+Reported: the fleet's update time, per instance, the bytes each update moved (the
+instances' own log lines), request latency before and during the update, and the two
+restarts' start-to-ready. Every instance is checked to answer as the fresh version-3
+instance does after the last update. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO, progress, serve_checkpoint, vllm_and_llama, write_json
+from netloader.testing.models import perturbed_checkpoint
+from netloader.testing.processes import ServerProcess, netloader_command
+from netloader.testing.vllm import PROMPTS, VllmInstance, running
+
+STAGED = re.compile(
+    r"staged version (\S+): (\d+) of (\d+) checkpoint tensors, (\d+) of (\d+) bytes"
+)
+UPDATES = ("--weight-transfer-config", '{"backend": "netloader"}')
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=("tiny", "1g"), default="tiny")
+    ap.add_argument("--instances", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    python, v1 = vllm_and_llama(args.size)
+    work = Path(tempfile.mkdtemp(prefix="bench-update-", dir=REPO / "runs"))
+    progress(f"bench_update: model {v1}, logs in {work}")
+    v2 = perturbed_checkpoint(v1, work / "v2" / v1.name, "layers.1.", seed=2)
+    v3 = perturbed_checkpoint(v1, work / "v3" / v1.name, "", seed=3)  # every weight
+
+    # Chunks small enough that one layer of the tiny model spans several.
+    chunks = ("--chunk-kib", "256" if args.size == "tiny" else "16384")
+
+    def publish(directory: Path, version: str) -> ServerProcess:
+        return serve_checkpoint(directory, work / f"serve-v{version}.log",
+                                ("--model", "m", "--version", version, *chunks))  # fmt: skip
+
+    def instance(name: str, model: Path, config: dict[str, Any] | None, **kw: Any) -> VllmInstance:
+        return VllmInstance(python, model, config, workdir=work, name=name,
+                            served_model_name="m", ready_timeout=600, **kw)  # fmt: skip
+
+    rows: dict[str, Any] = {"model": str(v1), "instances": args.instances}
+    servers = {"1": publish(v1, "1"), "2": publish(v2, "2"), "3": publish(v3, "3")}
+    try:
+        source = [{"device_id": 0, "sources": [servers["1"].address]}]
+        fleet = [
+            instance(f"live{i}", v1, {"MODEL": "m", "SOURCE": source},
+                     env={"VLLM_SERVER_DEV_MODE": "1"}, extra_args=UPDATES)
+            for i in range(args.instances)
+        ]  # fmt: skip
+        with running(*fleet):
+            probe = PROMPTS[0]
+            idle = [_latency(fleet[0], probe) for _ in range(5)]
+            for label, version in (("one layer", "2"), ("every layer", "3")):
+                latencies: list[float] = []
+                stop = threading.Event()
+
+                def ask(stop: threading.Event = stop, out: list[float] = latencies) -> None:
+                    while not stop.is_set():
+                        out.append(_latency(fleet[0], probe))
+
+                asker = threading.Thread(target=ask, daemon=True)
+                asker.start()
+                started = time.perf_counter()
+                per = [_update(member, version, servers[version].address) for member in fleet]
+                seconds = time.perf_counter() - started
+                stop.set()
+                asker.join(timeout=120)
+                moved = [_moved(member, version) for member in fleet]
+                rows[label] = {"fleet_s": seconds, "per_instance_s": per, "bytes": moved,
+                               "latency_during_s": _summary(latencies)}  # fmt: skip
+                progress(f"bench_update: {label}: {rows[label]}")
+            rows["latency_idle_s"] = _summary(idle)
+            answers = [member.completions() for member in fleet]
+        with instance("disk_v3", v3, None, load_format="auto") as fresh:
+            rows["restart from disk"] = fresh.ready_seconds
+            reference = fresh.completions()
+        seed = [{"device_id": 0, "sources": [servers["3"].address]}]
+        with instance("seed_v3", v3, {"MODEL": "m", "SOURCE": seed}) as fresh:
+            rows["restart from a seed"] = fresh.ready_seconds
+    finally:
+        for server in servers.values():
+            server.stop()
+    rows["same_outputs"] = all(a == reference for a in answers)
+    _print(rows, v1)
+    if args.json:
+        write_json(args.json, rows)
+    return 0 if rows["same_outputs"] else 1
+
+
+def _latency(instance: VllmInstance, prompt: str) -> float:
+    started = time.perf_counter()
+    instance.complete(prompt, max_tokens=8)
+    return time.perf_counter() - started
+
+
+def _update(instance: VllmInstance, version: str, source: str) -> float:
+    import subprocess
+
+    started = time.perf_counter()
+    subprocess.run([netloader_command(), "update", instance.base_url, "--version", version,
+                    "--source", source], check=True, capture_output=True)  # fmt: skip
+    return time.perf_counter() - started
+
+
+def _moved(instance: VllmInstance, version: str) -> int:
+    found = [m for line in instance.netloader_lines() if (m := STAGED.search(line))]
+    return sum(int(m.group(4)) for m in found if m.group(1) == version)
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    return {"n": len(samples), "median": statistics.median(samples), "max": max(samples)}
+
+
+def _print(rows: dict[str, Any], model: Path) -> None:
+    print(f"\nModel {model.name}, {rows['instances']} instances (tp=1, bfloat16, eager), "
+          f"{os.cpu_count()} CPUs ({platform.machine()}).\n")  # fmt: skip
+    print("| | fleet update | per instance | bytes moved per instance | request latency "
+          "during (median / max) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- |")
+    idle = rows["latency_idle_s"]
+    for label in ("one layer", "every layer"):
+        r = rows[label]
+        per = ", ".join(f"{s:.2f} s" for s in r["per_instance_s"])
+        during = r["latency_during_s"]
+        cells = [label, f"{r['fleet_s']:.2f} s", per, ", ".join(map(str, r["bytes"])),
+                 f"{during.get('median', 0):.3f} / {during.get('max', 0):.3f} s"]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nRequest latency idle (8 tokens): median {idle['median']:.3f} s, max "
+          f"{idle['max']:.3f} s. A restart instead, per instance: from disk "
+          f"{rows['restart from disk']:.1f} s, from a seed {rows['restart from a seed']:.1f} s "
+          "(start to ready). After the updates every instance answers as a fresh instance of "
+          f"the last version: {'yes' if rows['same_outputs'] else 'NO'}.")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
