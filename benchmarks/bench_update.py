@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from common import REPO, progress, serve_checkpoint, vllm_and_llama, write_json
+from netloader.cli.update import update_instance
 from netloader.testing.models import perturbed_checkpoint
-from netloader.testing.processes import ServerProcess, netloader_command
+from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import PROMPTS, VllmInstance, running
 
 STAGED = re.compile(
@@ -57,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     v2 = perturbed_checkpoint(v1, work / "v2" / v1.name, "layers.1.", seed=2)
     v3 = perturbed_checkpoint(v1, work / "v3" / v1.name, "", seed=3)  # every weight
 
-    # Chunks small enough that one layer of the tiny model spans several.
-    chunks = ("--chunk-kib", "256" if args.size == "tiny" else "16384")
+    # Chunks small enough that few straddle two decoder layers of the tiny model (a
+    # changed chunk's layers are pulled whole).
+    chunks = ("--chunk-kib", "64" if args.size == "tiny" else "16384")
 
     def publish(directory: Path, version: str) -> ServerProcess:
         return serve_checkpoint(directory, work / f"serve-v{version}.log",
@@ -124,12 +126,9 @@ def _latency(instance: VllmInstance, prompt: str) -> float:
 
 
 def _update(instance: VllmInstance, version: str, source: str) -> float:
-    import subprocess
-
-    started = time.perf_counter()
-    subprocess.run([netloader_command(), "update", instance.base_url, "--version", version,
-                    "--source", source], check=True, capture_output=True)  # fmt: skip
-    return time.perf_counter() - started
+    """What `netloader update URL --version V --source S` does, in this process (the
+    command's own start, importing torch, is not the update's cost)."""
+    return update_instance(instance.base_url, version, [source], timeout=600)
 
 
 def _moved(instance: VllmInstance, version: str) -> int:

@@ -219,6 +219,12 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         initialize_layerwise_reload(self.model)
         try:
             self.model.load_weights(iter(list(staged.tensors.items())))
+        except BaseException:
+            # Part of it may be in: what the model holds is no longer any version's, so
+            # the next update compares with nothing and pulls everything.
+            hold(rank, None)
+            log.error("netloader: rank %d failed switching to version %s", rank, staged.version)
+            raise
         finally:
             finalize_layerwise_reload(self.model, self.model_config)
         hold(rank, staged.manifest)
