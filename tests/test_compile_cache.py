@@ -106,10 +106,13 @@ def test_a_cache_placed_under_the_seeds_key_moves_to_this_instances_key(
     placed = mine.placed_as({"compile_key": json.dumps({"keys": ["k" * 64]})})
     (mine.root / ("k" * 64) / "rank_1_0").mkdir()  # another rank's part, placed beside
     taken = tree(mine.root / ("k" * 64))
-    move_to_own_keys(placed, ("o" * 64,))
+    # With the seed's path this instance's key would not be the seed's: nothing moves.
+    move_to_own_keys(placed, ("o" * 64,), ("x" * 64,))
+    assert tree(mine.root / ("k" * 64)) == taken and not (mine.root / ("o" * 64)).exists()
+    move_to_own_keys(placed, ("o" * 64,), placed.keys)
     assert tree(mine.root / ("o" * 64)) == taken
     assert sorted(p.name for p in (mine.root / ("k" * 64)).iterdir()) == ["rank_1_0"]
-    move_to_own_keys(replace(placed, rank="rank_1_0"), ("o" * 64,))
+    move_to_own_keys(replace(placed, rank="rank_1_0"), ("o" * 64,), placed.keys)
     assert sorted(p.name for p in mine.root.iterdir()) == ["o" * 64]
     assert (mine.root / ("o" * 64) / "rank_1_0").is_dir()
 

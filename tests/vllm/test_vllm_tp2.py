@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from netloader.cli.update import end_refused_update
+from netloader.cli.update import end_unswitched
 from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import PROMPTS, VllmError, VllmInstance
 from support.proxy import FaultyProxy
@@ -131,7 +131,7 @@ def test_tp2_switches_both_ranks_to_a_new_version_or_neither(
             refused = {**good, "sources": [proxy.address]}
             with pytest.raises(VllmError, match="1 of 2 ranks could not stage it"):
                 ckpt_tp2._post("/update_weights", {"update_info": [good, refused]}, 120)
-            end_refused_update(ckpt_tp2.base_url, 60)
+            end_unswitched(ckpt_tp2.base_url, 60)
         finally:
             proxy.close()
         said = [line for line in ckpt_tp2.netloader_lines() if "keeps its weights" in line]

@@ -5,8 +5,8 @@ layer fine-tuned) is published by another. Refused updates (a source without the
 a flipped byte, another version) leave it answering exactly as before; the good one
 switches it in place (same process, same server, requests during the update all answered
 by one version or the other), moving that one layer's bytes, after which it answers
-exactly as a fresh vLLM started from version 2 on disk. Its own server goes on serving
-version 1, labelled so, to instances still on it.
+exactly as a fresh vLLM started from version 2 on disk. Its own server, which offered
+version 1, says it switched.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from netloader import Client
+from netloader import Client, SourceUnavailable
 from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import PROMPTS, VllmInstance, running
 from support.proxy import FaultyProxy
@@ -134,6 +134,7 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     assert len(staged) == 1, live.netloader_lines()
     tensors, total_tensors, pulled, total = map(int, staged[0].groups())
     assert 0 < tensors < total_tensors and 0 < pulled < total // 2, staged[0].group(0)
-    # Its own server goes on serving what it loaded, labelled as the version it is.
-    served = Client([serve_line(live).group(4)], secret=SECRET.encode()).manifest()
-    assert served.identity.version == "1"
+    # Its own server offered what it loaded (labelled version 1), some of it the model's
+    # own tensors, now changed: it says so instead.
+    with pytest.raises(SourceUnavailable, match="switched to version 2: it no longer holds"):
+        Client([serve_line(live).group(4)], secret=SECRET.encode()).manifest()

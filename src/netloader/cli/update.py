@@ -4,9 +4,9 @@ place, through vLLM's own weight-update routes and the `netloader` weight-transf
 Each instance runs with `VLLM_SERVER_DEV_MODE=1` (vLLM mounts its weight-update routes only
 then) and `--weight-transfer-config '{"backend": "netloader"}'`. For each, one after the
 other: `/start_weight_update`, `/update_weights` (every rank stages what changed, verified;
-a failure on any rank refuses it on all, the instance untouched, and `/finish_weight_update`
-ends it), `/pause?mode=wait` (requests in flight finish, new ones wait),
-`/finish_weight_update` (the switch), `/resume`.
+a failure on any rank refuses it on all, the instance untouched, and `end_unswitched` ends
+it), `/pause?mode=wait` (requests in flight finish, new ones wait), `/finish_weight_update`
+(the switch), `/resume`.
 """
 
 from __future__ import annotations
@@ -30,26 +30,35 @@ class UpdateFailed(NetloaderError):
 
 def update_instance(url: str, version: str, sources: list[str], timeout: float) -> float:
     """Switch the vLLM instance at `url` to `version` from `sources`; the seconds it took.
-    Raises UpdateFailed with the instance's reason."""
+    Raises UpdateFailed with the instance's reason: before the switch, the update is ended
+    and the instance keeps its version; if the switch itself fails, it is left paused."""
     started = time.perf_counter()
     info = {"update_info": {"version": version, "sources": sources}}
     _post(url, "/start_weight_update", None, timeout)
     try:
         _post(url, "/update_weights", info, timeout)  # staged on every rank, or refused
+        _post(url, "/pause?mode=wait", None, timeout)
     except UpdateFailed:
-        end_refused_update(url, timeout)
+        end_unswitched(url, timeout)
+        with contextlib.suppress(UpdateFailed):
+            _post(url, "/resume", None, timeout)
         raise
-    _post(url, "/pause?mode=wait", None, timeout)
     try:
         _post(url, "/finish_weight_update", {"weight_version": version}, timeout)
-    finally:
-        _post(url, "/resume", None, timeout)
+    except UpdateFailed as exc:
+        raise UpdateFailed(
+            f"{exc}; left paused, as its weights may mix versions: restart it"
+        ) from None
+    _post(url, "/resume", None, timeout)
     return time.perf_counter() - started
 
 
-def end_refused_update(url: str, timeout: float) -> None:
-    """End an update that `/update_weights` refused on the ranks that did not raise (only
-    the last one does); the last one, already ended by vLLM, answers with an error."""
+def end_unswitched(url: str, timeout: float) -> None:
+    """End an update without switching: drop what the ranks staged (if a staging is still
+    running, this waits behind it), then end vLLM's update session. A rank whose session
+    vLLM already ended (the one that reported a refusal) answers with an error, ignored."""
+    with contextlib.suppress(UpdateFailed):
+        _post(url, "/update_weights", {"update_info": {"abort": True}}, timeout)
     with contextlib.suppress(UpdateFailed):
         _post(url, "/finish_weight_update", None, timeout)
 

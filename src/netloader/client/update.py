@@ -88,15 +88,22 @@ class StagedUpdate:
         started = time.perf_counter()
         flats = {name: flat_bytes(self._live[name]) for name in self._staging}
         staged = {name: flat_bytes(t) for name, t in self._staging.items()}
-        with torch.no_grad():
-            for index in self._changed:
-                for piece in self.manifest.chunks[index].pieces:
-                    name = self.manifest.tensors[piece.tensor].name
-                    piece.of(flats[name]).copy_(piece.of(staged[name]))
-        for tensor in self._live.values():
-            if tensor.device.type == "cuda":
-                torch.cuda.synchronize(tensor.device)
-                break
+        try:
+            with torch.no_grad():
+                for index in self._changed:
+                    for piece in self.manifest.chunks[index].pieces:
+                        name = self.manifest.tensors[piece.tensor].name
+                        piece.of(flats[name]).copy_(piece.of(staged[name]))
+            for tensor in self._live.values():
+                if tensor.device.type == "cuda":
+                    torch.cuda.synchronize(tensor.device)
+                    break
+        except Exception as exc:  # e.g. out of device memory for a strided copy
+            metrics.UPDATES_FINISHED.labels("error").inc()
+            raise NetloaderError(
+                f"the switch to version {self.report.version} failed partway ({exc}): the "
+                "model now holds parts of both versions"
+            ) from exc
         self._staging = {}
         if server is not None:
             ordered = {t.name: self._live[t.name] for t in self.manifest.tensors}

@@ -192,11 +192,12 @@ def compile_key(model: torch.nn.Module, vllm_config: Any) -> tuple[CompileKey, V
     return key, VllmKeys(vllm_config, modules)
 
 
-def _engine_config_hash(vllm_config: Any) -> str:
-    """vLLM's hash of the engine configuration with the model's directory left out (its
-    `ModelConfig.model`: the tokenizer's and the served name are already left out)."""
+def _engine_config_hash(vllm_config: Any, model_path: str = ANY_PATH) -> str:
+    """vLLM's hash of the engine configuration with the model's directory (its
+    `ModelConfig.model`; the tokenizer's and the served name are already left out) taken
+    to be `model_path`: by default left out."""
     model_config = copy.copy(vllm_config.model_config)
-    object.__setattr__(model_config, "model", ANY_PATH)
+    object.__setattr__(model_config, "model", model_path)
     config = copy.copy(vllm_config)
     object.__setattr__(config, "model_config", model_config)
     return str(config.compute_hash())
@@ -208,8 +209,8 @@ _to_follow: list[tuple[CompileKey, VllmKeys]] = []  # taken caches, until vLLM n
 def follow_own_keys(placed: CompileKey, own: VllmKeys) -> None:
     """Have vLLM find a cache taken under the seed's directory names (`placed`) under its own
     names: when vLLM computes its key (as it compiles), the seed's directories for this rank
-    move to this instance's. They differ only where the model's directory does, as the
-    factors compared before taking the cache left nothing else to differ."""
+    move to this instance's, if with the seed's model directory this instance's key would
+    be the seed's (the only difference allowed)."""
     from vllm.compilation import caching
 
     _to_follow.append((placed, own))
@@ -221,17 +222,36 @@ def follow_own_keys(placed: CompileKey, own: VllmKeys) -> None:
     def factors_then_follow(vllm_config: Any) -> list[str]:
         factors: list[str] = computed(vllm_config)
         for placed, own in _to_follow:
-            if own.vllm_config is vllm_config:
-                move_to_own_keys(placed, own(factors))
+            if own.vllm_config is not vllm_config or not placed.model_path:
+                continue
+            # This instance's keys had its model been at the seed's path: the seed's own
+            # keys, unless its final configuration differs in more than the path.
+            at_seed = [factors[0], _engine_config_hash(vllm_config, placed.model_path)]
+            try:
+                move_to_own_keys(placed, own(factors), own([*at_seed, *factors[2:]]))
+            except OSError as exc:  # vLLM compiles itself; never fail its compile here
+                log.warning("netloader: could not move the compile cache: %s", exc)
         return factors
 
     caching.aot_compile_hash_factors = factors_then_follow
 
 
-def move_to_own_keys(placed: CompileKey, own_keys: tuple[str, ...]) -> None:
+def move_to_own_keys(
+    placed: CompileKey, own_keys: tuple[str, ...], at_seed_path: tuple[str, ...]
+) -> None:
     """Move this rank's part of a cache placed under the seed's keys, and the inductor
-    cache, to `own_keys` (one per compiled module); a part already there is kept."""
-    for seed_key, own_key in zip(placed.keys, own_keys, strict=True):
+    cache, to `own_keys` (one per compiled module); a part already there is kept.
+    `at_seed_path`: this instance's keys had its model been at the seed's path; a module
+    whose key then still differs from the seed's is left where it is (vLLM compiles it)."""
+    for seed_key, own_key, same in zip(placed.keys, own_keys, at_seed_path, strict=True):
+        if same != seed_key:
+            log.warning(
+                "netloader: the seed's compile cache %s is left where it is: this instance's "
+                "final configuration differs from the seed's in more than the model's "
+                "directory (vLLM compiles itself)",
+                seed_key,
+            )
+            continue
         moved = []
         for part in (placed.rank, INDUCTOR_DIR):
             source, target = placed.root / seed_key / part, placed.root / own_key / part

@@ -170,6 +170,8 @@ def _loader_class() -> type:
 
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
             slot = self.slot or _slot(self.config, None, model_config)
+            if not slot.draft:
+                hold(slot.rank, None)  # until this load says which checkpoint it holds
             identity = _identity(slot, model_config)
             _expose_metrics(self.config, slot)
             in_wave = self.config.wave_dir is not None or self.config.join_wave
@@ -537,6 +539,11 @@ def _share_compile_cache(
             log.exception("netloader: unexpected failure taking the compile cache")
             log.warning("netloader: %s compiles itself: unexpected %r", slot, exc)
     return cache_holdings(key, identity, keys)
+
+
+def slot_server(rank: int) -> Server | None:
+    """The server of `rank`'s target model in this Worker, if it has one."""
+    return _servers.get((rank, False))
 
 
 def slot_key(slot: Slot) -> tuple[int, bool]:

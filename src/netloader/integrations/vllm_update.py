@@ -9,7 +9,7 @@ drives each instance through vLLM's own sequence: pause, `start_weight_update`,
 
 - `update_weights` stages: every rank pulls what changed into host memory, verified, and
   the ranks vote; if any failed, none switches, the last rank raises (see
-  `receive_weights` for why only it), and the caller ends the update with
+  `_raise_on_the_last_rank` for why only it), and the caller ends the update with
   `finish_weight_update`, which then switches nothing.
 - `finish_weight_update` switches: the staged tensors go through the model's own
   `load_weights` under vLLM's layerwise reload, which re-runs each touched layer's
@@ -53,10 +53,18 @@ class NetloaderInitInfo:
 class NetloaderUpdateInfo:
     """version: the version to take (the sources must serve exactly it).
     sources:  "host:port" of checkpoint-format servers of it (any of them serves every
-              rank: a checkpoint fits any layout)."""
+              rank: a checkpoint fits any layout).
+    abort:    drop what was staged instead (a caller that gave up on an update ends it
+              with this, then `finish_weight_update`, which then switches nothing)."""
 
-    version: str
+    version: str = ""
     sources: list[str] = field(default_factory=list)
+    abort: bool = False
+
+    def __post_init__(self) -> None:
+        self.version = str(self.version)  # a JSON number is a version too
+        if not isinstance(self.sources, list) or not all(isinstance(s, str) for s in self.sources):
+            raise NetloaderError("the update's sources must be a list of host:port strings")
 
 
 @dataclass
@@ -92,20 +100,22 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         self.staged = None
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
-        # The base class synchronizes the accelerator, which a CPU build cannot.
-        self.receive_weights(self.parse_update_info(update_info))
-
-    def receive_weights(self, update_info: NetloaderUpdateInfo) -> None:
-        """Stage this rank's part of the update and vote: raises on every rank unless
-        every rank staged."""
+        """Stage this rank's part of the update, then vote: unless every rank staged it,
+        none switches. (Overrides the base class, which synchronizes the accelerator: a
+        CPU build cannot; nothing here is asynchronous.)"""
         from vllm.distributed import parallel_state as ps
 
         rank = ps.get_world_group().rank
         started = time.perf_counter()
-        failure = None
+        self.staged = None
+        failure, version = None, str(update_info.get("version", "?"))
         try:
-            self.staged = self._stage(rank, update_info)
-        except NetloaderError as exc:
+            info = self.parse_update_info(update_info)
+            if info.abort:
+                log.info("netloader: rank %d dropped the update it staged", rank)
+                return  # every rank gets the same abort: no vote needed
+            self.staged = self._stage(rank, info)
+        except (NetloaderError, ValueError) as exc:
             failure = f"rank {rank}: {exc}"
         except Exception as exc:  # a netloader bug: refuse the update, keep serving
             log.exception("netloader: unexpected failure staging an update")
@@ -117,21 +127,21 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             log.warning(
                 "netloader: rank %d keeps its weights: update to version %s refused: %s",
                 rank,
-                update_info.version,
+                version,
                 failure or f"{failed} other rank(s) could not stage it",
             )
-            # vLLM's executor reads the ranks' answers in rank order and stops at the first
-            # failure, leaving the later ones to be read as answers to the next call: so
-            # only the last rank raises, and the caller ends the update on the others
-            # (`finish_weight_update`, which then switches nothing).
-            if rank == ranks - 1:
-                raise NetloaderError(
-                    f"update to version {update_info.version} refused, the old version "
-                    f"keeps serving: {failed} of {ranks} ranks could not stage it"
-                    + (f" ({failure})" if failure else " (their logs say why)")
-                )
+            _raise_on_the_last_rank(
+                rank,
+                ranks,
+                f"update to version {version} refused, the old version keeps serving: "
+                f"{failed} of {ranks} ranks could not stage it"
+                + (f" ({failure})" if failure else " (their logs say why)"),
+            )
             return
         metrics.UPDATE_PHASE_SECONDS.labels("stage").observe(time.perf_counter() - started)
+
+    def receive_weights(self, update_info: NetloaderUpdateInfo) -> None:
+        raise NotImplementedError("netloader stages in update_weights")
 
     def _stage(self, rank: int, info: NetloaderUpdateInfo) -> _Staged:
         from vllm.distributed.weight_transfer.base import layerwise_groups
@@ -148,18 +158,32 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         offered = client.manifest()
         self._check(offered, info.version)
         held_now = held(rank)
+        if held_now is None:
+            raise NetloaderError(
+                "this instance holds no checkpoint version netloader knows (it loaded from "
+                "disk or from a vLLM peer, or a switch failed): a live update needs it "
+                "loaded from a checkpoint source, to know that the new version covers "
+                "every weight"
+            )
+        ours = {t.name: (t.dtype, t.shape) for t in held_now.tensors}
+        theirs = {t.name: (t.dtype, t.shape) for t in offered.tensors}
+        if ours != theirs:
+            other = sorted(set(ours) ^ set(theirs)) or sorted(
+                n for n in ours if ours[n] != theirs[n]
+            )
+            raise ManifestMismatch(
+                f"version {info.version} has other tensors than the version this instance "
+                f"holds ({len(other)} differ, e.g. {other[0]!r}): a live update replaces "
+                "weights, it does not add, drop or reshape them"
+            )
         names = [t.name for t in offered.tensors if not is_pp_missing_parameter(t.name, self.model)]
-        if held_now is not None and planned_alike(held_now, offered):
+        if planned_alike(held_now, offered):
             pairs = zip(held_now.digests, offered.digests, strict=True)
             changed = set(offered.tensor_names([i for i, (a, b) in enumerate(pairs) if a != b]))
             names = [n for group in layerwise_groups(names) if changed & set(group) for n in group]
             compared = "chunks that differ from the version it holds"
         else:
-            compared = (
-                "everything (no manifest of the version it holds)"
-                if held_now is None
-                else "everything (the version it holds was cut into other chunks)"
-            )
+            compared = "everything (the version it holds was cut into other chunks)"
         dtypes = {t.name: t for t in offered.tensors}
         staging = {
             name: torch.empty(dtypes[name].shape, dtype=_dtype(dtypes[name].dtype))
@@ -204,30 +228,45 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
 
     def finish_weight_update(self) -> None:
         """Switch: the staged tensors through the model's own `load_weights` under vLLM's
-        layerwise reload."""
+        layerwise reload; then this rank's netloader server stops offering what it loaded
+        (some of those tensors are the model's own, now changed). A switch that fails on
+        any rank leaves the instance's weights unknown: every rank forgets its version
+        (no later update compares with it) and says so; the caller must not resume it."""
         from vllm.distributed import parallel_state as ps
-        from vllm.model_executor.model_loader.reload.layerwise import (
-            finalize_layerwise_reload,
-            initialize_layerwise_reload,
-        )
 
         staged, self.staged = self.staged, None
         if staged is None:
-            return
+            return  # refused or aborted: nothing to switch
         rank = ps.get_world_group().rank
         started = time.perf_counter()
-        initialize_layerwise_reload(self.model)
+        hold(rank, None)  # until the switch is known to be complete
+        failure = None
         try:
-            self.model.load_weights(iter(list(staged.tensors.items())))
-        except BaseException:
-            # Part of it may be in: what the model holds is no longer any version's, so
-            # the next update compares with nothing and pulls everything.
-            hold(rank, None)
-            log.error("netloader: rank %d failed switching to version %s", rank, staged.version)
-            raise
-        finally:
-            finalize_layerwise_reload(self.model, self.model_config)
+            if staged.tensors:
+                self._switch(staged)
+        except Exception as exc:
+            log.exception("netloader: rank %d failed switching to version %s", rank, staged.version)
+            failure = f"rank {rank}: {type(exc).__name__}: {exc}"
+        failed, ranks = _ranks_failed(failure is not None)
+        if failed:
+            metrics.UPDATES_FINISHED.labels("error").inc()
+            log.error(
+                "netloader: rank %d: the switch to version %s failed (%s): this instance's "
+                "weights may mix versions; restart it",
+                rank,
+                staged.version,
+                failure or f"on {failed} other rank(s)",
+            )
+            _raise_on_the_last_rank(
+                rank,
+                ranks,
+                f"the switch to version {staged.version} failed on {failed} of {ranks} ranks"
+                + (f" ({failure})" if failure else "")
+                + ": the weights may mix versions; restart this instance",
+            )
+            return
         hold(rank, staged.manifest)
+        _stop_serving_the_old_version(rank, staged.version)
         seconds = time.perf_counter() - started
         metrics.UPDATE_PHASE_SECONDS.labels("switch").observe(seconds)
         metrics.UPDATES_FINISHED.labels("ok").inc()
@@ -240,8 +279,51 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             seconds,
         )
 
+    def _switch(self, staged: _Staged) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        initialize_layerwise_reload(self.model)
+        try:
+            self.model.load_weights(iter(list(staged.tensors.items())))
+        finally:
+            finalize_layerwise_reload(self.model, self.model_config)
+
     def shutdown(self) -> None:
         self.staged = None
+
+
+def _raise_on_the_last_rank(rank: int, ranks: int, message: str) -> None:
+    """vLLM's executor reads the ranks' answers in rank order and stops at the first
+    failure, leaving the later ones to be read as answers to its next call: so only the
+    last rank raises (its message is the caller's answer); the others return."""
+    if rank == ranks - 1:
+        raise NetloaderError(message)
+
+
+def _stop_serving_the_old_version(rank: int, version: str) -> None:
+    """This rank's server offered the tensors it loaded, some of them the model's own
+    (now changed): it says why it offers nothing from now on."""
+    from netloader.integrations.vllm_loader import slot_server
+    from netloader.server import LoadedTensors
+
+    server = slot_server(rank)
+    if server is None:
+        return
+    try:
+        served = server.holdings.manifest(timeout=0).identity
+    except NetloaderError:  # it offered nothing already
+        return
+    server.serve_instead(
+        LoadedTensors(
+            {},
+            served,
+            unavailable=f"this instance switched to version {version}: it no longer holds "
+            f"the version {served.version or '(unversioned)'} it loaded",
+        )
+    )
 
 
 def _ranks_failed(failed: bool) -> tuple[int, int]:
