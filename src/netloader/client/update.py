@@ -172,11 +172,7 @@ def stage_update(
             held = build_manifest(
                 offered.identity, in_order, offered.chunk_bytes, offered.column_tiles
             )
-        changed = [
-            i
-            for i, (mine, theirs) in enumerate(zip(held.digests, offered.digests, strict=True))
-            if mine != theirs
-        ]
+        changed = changed_chunks(held, offered)
         names = offered.tensor_names(changed)
         needed = sum(live[name].nbytes for name in names)
         if max_staging_bytes is not None and needed > max_staging_bytes:
@@ -207,6 +203,12 @@ def stage_update(
         stage_seconds=seconds,
     )
     return StagedUpdate(live, offered, staging, changed, report)
+
+
+def changed_chunks(held: Manifest, offered: Manifest) -> list[int]:
+    """The numbers of the chunks whose digests differ (the two planned alike)."""
+    pairs = zip(held.digests, offered.digests, strict=True)
+    return [i for i, (mine, theirs) in enumerate(pairs) if mine != theirs]
 
 
 def planned_alike(held: Manifest, offered: Manifest) -> bool:

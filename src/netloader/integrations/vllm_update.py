@@ -33,7 +33,7 @@ import torch
 
 from netloader import metrics
 from netloader.checkpoint import CHECKPOINT_WEIGHTS
-from netloader.client.update import planned_alike
+from netloader.client.update import changed_chunks, planned_alike
 from netloader.config import NetloaderConfig
 from netloader.endpoint import parse_endpoint
 from netloader.errors import ManifestMismatch, NetloaderError
@@ -178,15 +178,14 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             )
         names = [t.name for t in offered.tensors if not is_pp_missing_parameter(t.name, self.model)]
         if planned_alike(held_now, offered):
-            pairs = zip(held_now.digests, offered.digests, strict=True)
-            changed = set(offered.tensor_names([i for i, (a, b) in enumerate(pairs) if a != b]))
+            changed = set(offered.tensor_names(changed_chunks(held_now, offered)))
             names = [n for group in layerwise_groups(names) if changed & set(group) for n in group]
             compared = "chunks that differ from the version it holds"
         else:
             compared = "everything (the version it holds was cut into other chunks)"
-        dtypes = {t.name: t for t in offered.tensors}
+        entries = {t.name: t for t in offered.tensors}
         staging = {
-            name: torch.empty(dtypes[name].shape, dtype=_dtype(dtypes[name].dtype))
+            name: torch.empty(entries[name].shape, dtype=_dtype(entries[name].dtype))
             for name in names
         }
         pulled = 0
