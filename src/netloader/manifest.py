@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -338,6 +338,12 @@ class Manifest:
             return f"tensor {first!r}"
         last = self.tensors[chunk.pieces[-1].tensor].name
         return f"tensors {first!r} ... {last!r} ({len(chunk.pieces)})"
+
+    def chunks_holding(self, names: Collection[str]) -> list[int]:
+        """The numbers of the chunks holding any byte of the tensors named `names`."""
+        return sorted(
+            {c for i, t in enumerate(self.tensors) if t.name in names for c in self.chunks_of(i)}
+        )
 
     def tensor_names(self, chunks: Sequence[int]) -> list[str]:
         """The names of the tensors in these chunks, in order, once each."""

@@ -1,16 +1,19 @@
 """Live updates without sockets: versions in identities, manifests and registry records,
-and a staged update's switch, which copies exactly the changed chunks (column tiles
-included) into the live tensors."""
+a staged update's switch, which copies exactly the changed chunks (column tiles included)
+into the live tensors, and what a switched instance relays (`PartOfModel`)."""
 
 from __future__ import annotations
 
+import click
 import pytest
 import torch
 
+from netloader.cli.update import parse_instance
 from netloader.client.update import StagedUpdate, UpdateReport
 from netloader.discovery.registry import Group, Record, server_record
-from netloader.errors import UsageError
+from netloader.errors import SourceUnavailable, UsageError
 from netloader.manifest import Identity, Manifest, build_manifest
+from netloader.server import PartOfModel
 from netloader.testing.models import differing, transformer_like
 
 
@@ -89,3 +92,51 @@ def test_a_discarded_update_leaves_the_live_tensors_as_they_were() -> None:
     assert not differing(live, old)
     with pytest.raises(UsageError):
         staged.commit()
+
+
+def test_part_of_a_model_serves_its_whole_chunks_checked_and_refuses_the_rest() -> None:
+    """What a switched instance relays: the chunks made only of the tensors it took (each
+    checked against the manifest before it is served), never a chunk with bytes it lacks."""
+    model = {
+        "a.norm": torch.arange(4, dtype=torch.float32),  # small: a, b.norm share a chunk
+        "b.norm": torch.arange(4, dtype=torch.float32) + 4,
+        "b.big": torch.arange(64, dtype=torch.float32),  # its own chunks
+        "c.norm": torch.ones(4),
+    }
+    manifest = build_manifest(Identity("m", version="2"), model, chunk_bytes=64)
+    taken = set(manifest.tensor_names(manifest.chunks_holding({"b.big"})))
+    assert taken == {"b.big"}
+    taken = set(manifest.tensor_names(manifest.chunks_holding({"b.norm"})))
+    assert taken == {"a.norm", "b.norm"}  # whole chunks: b.norm's neighbour comes along
+    part = PartOfModel(
+        {name: model[name].clone() for name in taken | {"b.big"}}, manifest, lacking="only b"
+    )
+    assert part.manifest(0) is manifest
+    held = part.chunks_held
+    assert held == manifest.chunks_holding({"a.norm", "b.norm", "b.big"})
+    for number in held:
+        part.wait_for(manifest.chunks[number], 0)  # checked: served
+    (c_chunk,) = manifest.chunks_holding({"c.norm"})
+    assert c_chunk not in held
+    with pytest.raises(SourceUnavailable, match=r"only b; it lacks chunk \d+ \('c.norm'\)"):
+        part.wait_for(manifest.chunks[c_chunk], 0)
+
+
+def test_part_of_a_model_refuses_a_chunk_written_since_it_was_verified() -> None:
+    tensors = {"w": torch.arange(32, dtype=torch.float32)}
+    manifest = build_manifest(Identity("m"), tensors, chunk_bytes=64)
+    kept = {"w": tensors["w"].clone()}
+    part = PartOfModel(kept, manifest, lacking="-")
+    first, second = manifest.chunks[0], manifest.chunks[1]
+    part.wait_for(first, 0)
+    kept["w"][20] = -1.0  # in the second chunk (16 floats each)
+    with pytest.raises(SourceUnavailable, match="changed since it was verified"):
+        part.wait_for(second, 0)
+
+
+def test_an_instance_is_a_url_with_its_netloader_server_optionally() -> None:
+    assert parse_instance("http://h:8000") == ("http://h:8000", None)
+    assert parse_instance("http://h:8000=127.0.0.1:7001") == ("http://h:8000", "127.0.0.1:7001")
+    for bad in ("h:8000", "http://h:8000=nowhere"):
+        with pytest.raises(click.BadParameter):
+            parse_instance(bad)

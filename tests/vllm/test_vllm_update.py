@@ -1,24 +1,26 @@
-"""Live updates of a running vLLM instance with real vLLM: `netloader update` drives vLLM's
+"""Live updates of running vLLM instances with real vLLM: `netloader update` drives vLLM's
 own weight-update routes (VLLM_SERVER_DEV_MODE=1) and the `netloader` weight-transfer
-backend. The instance loaded version 1 from a checkpoint server; version 2 (one decoder
+backend. Two instances loaded version 1 from a checkpoint server; version 2 (one decoder
 layer fine-tuned) is published by another. Refused updates (a source without the secret,
-a flipped byte, another version) leave it answering exactly as before; the good one
-switches it in place (same process, same server, requests during the update all answered
-by one version or the other), moving that one layer's bytes, after which it answers
-exactly as a fresh vLLM started from version 2 on disk. Its own server, which offered
-version 1, says it switched.
+a flipped byte, another version) leave the first answering exactly as before; the good
+one switches both in place (same processes, same servers, requests during the update all
+answered by one version or the other), the first from the publisher and the second from
+the first (a relay), each moving that one layer's bytes, after which both answer exactly
+as a fresh vLLM started from version 2 on disk.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 
 from netloader import Client, SourceUnavailable
+from netloader.tensors import dtype_from_name
 from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import PROMPTS, VllmInstance, running
 from support.proxy import FaultyProxy
@@ -32,6 +34,7 @@ BACKEND = ("--weight-transfer-config", '{"backend": "netloader"}')
 STAGED = re.compile(
     r"rank 0 staged version 2: (\d+) of (\d+) checkpoint tensors, (\d+) of (\d+) bytes pulled"
 )
+SENT = re.compile(r"netloader: sent \d+ chunks, (\d+) bytes to ")
 
 
 @pytest.fixture(scope="module")
@@ -58,33 +61,37 @@ def publishers(
             server.stop()
 
 
+Fleet = tuple[VllmInstance, VllmInstance, dict[str, str], dict[str, str]]
+
+
 @pytest.fixture(scope="module")
 def instances(
     start: Starter, tiny_model: Path, v2_model: Path, publishers: dict[str, ServerProcess]
-) -> Iterator[tuple[VllmInstance, dict[str, str], dict[str, str]]]:
-    """(the live instance, its version-1 answers, a fresh version-2 instance's answers)."""
+) -> Iterator[Fleet]:
+    """(two live instances, their version-1 answers, a fresh version-2 instance's)."""
     config = {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": [publishers["v1"].address]}]}
     env = {"VLLM_SERVER_DEV_MODE": "1", "NETLOADER_SECRET": SECRET}
     live = start("upd_live", tiny_model, config, env=env, extra_args=BACKEND)
+    other = start("upd_other", tiny_model, config, env=env, extra_args=BACKEND)
     fresh = start("upd_fresh_v2", v2_model, None, load_format="auto", served_model_name="tiny")
-    with running(live, fresh):
+    with running(live, other, fresh):
         version_2 = fresh.completions()
         fresh.stop()
         version_1 = live.completions()
         assert version_1 != version_2, "version 2 answers as version 1 does: perturb more"
-        yield live, version_1, version_2
+        assert other.completions() == version_1
+        yield live, other, version_1, version_2
 
 
-def update(instance: VllmInstance, source: str, version: str = "2") -> tuple[int, str]:
-    done = run_cli("update", instance.base_url, "--version", version, "--source", source)
+def update(instances: Sequence[str], source: str, version: str = "2") -> tuple[int, str]:
+    done = run_cli("update", *instances, "--version", version, "--source", source)
     return done.returncode, done.stdout + done.stderr
 
 
 def test_refused_updates_leave_the_old_version_answering(
-    instances: tuple[VllmInstance, dict[str, str], dict[str, str]],
-    publishers: dict[str, ServerProcess],
+    instances: Fleet, publishers: dict[str, ServerProcess]
 ) -> None:
-    live, version_1, _ = instances
+    live, _, version_1, _ = instances
     flipping = FaultyProxy(publishers["v2"].address, flip_at=100_000)
     cases = {
         "a source without the secret": (publishers["open"].address, "2", "prove it knows"),
@@ -93,7 +100,7 @@ def test_refused_updates_leave_the_old_version_answering(
     }  # fmt: skip
     try:
         for case, (source, version, reason) in cases.items():
-            code, said = update(live, source, version)
+            code, said = update([live.base_url], source, version)
             assert code == 1 and "keeps its version" in said and reason in said, (case, said)
             assert live.completions() == version_1, case
     finally:
@@ -103,12 +110,14 @@ def test_refused_updates_leave_the_old_version_answering(
 
 
 def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_version(
-    instances: tuple[VllmInstance, dict[str, str], dict[str, str]],
-    publishers: dict[str, ServerProcess],
+    instances: Fleet, publishers: dict[str, ServerProcess]
 ) -> None:
-    live, version_1, version_2 = instances
-    assert live.proc is not None
-    pid = live.proc.pid
+    """The first instance from the publisher, the second from the first: `URL=HOST:PORT`
+    names an instance's netloader server, which relays what it took once it switched."""
+    live, other, version_1, version_2 = instances
+    assert live.proc is not None and other.proc is not None
+    pids = live.proc.pid, other.proc.pid
+    relay = serve_line(live).group(4)
     probe = next(p for p in PROMPTS if version_1[p] != version_2[p])
     answers: list[str] = []
     stop = threading.Event()
@@ -120,21 +129,36 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     asking = threading.Thread(target=ask_while_updating, daemon=True)
     asking.start()
     try:
-        code, said = update(live, publishers["v2"].address)
+        code, said = update([f"{live.base_url}={relay}", other.base_url], publishers["v2"].address)
     finally:
         stop.set()
         asking.join(timeout=120)
-    assert code == 0 and "switched to version 2" in said, said
-    assert live.completions() == version_2
-    assert live.proc.pid == pid and live.proc.poll() is None  # no restart
+    assert code == 0, said
+    assert f"{other.base_url} switched to version 2 in" in said and f"(from {relay} first)" in said
+    for instance, pid in zip((live, other), pids, strict=True):
+        assert instance.completions() == version_2, instance.name
+        assert instance.proc is not None and instance.proc.pid == pid  # no restart
+        assert instance.proc.poll() is None
+        assert instance._get("/weight_info") == {"weight_version": "2"}
     assert answers and set(answers) <= {version_1[probe], version_2[probe]}, answers
-    assert live._get("/weight_info") == {"weight_version": "2"}
-    # Only the changed decoder layer moved (whole: it is post-processed as a unit).
-    staged = [m for line in live.netloader_lines() if (m := STAGED.search(line))]
-    assert len(staged) == 1, live.netloader_lines()
-    tensors, total_tensors, pulled, total = map(int, staged[0].groups())
-    assert 0 < tensors < total_tensors and 0 < pulled < total // 2, staged[0].group(0)
-    # Its own server offered what it loaded (labelled version 1), some of it the model's
-    # own tensors, now changed: it says so instead.
-    with pytest.raises(SourceUnavailable, match="switched to version 2: it no longer holds"):
-        Client([serve_line(live).group(4)], secret=SECRET.encode()).manifest()
+    # Only the changed decoder layer moved (whole: it is post-processed as a unit), to the
+    # first from the publisher, to the second from the first.
+    pulls = []
+    for instance in (live, other):
+        staged = [m for line in instance.netloader_lines() if (m := STAGED.search(line))]
+        assert len(staged) == 1, instance.netloader_lines()
+        tensors, total_tensors, pulled, total = map(int, staged[0].groups())
+        assert 0 < tensors < total_tensors and 0 < pulled < total // 2, staged[0].group(0)
+        pulls.append(pulled)
+    assert pulls[0] == pulls[1]
+    relayed = [int(m.group(1)) for line in live.netloader_lines() if (m := SENT.search(line))]
+    assert sum(relayed) == pulls[1], live.netloader_lines()  # all of it, none from the publisher
+    # What the first serves now: version 2's manifest, and only the chunks it took.
+    client = Client([relay], secret=SECRET.encode())
+    assert client.manifest().identity.version == "2"
+    with pytest.raises(SourceUnavailable, match="holds only what changed from version 1"):
+        client.load_into(
+            {t.name: torch.empty(t.shape, dtype=dtype_from_name(t.dtype))
+             for t in client.manifest().tensors},
+            client.manifest().identity,
+        )  # fmt: skip

@@ -7,6 +7,11 @@ other: `/start_weight_update`, `/update_weights` (every rank stages what changed
 a failure on any rank refuses it on all, the instance untouched, and `end_unswitched` ends
 it), `/pause?mode=wait` (requests in flight finish, new ones wait), `/finish_weight_update`
 (the switch), `/resume`.
+
+An instance given as `URL=HOST:PORT` names its netloader server (LISTEN_PORT + rank): once
+it has switched, that server relays what changed, and the instances after it pull from
+the ones that switched before them (the last first), then from the sources: a chain, so
+the publisher sends the delta once, not once per instance.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import click
 
 from netloader.cli.common import fail_cleanly
+from netloader.endpoint import parse_endpoint
 from netloader.errors import NetloaderError
 
 
@@ -28,12 +34,15 @@ class UpdateFailed(NetloaderError):
     """An instance did not switch (it keeps serving the version it had)."""
 
 
-def update_instance(url: str, version: str, sources: list[str], timeout: float) -> float:
-    """Switch the vLLM instance at `url` to `version` from `sources`; the seconds it took.
-    Raises UpdateFailed with the instance's reason: before the switch, the update is ended
-    and the instance keeps its version; if the switch itself fails, it is left paused."""
+def update_instance(
+    url: str, version: str, sources: list[str], timeout: float, *, in_order: bool = False
+) -> float:
+    """Switch the vLLM instance at `url` to `version` from `sources` (all at once, or one
+    at a time `in_order`); the seconds it took. Raises UpdateFailed with the instance's
+    reason: before the switch, the update is ended and the instance keeps its version; if
+    the switch itself fails, it is left paused."""
     started = time.perf_counter()
-    info = {"update_info": {"version": version, "sources": sources}}
+    info = {"update_info": {"version": version, "sources": sources, "in_order": in_order}}
     _post(url, "/start_weight_update", None, timeout)
     try:
         _post(url, "/update_weights", info, timeout)  # staged on every rank, or refused
@@ -61,6 +70,19 @@ def end_unswitched(url: str, timeout: float) -> None:
         _post(url, "/update_weights", {"update_info": {"abort": True}}, timeout)
     with contextlib.suppress(UpdateFailed):
         _post(url, "/finish_weight_update", None, timeout)
+
+
+def parse_instance(text: str) -> tuple[str, str | None]:
+    """`URL` or `URL=HOST:PORT` (its netloader server, which relays once it switched)."""
+    url, _, relay = text.partition("=")
+    if not url.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{text!r}: an instance is http(s)://host:port[=HOST:PORT]")
+    if relay:
+        try:
+            parse_endpoint(relay)
+        except ValueError as exc:
+            raise click.BadParameter(f"{text!r}: its netloader server: {exc}") from None
+    return url, relay or None
 
 
 def _post(url: str, path: str, body: dict[str, Any] | None, timeout: float) -> None:
@@ -96,17 +118,25 @@ def _post(url: str, path: str, body: dict[str, Any] | None, timeout: float) -> N
 def update(
     instances: tuple[str, ...], version: str, sources: tuple[str, ...], timeout: float
 ) -> None:
-    """Switch running vLLM INSTANCES (their http://host:port) to VERSION of their weights,
-    in place, one after the other: each pulls what changed, verified, then switches between
-    requests. One that fails keeps its version and says why; the rest go on."""
+    """Switch running vLLM INSTANCES (http://host:port, or http://host:port=HOST:PORT with
+    the address of its netloader server, which then relays to the instances after it) to
+    VERSION of their weights, in place, one after the other: each pulls what changed,
+    verified, then switches between requests. One that fails keeps its version and says
+    why; the rest go on."""
     failed = 0
-    for url in instances:
+    relays: list[str] = []  # of the instances that switched, the last first
+    for url, relay in map(parse_instance, instances):
         try:
-            seconds = update_instance(url, version, list(sources), timeout)
+            seconds = update_instance(
+                url, version, [*relays, *sources], timeout, in_order=bool(relays)
+            )
         except UpdateFailed as exc:
             failed += 1
             click.echo(f"netloader: {url} keeps its version: {exc}", err=True)
             continue
-        click.echo(f"netloader: {url} switched to version {version} in {seconds:.2f} s")
+        via = f" (from {relays[0]} first)" if relays else ""
+        click.echo(f"netloader: {url} switched to version {version} in {seconds:.2f} s{via}")
+        if relay is not None:
+            relays.insert(0, relay)
     if failed:
         raise UpdateFailed(f"{failed} of {len(instances)} instances did not switch")

@@ -14,11 +14,15 @@ drives each instance through vLLM's own sequence: pause, `start_weight_update`,
 - `finish_weight_update` switches: the staged tensors go through the model's own
   `load_weights` under vLLM's layerwise reload, which re-runs each touched layer's
   post-processing (on the CPU, the oneDNN packing) and copies the result into the
-  layer's original storage; untouched layers keep theirs.
+  layer's original storage; untouched layers keep theirs. Then the rank's netloader
+  server relays what it staged (`PartOfModel`): the instances still on the version it
+  had pull that delta from it instead of from the publisher (`netloader update` chains
+  them so).
 
 What changed is known from chunk digests: against the manifest of the version this rank
 holds (the checkpoint it loaded from, or its last update), whole decoder layers with any
-changed chunk are pulled (a layer is post-processed as a unit); without such a manifest,
+changed chunk are pulled (a layer is post-processed as a unit), with the small tensors
+that share their chunks (kept only to relay whole chunks); without such a manifest,
 everything is.
 """
 
@@ -40,6 +44,7 @@ from netloader.errors import ManifestMismatch, NetloaderError
 from netloader.integrations.vllm_checkpoint import checkpoint_config, held, hold
 from netloader.manifest import Identity, Manifest
 from netloader.ranks import client_for
+from netloader.server import PartOfModel
 
 log = logging.getLogger("netloader.vllm")
 
@@ -53,12 +58,16 @@ class NetloaderInitInfo:
 class NetloaderUpdateInfo:
     """version: the version to take (the sources must serve exactly it).
     sources:  "host:port" of checkpoint-format servers of it (any of them serves every
-              rank: a checkpoint fits any layout).
+              rank: a checkpoint fits any layout), or of instances that switched to it
+              (they serve what they took).
+    in_order: take the sources one at a time, in order (a chain: the instance that
+              switched last first, the publisher last), instead of all at once.
     abort:    drop what was staged instead (a caller that gave up on an update ends it
               with this, then `finish_weight_update`, which then switches nothing)."""
 
     version: str = ""
     sources: list[str] = field(default_factory=list)
+    in_order: bool = False
     abort: bool = False
 
     def __post_init__(self) -> None:
@@ -71,7 +80,8 @@ class NetloaderUpdateInfo:
 class _Staged:
     version: str
     manifest: Manifest
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]  # what was pulled: whole chunks' tensors
+    loads: list[str]  # those the switch loads (whole decoder layers)
 
 
 def _engine_base() -> type:
@@ -154,7 +164,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         except ValueError as exc:
             raise NetloaderError(f"the update's sources: {exc}") from None
         started = time.perf_counter()
-        client = client_for(self.netloader, sources)
+        client = client_for(self.netloader, sources, stripe=1 if info.in_order else None)
         offered = client.manifest()
         self._check(offered, info.version)
         held_now = held(rank)
@@ -184,9 +194,11 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         else:
             compared = "everything (the version it holds was cut into other chunks)"
         entries = {t.name: t for t in offered.tensors}
+        # Whole chunks, so that this rank can relay them: no extra bytes move.
+        whole_chunks = offered.tensor_names(offered.chunks_holding(set(names)))
         staging = {
             name: torch.empty(entries[name].shape, dtype=_dtype(entries[name].dtype))
-            for name in names
+            for name in whole_chunks
         }
         pulled = 0
         if staging:
@@ -194,17 +206,20 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             pulled = report.bytes
         log.info(
             "netloader: rank %d staged version %s: %d of %d checkpoint tensors, %d of %d bytes "
-            "pulled (%s), verified in %.2f s",
+            "pulled from %s (%s; %d tensors sharing their chunks kept to relay), verified in "
+            "%.2f s",
             rank,
             info.version,
-            len(staging),
+            len(names),
             len(offered.tensors),
             pulled,
             offered.total_bytes,
+            ", ".join(info.sources),
             compared,
+            len(staging) - len(names),
             time.perf_counter() - started,
         )
-        return _Staged(info.version, offered, staging)
+        return _Staged(info.version, offered, staging, names)
 
     def _check(self, offered: Manifest, version: str) -> None:
         model = self.netloader.model or str(
@@ -238,6 +253,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             return  # refused or aborted: nothing to switch
         rank = ps.get_world_group().rank
         started = time.perf_counter()
+        previous = held(rank)
         hold(rank, None)  # until the switch is known to be complete
         failure = None
         try:
@@ -265,7 +281,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             )
             return
         hold(rank, staged.manifest)
-        _stop_serving_the_old_version(rank, staged.version)
+        _relay(rank, staged, "" if previous is None else previous.identity.version)
         seconds = time.perf_counter() - started
         metrics.UPDATE_PHASE_SECONDS.labels("switch").observe(seconds)
         metrics.UPDATES_FINISHED.labels("ok").inc()
@@ -274,7 +290,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             "netloader: rank %d switched to version %s (%d tensors) in %.3f s",
             rank,
             staged.version,
-            len(staged.tensors),
+            len(staged.loads),
             seconds,
         )
 
@@ -286,7 +302,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
 
         initialize_layerwise_reload(self.model)
         try:
-            self.model.load_weights(iter(list(staged.tensors.items())))
+            self.model.load_weights(iter([(n, staged.tensors[n]) for n in staged.loads]))
         finally:
             finalize_layerwise_reload(self.model, self.model_config)
 
@@ -302,26 +318,33 @@ def _raise_on_the_last_rank(rank: int, ranks: int, message: str) -> None:
         raise NetloaderError(message)
 
 
-def _stop_serving_the_old_version(rank: int, version: str) -> None:
-    """This rank's server offered the tensors it loaded, some of them the model's own
-    (now changed): it says why it offers nothing from now on."""
+def _relay(rank: int, staged: _Staged, previous: str) -> None:
+    """This rank's server offered the tensors it loaded, some of them the model's own (now
+    changed): from now on it serves what it staged instead, the delta from `previous` to
+    the new version, to the instances still on `previous` (see `PartOfModel`), until its
+    next switch."""
     from netloader.integrations.vllm_loader import slot_server
-    from netloader.server import LoadedTensors
 
     server = slot_server(rank)
     if server is None:
         return
-    try:
-        served = server.holdings.manifest(timeout=0).identity
-    except NetloaderError:  # it offered nothing already
-        return
     server.serve_instead(
-        LoadedTensors(
-            {},
-            served,
-            unavailable=f"this instance switched to version {version}: it no longer holds "
-            f"the version {served.version or '(unversioned)'} it loaded",
+        PartOfModel(
+            staged.tensors,
+            staged.manifest,
+            lacking=f"this instance switched to version {staged.version} and holds only what "
+            f"changed from version {previous or '(unversioned)'}",
         )
+    )
+    log.info(
+        "netloader: rank %d serves on %s what changed from version %s to %s: %d tensors, "
+        "%d bytes kept until its next switch",
+        rank,
+        server.address,
+        previous or "(unversioned)",
+        staged.version,
+        len(staged.tensors),
+        sum(t.nbytes for t in staged.tensors.values()),
     )
 
 

@@ -1,10 +1,11 @@
 """What a server hands out: a manifest, and the bytes of each chunk once it holds them.
 
-Two kinds: `LoadedTensors`, a model that is fully in memory (its digests computed in the
-background or given), and `Arrivals`, a model still being received by a relaying client,
-whose chunks become servable one by one as they arrive verified. A server over `Arrivals`
-lets a wave of new instances form a chain: each hands on what it has while it is still
-receiving the rest.
+Three kinds: `LoadedTensors`, a model that is fully in memory (its digests computed in the
+background or given); `PartOfModel`, some tensors of a model whose whole manifest is
+known (what an instance took of a new version: it relays that delta); and `Arrivals`, a
+model still being received by a relaying client, whose chunks become servable one by one
+as they arrive verified. A server over `Arrivals` lets a wave of new instances form a
+chain: each hands on what it has while it is still receiving the rest.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from netloader.manifest import (
     Identity,
     Manifest,
     build_manifest,
+    digest_of,
 )
-from netloader.tensors import flat_bytes, memory_at
+from netloader.tensors import flat_bytes, memory_at, owned_view
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,55 @@ class LoadedTensors:
             log.error("netloader: cannot build the manifest: %s", exc)
         finally:
             self._ready.set()
+
+
+class PartOfModel(LoadedTensors):
+    """Some of the tensors of a model whose whole `manifest` (digests included) is known:
+    each chunk made of them only is served once it is checked against its digest (the
+    tensors were verified when they arrived; this catches any write since); a chunk with
+    bytes of any other tensor is refused, saying `lacking`, and the client takes it from
+    its next source. So an instance that took only what a new version changed relays
+    exactly that delta to the instances that hold the version it had."""
+
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], manifest: Manifest, *, lacking: str
+    ) -> None:
+        super().__init__(
+            tensors,
+            manifest.identity,
+            chunk_bytes=manifest.chunk_bytes,
+            column_tiles=manifest.column_tiles,
+            manifest=manifest,
+        )
+        self._held = {i for i, t in enumerate(manifest.tensors) if t.name in tensors}
+        self._lacking = lacking
+        self._checked: set[int] = set()  # chunk numbers (a set's add is atomic)
+        self._whole = manifest
+
+    @property
+    def chunks_held(self) -> list[int]:
+        """The numbers of the chunks this serves."""
+        return [
+            c.number for c in self._whole.chunks if all(p.tensor in self._held for p in c.pieces)
+        ]
+
+    def wait_for(self, chunk: Chunk, timeout: float) -> None:
+        manifest = self._whole
+        if chunk.number in self._checked:
+            return
+        lacking = [p.tensor for p in chunk.pieces if p.tensor not in self._held]
+        if lacking:
+            name = manifest.tensors[lacking[0]].name
+            raise SourceUnavailable(f"{self._lacking}; it lacks chunk {chunk.number} ({name!r})")
+        views = [
+            owned_view(p.of(self.host(p.tensor).flat).contiguous().reshape(-1))
+            for p in chunk.pieces
+        ]
+        if digest_of(views) != manifest.digests[chunk.number]:
+            raise SourceUnavailable(
+                f"{manifest.describe_chunk(chunk)} changed since it was verified: not served"
+            )
+        self._checked.add(chunk.number)
 
 
 class Arrivals:
