@@ -195,10 +195,14 @@ def serve_checkpoint(
     log: Path,
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    *,
+    verbose: bool = False,
 ) -> ServerProcess:
     """`netloader serve MODEL_DIR --listen 127.0.0.1:0` as a subprocess, once it listens;
-    `.address` is where, `.ready["model"]` what it serves; stop it with `.stop()`."""
-    argv = [netloader_command(), "serve", str(model_dir), "--listen", "127.0.0.1:0"]
+    `.address` is where, `.ready["model"]` what it serves; stop it with `.stop()`.
+    `verbose`: it logs each transfer."""
+    argv = [netloader_command(), *(["-v"] if verbose else []), "serve", str(model_dir)]
+    argv += ["--listen", "127.0.0.1:0"]
     return ServerProcess([*argv, *extra_args], log=log, env=env, timeout=SERVER_START_TIMEOUT)
 
 

@@ -21,6 +21,8 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -60,6 +62,40 @@ def update_instance(
         ) from None
     _post(url, "/resume", None, timeout)
     return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Switched:
+    """One instance's outcome in `update_fleet`: the seconds it took and where it pulled
+    from first (another instance's server, or None: the sources), or why it did not."""
+
+    url: str
+    seconds: float = 0.0
+    first: str | None = None
+    failure: str | None = None
+
+
+def update_fleet(
+    instances: Sequence[tuple[str, str | None]],
+    version: str,
+    sources: Sequence[str],
+    timeout: float,
+) -> Iterator[Switched]:
+    """Switch `instances` ((url, its netloader server or None), see `parse_instance`) to
+    `version`, one after the other, yielding each outcome as it comes: each pulls from
+    the servers of those that switched before it, the last first, then from `sources`."""
+    relays: list[str] = []  # of the instances that switched, the last first
+    for url, relay in instances:
+        try:
+            seconds = update_instance(
+                url, version, [*relays, *sources], timeout, in_order=bool(relays)
+            )
+        except UpdateFailed as exc:
+            yield Switched(url, failure=str(exc))
+            continue
+        yield Switched(url, seconds, relays[0] if relays else None)
+        if relay is not None:
+            relays.insert(0, relay)
 
 
 def end_unswitched(url: str, timeout: float) -> None:
@@ -124,19 +160,16 @@ def update(
     verified, then switches between requests. One that fails keeps its version and says
     why; the rest go on."""
     failed = 0
-    relays: list[str] = []  # of the instances that switched, the last first
-    for url, relay in map(parse_instance, instances):
-        try:
-            seconds = update_instance(
-                url, version, [*relays, *sources], timeout, in_order=bool(relays)
-            )
-        except UpdateFailed as exc:
+    fleet = [parse_instance(text) for text in instances]
+    for outcome in update_fleet(fleet, version, sources, timeout):
+        if outcome.failure is not None:
             failed += 1
-            click.echo(f"netloader: {url} keeps its version: {exc}", err=True)
+            click.echo(f"netloader: {outcome.url} keeps its version: {outcome.failure}", err=True)
             continue
-        via = f" (from {relays[0]} first)" if relays else ""
-        click.echo(f"netloader: {url} switched to version {version} in {seconds:.2f} s{via}")
-        if relay is not None:
-            relays.insert(0, relay)
+        via = f" (from {outcome.first} first)" if outcome.first else ""
+        click.echo(
+            f"netloader: {outcome.url} switched to version {version} in "
+            f"{outcome.seconds:.2f} s{via}"
+        )
     if failed:
         raise UpdateFailed(f"{failed} of {len(instances)} instances did not switch")
