@@ -140,3 +140,28 @@ def test_a_publisher_killed_mid_update_leaves_the_model_as_it_was(
     assert served.proc.wait(timeout=10) == -signal.SIGKILL
     assert served.address in str(caught.value)
     assert not differing(live, v1)
+
+
+def test_a_rank_that_switched_relays_the_delta_it_took_and_refuses_the_rest(
+    publisher: netloader.Server, v1: dict[str, torch.Tensor]
+) -> None:
+    """What an engine's rank does after a live update (`ranks.Member.switched`): its
+    server, which served what it loaded, serves the tensors it took of the new version
+    under that version's whole manifest; an instance still on version 1 updates from it
+    alone, and a client wanting anything else is told what it holds."""
+    from netloader.ranks import Member
+
+    version_2_manifest = publisher.manifest(timeout=30)
+    taken = {CHANGED: version_2(v1)[CHANGED]}  # as a rank stages it
+    rank = Member(0)
+    with netloader.serve(copy_of(v1), "m", chunk_bytes=CHUNK, version=1) as serving:
+        rank.attach(serving)
+        rank.switched(taken, version_2_manifest, "1")
+        assert rank.checkpoint is version_2_manifest and rank.serving is taken
+        assert serving.manifest().identity.version == "2"
+        behind = copy_of(v1)
+        report = netloader.update(behind, [str(serving.address)], "m", version=2)
+        assert report.sources == (str(serving.address),) and report.bytes == v1[CHANGED].nbytes
+        assert not differing(behind, version_2(v1))
+        with pytest.raises(TransferError, match="holds only what changed from version 1"):
+            netloader.load(copy_of(v1), [str(serving.address)], "m")

@@ -1,5 +1,7 @@
-"""Serving and loading per parallel rank, driven by the seed configuration: LISTEN_PORT +
-rank, OUTPUT_PREFIX files, the SOURCE entry for the rank, WAVE_DIR waves and the REGISTRY.
+"""The fleet layer: what each parallel rank does (serve, load, take live updates), driven by
+the seed configuration: LISTEN_PORT + rank, OUTPUT_PREFIX files, the SOURCE entry for the
+rank, WAVE_DIR waves and the REGISTRY; and `Member`, what this process knows of each of its
+ranks' models (its one server, what that serves, the checkpoint version the model holds).
 This is the layer the vLLM integration (and any engine's) stands on."""
 
 from __future__ import annotations
@@ -21,10 +23,76 @@ from netloader.discovery.wave import Wave
 from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_address_file
 from netloader.errors import NetloaderError, SourceUnavailable, UsageError
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
-from netloader.server import LoadedTensors, Relay, Server, ServerOptions
+from netloader.server import LoadedTensors, PartOfModel, Relay, Server, ServerOptions
 from netloader.settings import resolve_secret
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """This process's part in the fleet for one model of one rank (a target model, or the
+    speculative-decoding draft beside it). Each rank loads its model, serves it, and takes
+    live updates; between these it keeps:
+
+    server:     its one server (listening before a wave load, serving after it);
+    serving:    the tensors that server offers (a draft serves its target's equal ones);
+    checkpoint: the manifest of the checkpoint version the model holds, when known: a live
+                update compares its digests with the new version's, and labels the
+                server's identity with its version."""
+
+    rank: int
+    draft: bool = False
+    server: Server | None = None
+    serving: Mapping[str, torch.Tensor] | None = None
+    checkpoint: Manifest | None = None
+
+    def attach(self, server: Server) -> Server:
+        """Make `server` this member's one server (a previous other one is closed)."""
+        if self.server is not None and self.server is not server:
+            self.server.close()
+        self.server = server
+        return server
+
+    def switched(
+        self, tensors: Mapping[str, torch.Tensor], manifest: Manifest, previous: str
+    ) -> None:
+        """A live update switched the model from version `previous` to the one `manifest`
+        describes, taking `tensors` of it (in host memory, verified): from now on the model
+        holds that version, and its server relays those tensors (`PartOfModel`) to the
+        instances still on `previous`, instead of what it loaded (which the switch changed)."""
+        self.checkpoint = manifest
+        if self.server is None:
+            return
+        self.serving = tensors
+        lacking = (
+            f"this instance switched to version {manifest.identity.version} and holds only "
+            f"what changed from version {previous or '(unversioned)'}"
+        )
+        self.server.serve_instead(PartOfModel(tensors, manifest, lacking=lacking))
+        log.info(
+            "netloader: rank %d serves on %s what changed from version %s to %s: %d tensors, "
+            "%d bytes kept until its next switch",
+            self.rank,
+            self.server.address,
+            previous or "(unversioned)",
+            manifest.identity.version,
+            len(tensors),
+            sum(t.nbytes for t in tensors.values()),
+        )
+
+
+_members: dict[tuple[int, bool], Member] = {}  # this process's, by (global rank, draft)
+
+
+def member(rank: int, *, draft: bool = False) -> Member:
+    """This process's member for `rank`'s target model (or its `draft`), made on first use."""
+    return _members.setdefault((rank, draft), Member(rank, draft))
+
+
+def servers() -> list[Server]:
+    """The servers of this process's members (e.g. to drain on SIGTERM)."""
+    return [m.server for m in _members.values() if m.server is not None]
 
 
 def serve_rank(

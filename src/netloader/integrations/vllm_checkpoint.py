@@ -25,21 +25,6 @@ from netloader.ranks import client_for
 from netloader.tensors import dtype_from_name
 
 log = logging.getLogger("netloader.vllm")
-_held: dict[int, Manifest] = {}  # per global rank: the checkpoint (version) its model holds
-
-
-def hold(rank: int, manifest: Manifest | None) -> None:
-    """Record that `rank`'s model holds the checkpoint `manifest` describes (its version,
-    and the digests a live update compares with); None: no known checkpoint."""
-    if manifest is None:
-        _held.pop(rank, None)
-    else:
-        _held[rank] = manifest
-
-
-def held(rank: int) -> Manifest | None:
-    """The manifest of the checkpoint `rank`'s model holds, when known."""
-    return _held.get(rank)
 
 
 def load_from_checkpoints(

@@ -35,7 +35,7 @@ from netloader.config import NetloaderConfig
 from netloader.discovery.registry import mask_url
 from netloader.errors import NetloaderError
 from netloader.files import model_files
-from netloader.integrations.vllm_checkpoint import held, hold, load_from_checkpoints
+from netloader.integrations.vllm_checkpoint import load_from_checkpoints
 from netloader.integrations.vllm_compile_cache import (
     cache_holdings,
     compile_key,
@@ -51,14 +51,17 @@ from netloader.integrations.weight_capture import (
 )
 from netloader.manifest import Identity, config_fingerprint
 from netloader.ranks import (
+    Member,
     client_for,
     find_sources,
     join_registry_wave,
     join_wave,
     load_rank,
+    member,
     register_server,
     relay_rank,
     serve_rank,
+    servers,
     sort_sources,
 )
 from netloader.server import Holdings, LoadedTensors, Relay, Server
@@ -67,8 +70,6 @@ from netloader.server.drain import drain_on_sigterm
 log = logging.getLogger("netloader.vllm")
 
 LOAD_FORMAT = "netloader"
-_servers: dict[tuple[int, bool], Server] = {}  # per (global rank, draft); lives with the Worker
-_target_tensors: dict[int, dict[str, torch.Tensor]] = {}  # per global rank: what its target serves
 _taken_before_inspection: list[bool] = []  # once per process
 
 
@@ -146,6 +147,11 @@ class Slot:
     def __str__(self) -> str:
         return f"rank {self.rank}" + (" draft" if self.draft else "")
 
+    @property
+    def member(self) -> Member:
+        """This slot's part in the fleet (its server, what it serves, its version)."""
+        return member(self.rank, draft=self.draft)
+
 
 def _loader_class() -> type:
     from vllm.config import replace as replace_config
@@ -170,8 +176,7 @@ def _loader_class() -> type:
 
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
             slot = self.slot or _slot(self.config, None, model_config)
-            if not slot.draft:
-                hold(slot.rank, None)  # until this load says which checkpoint it holds
+            slot.member.checkpoint = None  # until this load says which checkpoint it holds
             identity = _identity(slot, model_config)
             _expose_metrics(self.config, slot)
             in_wave = self.config.wave_dir is not None or self.config.join_wave
@@ -187,8 +192,8 @@ def _loader_class() -> type:
                 with _phase("disk"):
                     self.default.load_weights(model, model_config)
             params = {name: p.detach() for name, p in model.named_parameters()}
-            checkpoint = held(slot.rank)
-            if reason is None and not slot.draft and checkpoint is not None:
+            checkpoint = slot.member.checkpoint
+            if reason is None and checkpoint is not None:
                 identity = replace(identity, version=checkpoint.identity.version)
                 metrics.holds_version(identity.model, identity.version)
             self.capture = capture(params, identity, self.config)
@@ -222,7 +227,7 @@ def _drain_on_sigterm(config: NetloaderConfig, vllm_config: Any) -> None:
     processes to stop (`--shutdown-timeout`; with 0, vLLM kills them at once)."""
     grace = getattr(vllm_config, "shutdown_timeout", 0) or 0
     timeout = min(config.drain_timeout, grace)
-    if not drain_on_sigterm(lambda: list(_servers.values()), timeout):
+    if not drain_on_sigterm(servers, timeout):
         return
     if grace == 0 and (config.registry is not None or config.listen_port is not None):
         log.info(
@@ -247,7 +252,7 @@ def _share_with_target(captured: Capture, slot: Slot) -> tuple[Capture, list[str
     """A draft serves the tensors equal to its target's from the target's (see
     `share_equal`): an MTP draft's embedding and lm_head, which vLLM replaces by the
     target's right after this load, are then freed rather than kept alive by this server."""
-    target = _target_tensors.get(slot.rank)
+    target = member(slot.rank).serving
     if not target:
         return captured, []
     captured, shared = share_equal(captured, target)
@@ -304,7 +309,7 @@ def _start_relay(config: NetloaderConfig, slot: Slot) -> Relay | None:
         log.error("netloader: %s cannot listen, so does not join the wave: %s", slot, exc)
         return None
     if relay is not None:
-        _register(slot, relay)
+        slot.member.attach(relay)
     return relay
 
 
@@ -338,7 +343,7 @@ def _load_from_peers(
             why = load_from_checkpoints(model, model_config, identity, loader, found.checkpoints)
             if why is None:
                 if not slot.draft:  # its version, and what a live update compares with
-                    hold(slot.rank, found.checkpoints[0][1])
+                    slot.member.checkpoint = found.checkpoints[0][1]
                 return _counted("checkpoint", None)
             reasons.append(why)
         failed = "checkpoint" if found.checkpoints else "peers" if found.peers else "unreachable"
@@ -453,10 +458,8 @@ def _serve(
         log.error("netloader: %s cannot serve its weights: %s", slot, unavailable)
     live = {n: p.detach() for n, p in model.named_parameters()}
     kept_alive = kept_bytes(captured, live | {n: captured.tensors[n] for n in shared})
-    if not slot.draft:
-        _target_tensors.pop(slot.rank, None)
-    existing = _servers.get(slot_key(slot))
-    server: Server | None = relay or existing
+    slot.member.serving = None
+    server: Server | None = relay or slot.member.server
     if server is not None:
         server.serve_instead(
             LoadedTensors(
@@ -486,11 +489,11 @@ def _serve(
             return
         if new is None:
             return
-        server = _register(slot, new)
+        server = slot.member.attach(new)
     if compile_cache is not None:
         server.offer_compile_cache(compile_cache)
-    if not slot.draft and unavailable is None:  # its draft, loaded next, may serve from these
-        _target_tensors[slot.rank] = captured.tensors
+    if unavailable is None:  # a target's draft, loaded next, may serve from these
+        slot.member.serving = captured.tensors
     log.info(
         "netloader: %s serves %d tensors (%d bytes) on %s; %d bytes kept beyond the "
         "running model (INT8_CACHE=%s); checked in %.2f s",
@@ -539,21 +542,3 @@ def _share_compile_cache(
             log.exception("netloader: unexpected failure taking the compile cache")
             log.warning("netloader: %s compiles itself: unexpected %r", slot, exc)
     return cache_holdings(key, identity, keys)
-
-
-def slot_server(rank: int) -> Server | None:
-    """The server of `rank`'s target model in this Worker, if it has one."""
-    return _servers.get((rank, False))
-
-
-def slot_key(slot: Slot) -> tuple[int, bool]:
-    return slot.rank, slot.draft
-
-
-def _register(slot: Slot, server: Server) -> Server:
-    """The one server of `slot` in this Worker (a new one replaces the previous one)."""
-    previous = _servers.pop(slot_key(slot), None)
-    if previous is not None and previous is not server:
-        previous.close()
-    _servers[slot_key(slot)] = server
-    return server

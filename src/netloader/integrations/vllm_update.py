@@ -41,10 +41,9 @@ from netloader.client.update import changed_chunks, planned_alike
 from netloader.config import NetloaderConfig
 from netloader.endpoint import parse_endpoint
 from netloader.errors import ManifestMismatch, NetloaderError
-from netloader.integrations.vllm_checkpoint import checkpoint_config, held, hold
+from netloader.integrations.vllm_checkpoint import checkpoint_config
 from netloader.manifest import Identity, Manifest
-from netloader.ranks import client_for
-from netloader.server import PartOfModel
+from netloader.ranks import client_for, member
 
 log = logging.getLogger("netloader.vllm")
 
@@ -167,7 +166,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         client = client_for(self.netloader, sources, stripe=1 if info.in_order else None)
         offered = client.manifest()
         self._check(offered, info.version)
-        held_now = held(rank)
+        held_now = member(rank).checkpoint
         if held_now is None:
             raise NetloaderError(
                 "this instance holds no checkpoint version netloader knows (it loaded from "
@@ -253,8 +252,8 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             return  # refused or aborted: nothing to switch
         rank = ps.get_world_group().rank
         started = time.perf_counter()
-        previous = held(rank)
-        hold(rank, None)  # until the switch is known to be complete
+        previous = member(rank).checkpoint
+        member(rank).checkpoint = None  # until the switch is known to be complete
         failure = None
         try:
             if staged.tensors:
@@ -280,8 +279,9 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
                 + ": the weights may mix versions; restart this instance",
             )
             return
-        hold(rank, staged.manifest)
-        _relay(rank, staged, "" if previous is None else previous.identity.version)
+        member(rank).switched(
+            staged.tensors, staged.manifest, previous.identity.version if previous else ""
+        )
         seconds = time.perf_counter() - started
         metrics.UPDATE_PHASE_SECONDS.labels("switch").observe(seconds)
         metrics.UPDATES_FINISHED.labels("ok").inc()
@@ -316,36 +316,6 @@ def _raise_on_the_last_rank(rank: int, ranks: int, message: str) -> None:
     last rank raises (its message is the caller's answer); the others return."""
     if rank == ranks - 1:
         raise NetloaderError(message)
-
-
-def _relay(rank: int, staged: _Staged, previous: str) -> None:
-    """This rank's server offered the tensors it loaded, some of them the model's own (now
-    changed): from now on it serves what it staged instead, the delta from `previous` to
-    the new version, to the instances still on `previous` (see `PartOfModel`), until its
-    next switch."""
-    from netloader.integrations.vllm_loader import slot_server
-
-    server = slot_server(rank)
-    if server is None:
-        return
-    server.serve_instead(
-        PartOfModel(
-            staged.tensors,
-            staged.manifest,
-            lacking=f"this instance switched to version {staged.version} and holds only what "
-            f"changed from version {previous or '(unversioned)'}",
-        )
-    )
-    log.info(
-        "netloader: rank %d serves on %s what changed from version %s to %s: %d tensors, "
-        "%d bytes kept until its next switch",
-        rank,
-        server.address,
-        previous or "(unversioned)",
-        staged.version,
-        len(staged.tensors),
-        sum(t.nbytes for t in staged.tensors.values()),
-    )
 
 
 def _ranks_failed(failed: bool) -> tuple[int, int]:
