@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from netloader import tensors as tb
 from netloader.errors import NetloaderError
 from netloader.files import valid_name
-from netloader.manifest import Identity, Manifest, TensorEntry, config_fingerprint
+from netloader.manifest import Identity, Manifest, TensorEntry, build_manifest, config_fingerprint
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -70,6 +71,50 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                 raise NetloaderError(f"tensor {name!r} appears in more than one file of {path}")
             tensors[name] = tensor.clone()
     return tensors
+
+
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    """A checkpoint directory a model was loaded from, as its files were then (name, size,
+    modification time, inode): what a live update compares the new version with, for an
+    instance that loaded from disk and so has no manifest of what it holds."""
+
+    directory: Path
+    stamp: tuple[tuple[str, int, int, int], ...]
+
+    @classmethod
+    def of(cls, directory: Path) -> LocalCheckpoint | None:
+        """The checkpoint in `directory` as it is now; None when it has no safetensors."""
+        try:
+            return cls(directory, _stamp(checkpoint_files(directory)))
+        except (NetloaderError, OSError):
+            return None
+
+    def manifest_like(self, offered: Manifest) -> Manifest:
+        """The manifest of these files, planned as `offered` is (its tensors' order, chunk
+        size, column tiles), read from disk (the page cache, usually). NetloaderError when
+        the files changed since the model was loaded from them (they would no longer say
+        what it holds) or cannot be read."""
+        files = checkpoint_files(self.directory)
+        if _stamp(files) != self.stamp:
+            raise NetloaderError(
+                f"the checkpoint files in {self.directory} changed since this instance "
+                "loaded them: they no longer tell what it holds"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                tensors.update(load_file(file))  # mapped: read once, while digested
+            except Exception as exc:  # safetensors raises its own error types, and OSError
+                raise NetloaderError(f"{file} is not a readable safetensors file: {exc}") from None
+        if set(tensors) == {t.name for t in offered.tensors}:
+            tensors = {t.name: tensors[t.name] for t in offered.tensors}
+        return build_manifest(offered.identity, tensors, offered.chunk_bytes, offered.column_tiles)
+
+
+def _stamp(files: list[Path]) -> tuple[tuple[str, int, int, int], ...]:
+    stats = [(file, file.stat()) for file in files]
+    return tuple((str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f, st in stats)
 
 
 def checkpoint_identity(name: str, directory: Path) -> Identity:

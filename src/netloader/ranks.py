@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from netloader.api import Tensors, tensors_of
-from netloader.checkpoint import CHECKPOINT_WEIGHTS
+from netloader.checkpoint import CHECKPOINT_WEIGHTS, LocalCheckpoint
 from netloader.client import Client, LoadReport
 from netloader.config import DRAFT_SUFFIX, NetloaderConfig
 from netloader.discovery import registry as reg
@@ -39,13 +39,16 @@ class Member:
     serving:    the tensors that server offers (a draft serves its target's equal ones);
     checkpoint: the manifest of the checkpoint version the model holds, when known: a live
                 update compares its digests with the new version's, and labels the
-                server's identity with its version."""
+                server's identity with its version;
+    on_disk:    the checkpoint files the model was loaded from, for a model loaded from
+                disk (a live update digests them instead, if they did not change)."""
 
     rank: int
     draft: bool = False
     server: Server | None = None
     serving: Mapping[str, torch.Tensor] | None = None
     checkpoint: Manifest | None = None
+    on_disk: LocalCheckpoint | None = None
 
     def attach(self, server: Server) -> Server:
         """Make `server` this member's one server (a previous other one is closed)."""
@@ -61,7 +64,7 @@ class Member:
         describes, taking `tensors` of it (in host memory, verified): from now on the model
         holds that version, and its server relays those tensors (`PartOfModel`) to the
         instances still on `previous`, instead of what it loaded (which the switch changed)."""
-        self.checkpoint = manifest
+        self.checkpoint, self.on_disk = manifest, None
         if self.server is None:
             return
         self.serving = tensors

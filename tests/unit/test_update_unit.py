@@ -4,17 +4,20 @@ into the live tensors, and what a switched instance relays (`PartOfModel`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import pytest
 import torch
 
+from netloader.checkpoint import LocalCheckpoint
 from netloader.cli.update import parse_instance
-from netloader.client.update import StagedUpdate, UpdateReport
+from netloader.client.update import StagedUpdate, UpdateReport, changed_chunks, planned_alike
 from netloader.discovery.registry import Group, Record, server_record
-from netloader.errors import SourceUnavailable, UsageError
+from netloader.errors import NetloaderError, SourceUnavailable, UsageError
 from netloader.manifest import Identity, Manifest, build_manifest
 from netloader.server import PartOfModel
-from netloader.testing.models import differing, transformer_like
+from netloader.testing.models import differing, transformer_like, write_checkpoint
 
 
 def test_a_stated_version_must_match_and_an_unstated_one_accepts_any() -> None:
@@ -140,3 +143,25 @@ def test_an_instance_is_a_url_with_its_netloader_server_optionally() -> None:
     for bad in ("h:8000", "http://h:8000=nowhere"):
         with pytest.raises(click.BadParameter):
             parse_instance(bad)
+
+
+def test_a_disk_loaded_models_checkpoint_is_digested_as_the_new_version_is_planned(
+    tmp_path: Path,
+) -> None:
+    """What a live update compares with for an instance that loaded from disk: its files,
+    planned as the publisher's manifest (order, chunk size); refused once they changed."""
+    v1 = transformer_like()
+    directory = write_checkpoint(tmp_path / "ckpt", v1, shards=2).parent
+    on_disk = LocalCheckpoint.of(directory)
+    assert on_disk is not None and LocalCheckpoint.of(tmp_path / "nothing") is None
+    offered = build_manifest(Identity("m", version="2"), dict(reversed(v1.items())), 1 << 16)
+    held = on_disk.manifest_like(offered)
+    assert planned_alike(held, offered) and changed_chunks(held, offered) == []
+    changed = dict(v1)
+    changed["layers.2.mlp.up"] = v1["layers.2.mlp.up"] + 1
+    newer = build_manifest(offered.identity, {t.name: changed[t.name] for t in offered.tensors},
+                           1 << 16)  # fmt: skip
+    assert offered.tensor_names(changed_chunks(held, newer)) == ["layers.2.mlp.up"]
+    write_checkpoint(directory, changed, shards=2)  # rewritten: no longer what was loaded
+    with pytest.raises(NetloaderError, match="changed since this instance loaded them"):
+        on_disk.manifest_like(offered)

@@ -1,12 +1,13 @@
 """Live updates of running vLLM instances with real vLLM: `netloader update` drives vLLM's
 own weight-update routes (VLLM_SERVER_DEV_MODE=1) and the `netloader` weight-transfer
-backend. Two instances loaded version 1 from a checkpoint server; version 2 (one decoder
-layer fine-tuned) is published by another. Refused updates (a source without the secret,
-a flipped byte, another version) leave the first answering exactly as before; the good
-one switches both in place (same processes, same servers, requests during the update all
-answered by one version or the other), the first from the publisher and the second from
-the first (a relay), each moving that one layer's bytes, after which both answer exactly
-as a fresh vLLM started from version 2 on disk.
+backend. Two instances hold version 1, one loaded from a checkpoint server, the other from
+disk; version 2 (one decoder layer fine-tuned) is published by another server. Refused
+updates (a source without the secret, a flipped byte, another version) leave the first
+answering exactly as before; the good one switches both in place (same processes, same
+servers, requests during the update all answered by one version or the other), the first
+from the publisher and the second from the first (a relay; it found what changed by
+digesting the files it loaded), each moving that one layer's bytes, after which both
+answer exactly as a fresh vLLM started from version 2 on disk.
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ Fleet = tuple[VllmInstance, VllmInstance, dict[str, str], dict[str, str]]
 def instances(
     start: Starter, tiny_model: Path, v2_model: Path, publishers: dict[str, ServerProcess]
 ) -> Iterator[Fleet]:
-    """(two live instances, their version-1 answers, a fresh version-2 instance's)."""
+    """(two live instances, their version-1 answers, a fresh version-2 instance's): the
+    first loaded from the version-1 checkpoint server, the second from disk."""
     config = {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": [publishers["v1"].address]}]}
     env = {"VLLM_SERVER_DEV_MODE": "1", "NETLOADER_SECRET": SECRET}
     live = start("upd_live", tiny_model, config, env=env, extra_args=BACKEND)
-    other = start("upd_other", tiny_model, config, env=env, extra_args=BACKEND)
+    other = start("upd_other", tiny_model, {"MODEL": "tiny"}, env=env, extra_args=BACKEND)
     fresh = start("upd_fresh_v2", v2_model, None, load_format="auto", served_model_name="tiny")
     with running(live, other, fresh):
         version_2 = fresh.completions()
@@ -86,6 +88,10 @@ def instances(
 def update(instances: Sequence[str], source: str, version: str = "2") -> tuple[int, str]:
     done = run_cli("update", *instances, "--version", version, "--source", source)
     return done.returncode, done.stdout + done.stderr
+
+
+def staged_lines(instance: VllmInstance) -> list[str]:
+    return [line for line in instance.netloader_lines() if "staged version" in line]
 
 
 def test_refused_updates_leave_the_old_version_answering(
@@ -110,7 +116,7 @@ def test_refused_updates_leave_the_old_version_answering(
 
 
 def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_version(
-    instances: Fleet, publishers: dict[str, ServerProcess]
+    instances: Fleet, publishers: dict[str, ServerProcess], tiny_model: Path
 ) -> None:
     """The first instance from the publisher, the second from the first: `URL=HOST:PORT`
     names an instance's netloader server, which relays what it took once it switched."""
@@ -145,12 +151,15 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     # first from the publisher, to the second from the first.
     pulls = []
     for instance in (live, other):
-        staged = [m for line in instance.netloader_lines() if (m := STAGED.search(line))]
+        staged = [m for line in staged_lines(instance) if (m := STAGED.search(line))]
         assert len(staged) == 1, instance.netloader_lines()
         tensors, total_tensors, pulled, total = map(int, staged[0].groups())
         assert 0 < tensors < total_tensors and 0 < pulled < total // 2, staged[0].group(0)
         pulls.append(pulled)
     assert pulls[0] == pulls[1]
+    assert "chunks that differ from the version it holds (1)" in staged_lines(live)[0]
+    digested = staged_lines(other)[0]
+    assert f"chunks that differ from the checkpoint it loaded from {tiny_model}" in digested
     relayed = [int(m.group(1)) for line in live.netloader_lines() if (m := SENT.search(line))]
     assert sum(relayed) == pulls[1], live.netloader_lines()  # all of it, none from the publisher
     # What the first serves now: version 2's manifest, and only the chunks it took.

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from netloader import metrics
+from netloader.checkpoint import LocalCheckpoint
 from netloader.config import NetloaderConfig
 from netloader.discovery.registry import mask_url
 from netloader.errors import NetloaderError
@@ -176,7 +177,8 @@ def _loader_class() -> type:
 
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
             slot = self.slot or _slot(self.config, None, model_config)
-            slot.member.checkpoint = None  # until this load says which checkpoint it holds
+            # Until this load says which checkpoint it holds.
+            slot.member.checkpoint = slot.member.on_disk = None
             identity = _identity(slot, model_config)
             _expose_metrics(self.config, slot)
             in_wave = self.config.wave_dir is not None or self.config.join_wave
@@ -191,6 +193,8 @@ def _loader_class() -> type:
                     self.relay.arrivals.fail(f"it loads from disk: {reason}")
                 with _phase("disk"):
                     self.default.load_weights(model, model_config)
+                if not slot.draft:  # what a live update compares with
+                    slot.member.on_disk = LocalCheckpoint.of(Path(str(model_config.model)))
             params = {name: p.detach() for name, p in model.named_parameters()}
             checkpoint = slot.member.checkpoint
             if reason is None and checkpoint is not None:

@@ -166,14 +166,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         client = client_for(self.netloader, sources, stripe=1 if info.in_order else None)
         offered = client.manifest()
         self._check(offered, info.version)
-        held_now = member(rank).checkpoint
-        if held_now is None:
-            raise NetloaderError(
-                "this instance holds no checkpoint version netloader knows (it loaded from "
-                "disk or from a vLLM peer, or a switch failed): a live update needs it "
-                "loaded from a checkpoint source, to know that the new version covers "
-                "every weight"
-            )
+        held_now, holds = self._held(rank, offered)
         ours = {t.name: (t.dtype, t.shape) for t in held_now.tensors}
         theirs = {t.name: (t.dtype, t.shape) for t in offered.tensors}
         if ours != theirs:
@@ -189,7 +182,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         if planned_alike(held_now, offered):
             changed = set(offered.tensor_names(changed_chunks(held_now, offered)))
             names = [n for group in layerwise_groups(names) if changed & set(group) for n in group]
-            compared = "chunks that differ from the version it holds"
+            compared = f"chunks that differ from {holds}"
         else:
             compared = "everything (the version it holds was cut into other chunks)"
         entries = {t.name: t for t in offered.tensors}
@@ -219,6 +212,32 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             time.perf_counter() - started,
         )
         return _Staged(info.version, offered, staging, names)
+
+    def _held(self, rank: int, offered: Manifest) -> tuple[Manifest, str]:
+        """The manifest of what this rank's model holds, and what that is: the checkpoint
+        (version) it loaded from a source or switched to, or else the files it loaded from
+        disk, digested now (unless they changed since)."""
+        rank_member = member(rank)
+        if rank_member.checkpoint is not None:
+            version = rank_member.checkpoint.identity.version or "(unversioned)"
+            return rank_member.checkpoint, f"the version it holds ({version})"
+        if rank_member.on_disk is not None:
+            started = time.perf_counter()
+            held_now = rank_member.on_disk.manifest_like(offered)
+            log.info(
+                "netloader: rank %d digested the checkpoint it loaded from %s: %d bytes in %.2f s",
+                rank,
+                rank_member.on_disk.directory,
+                held_now.total_bytes,
+                time.perf_counter() - started,
+            )
+            return held_now, f"the checkpoint it loaded from {rank_member.on_disk.directory}"
+        raise NetloaderError(
+            "this instance holds no checkpoint version netloader knows (it loaded from a "
+            "vLLM peer, or from files that are not safetensors, or a switch failed): a live "
+            "update needs to know what it holds, to know that the new version covers every "
+            "weight"
+        )
 
     def _check(self, offered: Manifest, version: str) -> None:
         model = self.netloader.model or str(
