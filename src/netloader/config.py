@@ -72,6 +72,7 @@ class NetloaderConfig:
     metrics_port: int | None = None
     send_rate: float | None = Limits.send_rate
     sender_nice: int = Limits.sender_nice
+    update_staging_bytes: int | None = None
     _given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -258,6 +259,12 @@ def _seconds(key: str, value: Any) -> float:
     return float(value)
 
 
+def _byte_count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"expected a number of bytes (a positive integer), got {value!r}")
+    return value
+
+
 def _fanout(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1024:
         raise ConfigError(
@@ -369,4 +376,5 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "SHARE_COMPILE_CACHE": ("share_compile_cache", _bool),
     "SEND_RATE": ("send_rate", _send_rate),
     "SENDER_NICE": ("sender_nice", _niceness),
+    "UPDATE_STAGING_BYTES": ("update_staging_bytes", _byte_count),
 }

@@ -48,6 +48,11 @@ def test_defaults() -> None:
     assert cfg.int8_cache == "no" and cfg.int8_cache_name is None and cfg.output_file_for(0) is None
     assert cfg.connect_timeout == 5.0 and cfg.stall_timeout == 10.0
     assert cfg.wave_dir is None  # no wave: pull from SOURCE, serve once loaded
+    assert cfg.update_staging_bytes is None  # a live update stages what it changes
+    assert (
+        NetloaderConfig.load({"UPDATE_STAGING_BYTES": 1 << 30}, environ={}).update_staging_bytes
+        == 1 << 30
+    )
 
 
 def test_json_string_and_environment() -> None:
@@ -150,6 +155,8 @@ def test_config_file_without_source_keeps_explicit_source(tmp_path: Path) -> Non
         ),
         ({"WAVE_FANOUT": -1}, "WAVE_FANOUT", "0 (all from the seeds) to 1024"),
         ({"DRAIN_TIMEOUT": 0}, "DRAIN_TIMEOUT", "seconds"),
+        ({"UPDATE_STAGING_BYTES": 0}, "UPDATE_STAGING_BYTES", "positive integer"),
+        ({"UPDATE_STAGING_BYTES": "1G"}, "UPDATE_STAGING_BYTES", "positive integer"),
     ],
 )
 def test_bad_fields_name_the_field(raw: dict[str, Any], field: str, text: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -174,12 +174,7 @@ def stage_update(
             )
         changed = changed_chunks(held, offered)
         names = offered.tensor_names(changed)
-        needed = sum(live[name].nbytes for name in names)
-        if max_staging_bytes is not None and needed > max_staging_bytes:
-            raise UsageError(
-                f"the update changes {len(names)} tensors of {needed} bytes, more than the "
-                f"staging limit of {max_staging_bytes} bytes"
-            )
+        check_staging(offered, names, max_staging_bytes)
         staging = {name: torch.empty(live[name].shape, dtype=live[name].dtype) for name in names}
         pulled = 0
         sources: tuple[str, ...] = ()
@@ -203,6 +198,17 @@ def stage_update(
         stage_seconds=seconds,
     )
     return StagedUpdate(live, offered, staging, changed, report)
+
+
+def check_staging(offered: Manifest, names: Collection[str], limit: int | None) -> None:
+    """Refuse (UsageError) to stage the tensors `names` of `offered` whole if they take more
+    than `limit` bytes (None: no limit)."""
+    needed = sum(t.nbytes for t in offered.tensors if t.name in names)
+    if limit is not None and needed > limit:
+        raise UsageError(
+            f"the update changes {len(names)} tensors of {needed} bytes, more than the "
+            f"staging limit of {limit} bytes"
+        )
 
 
 def changed_chunks(held: Manifest, offered: Manifest) -> list[int]:

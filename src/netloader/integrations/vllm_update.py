@@ -37,7 +37,7 @@ import torch
 
 from netloader import metrics
 from netloader.checkpoint import CHECKPOINT_WEIGHTS
-from netloader.client.update import changed_chunks, planned_alike
+from netloader.client.update import changed_chunks, check_staging, planned_alike
 from netloader.config import NetloaderConfig
 from netloader.endpoint import parse_endpoint
 from netloader.errors import ManifestMismatch, NetloaderError
@@ -188,6 +188,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         entries = {t.name: t for t in offered.tensors}
         # Whole chunks, so that this rank can relay them: no extra bytes move.
         whole_chunks = offered.tensor_names(offered.chunks_holding(set(names)))
+        check_staging(offered, whole_chunks, self.netloader.update_staging_bytes)
         staging = {
             name: torch.empty(entries[name].shape, dtype=_dtype(entries[name].dtype))
             for name in whole_chunks
