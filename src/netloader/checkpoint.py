@@ -90,13 +90,18 @@ class LocalCheckpoint:
         except (NetloaderError, OSError):
             return None
 
+    def unchanged(self) -> LocalCheckpoint | None:
+        """This, if its files are still as they were (e.g. after loading from them, to know
+        that the model holds what they hold); else None."""
+        return self if LocalCheckpoint.of(self.directory) == self else None
+
     def manifest_like(self, offered: Manifest) -> Manifest:
         """The manifest of these files, planned as `offered` is (its tensors' order, chunk
         size, column tiles), read from disk (the page cache, usually). NetloaderError when
         the files changed since the model was loaded from them (they would no longer say
         what it holds) or cannot be read."""
         files = checkpoint_files(self.directory)
-        if _stamp(files) != self.stamp:
+        if _stamp(files) != self.stamp:  # the model holds what they held then
             raise NetloaderError(
                 f"the checkpoint files in {self.directory} changed since this instance "
                 "loaded them: they no longer tell what it holds"
@@ -109,7 +114,12 @@ class LocalCheckpoint:
                 raise NetloaderError(f"{file} is not a readable safetensors file: {exc}") from None
         if set(tensors) == {t.name for t in offered.tensors}:
             tensors = {t.name: tensors[t.name] for t in offered.tensors}
-        return build_manifest(offered.identity, tensors, offered.chunk_bytes, offered.column_tiles)
+        held = build_manifest(offered.identity, tensors, offered.chunk_bytes, offered.column_tiles)
+        if _stamp(files) != self.stamp:  # rewritten while digested: digests of a mixture
+            raise NetloaderError(
+                f"the checkpoint files in {self.directory} changed while they were digested"
+            )
+        return held
 
 
 def _stamp(files: list[Path]) -> tuple[tuple[str, int, int, int], ...]:

@@ -162,6 +162,8 @@ def test_a_disk_loaded_models_checkpoint_is_digested_as_the_new_version_is_plann
     newer = build_manifest(offered.identity, {t.name: changed[t.name] for t in offered.tensors},
                            1 << 16)  # fmt: skip
     assert offered.tensor_names(changed_chunks(held, newer)) == ["layers.2.mlp.up"]
+    assert on_disk.unchanged() is on_disk
     write_checkpoint(directory, changed, shards=2)  # rewritten: no longer what was loaded
+    assert on_disk.unchanged() is None  # (a load it happened during holds nothing known)
     with pytest.raises(NetloaderError, match="changed since this instance loaded them"):
         on_disk.manifest_like(offered)

@@ -203,6 +203,7 @@ def stage_update(
 def check_staging(offered: Manifest, names: Collection[str], limit: int | None) -> None:
     """Refuse (UsageError) to stage the tensors `names` of `offered` whole if they take more
     than `limit` bytes (None: no limit)."""
+    names = set(names)
     needed = sum(t.nbytes for t in offered.tensors if t.name in names)
     if limit is not None and needed > limit:
         raise UsageError(

@@ -191,10 +191,11 @@ def _loader_class() -> type:
                 )
                 if self.relay is not None:  # its clients move on to their next source
                     self.relay.arrivals.fail(f"it loads from disk: {reason}")
+                files = LocalCheckpoint.of(Path(str(model_config.model)))
                 with _phase("disk"):
                     self.default.load_weights(model, model_config)
-                if not slot.draft:  # what a live update compares with
-                    slot.member.on_disk = LocalCheckpoint.of(Path(str(model_config.model)))
+                if files is not None and not slot.draft:  # what a live update compares with
+                    slot.member.on_disk = files.unchanged()
             params = {name: p.detach() for name, p in model.named_parameters()}
             checkpoint = slot.member.checkpoint
             if reason is None and checkpoint is not None:

@@ -39,7 +39,7 @@ from netloader import metrics
 from netloader.checkpoint import CHECKPOINT_WEIGHTS
 from netloader.client.update import changed_chunks, check_staging, planned_alike
 from netloader.config import NetloaderConfig
-from netloader.endpoint import parse_endpoint
+from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import ManifestMismatch, NetloaderError
 from netloader.integrations.vllm_checkpoint import checkpoint_config
 from netloader.manifest import Identity, Manifest
@@ -163,9 +163,14 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         except ValueError as exc:
             raise NetloaderError(f"the update's sources: {exc}") from None
         started = time.perf_counter()
+        if info.in_order:
+            sources = self._serving(sources, info.version)
         client = client_for(self.netloader, sources, stripe=1 if info.in_order else None)
         offered = client.manifest()
-        self._check(offered, info.version)
+        try:
+            self._check(offered, info.version)
+        except ManifestMismatch as exc:
+            raise ManifestMismatch(f"{client.sources[0]}: {exc}") from None
         held_now, holds = self._held(rank, offered)
         ours = {t.name: (t.dtype, t.shape) for t in held_now.tensors}
         theirs = {t.name: (t.dtype, t.shape) for t in offered.tensors}
@@ -214,6 +219,22 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         )
         return _Staged(info.version, offered, staging, names)
 
+    def _serving(self, sources: list[Endpoint], version: str) -> list[Endpoint]:
+        """Of sources taken in order (a chain of instances that switched, then the
+        publisher), those that serve `version` of this model: one that serves anything
+        else (an instance restarted since, a mistyped port) is skipped, logged, rather
+        than refusing the update. All of them if none does (the error then names the
+        first)."""
+        serving = []
+        for source in sources:
+            try:
+                self._check(client_for(self.netloader, [source]).manifest(), version)
+            except NetloaderError as exc:
+                log.warning("netloader: skipping update source %s: %s", source, exc)
+                continue
+            serving.append(source)
+        return serving or sources
+
     def _held(self, rank: int, offered: Manifest) -> tuple[Manifest, str]:
         """The manifest of what this rank's model holds, and what that is: the checkpoint
         (version) it loaded from a source or switched to, or else the files it loaded from
@@ -235,9 +256,9 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             return held_now, f"the checkpoint it loaded from {rank_member.on_disk.directory}"
         raise NetloaderError(
             "this instance holds no checkpoint version netloader knows (it loaded from a "
-            "vLLM peer, or from files that are not safetensors, or a switch failed): a live "
-            "update needs to know what it holds, to know that the new version covers every "
-            "weight"
+            "vLLM peer, or from disk but not from safetensors files in a local directory, "
+            "or a switch failed): a live update needs to know what it holds, to know that "
+            "the new version covers every weight"
         )
 
     def _check(self, offered: Manifest, version: str) -> None:
@@ -273,7 +294,8 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         rank = ps.get_world_group().rank
         started = time.perf_counter()
         previous = member(rank).checkpoint
-        member(rank).checkpoint = None  # until the switch is known to be complete
+        # Until the switch is known to be complete, nothing says what the model holds.
+        member(rank).checkpoint = member(rank).on_disk = None
         failure = None
         try:
             if staged.tensors:
