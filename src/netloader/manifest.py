@@ -298,6 +298,11 @@ class Manifest:
     def chunk_total(self) -> int:
         return len(self.chunks)
 
+    @cached_property
+    def largest_chunk(self) -> int:
+        """The length of the longest chunk (0 without chunks)."""
+        return max((c.length for c in self.chunks), default=0)
+
     def chunks_of(self, tensor: int) -> range:
         """The numbers of the chunks holding tensor `tensor`'s bytes (consecutive: chunks
         follow the tensors' order)."""

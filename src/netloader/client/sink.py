@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
 
 import torch
 
 from netloader import metrics
-from netloader.errors import IntegrityError, TransferTimeout
+from netloader.errors import IntegrityError
 from netloader.manifest import Chunk, Manifest, digest_of
 from netloader.tensors import (
     address_of,
@@ -20,6 +18,7 @@ from netloader.tensors import (
     memory_at,
     prefault_range,
 )
+from netloader.staging import DeviceRing, Slot, on_device
 from netloader.transports.base import Landing
 
 RING_SLOTS = 8  # chunks for device tensors in host memory at once (>= any transport's window)
@@ -27,58 +26,6 @@ RING_WAIT = 60.0  # seconds a chunk may wait for a free slot before the pull giv
 # Pieces are prefaulted when they average at least this: smaller tensors share pages the
 # allocator has already touched, and a call per piece would cost more than it saves.
 PREFAULT_PIECES = 256 << 10
-
-
-def on_device(tensor: torch.Tensor) -> bool:
-    """Destinations that go through the ring: contiguous tensors in device memory."""
-    return not tensor.is_cpu and tensor.is_contiguous()
-
-
-class Slot:
-    """One host buffer of the ring, and the device copy out of it still in flight."""
-
-    def __init__(self, nbytes: int, pinned: bool) -> None:
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        self.view = byte_view(self.buffer)
-        self.address = self.buffer.data_ptr()
-        self.copy_done: Any = None  # a device event, while a copy out of it may run
-
-    def wait_copied(self) -> None:
-        if self.copy_done is not None:
-            self.copy_done.synchronize()
-            self.copy_done = None
-
-
-class DeviceRing:
-    """A few (pinned, where a CUDA device is present) host buffers that chunks for device
-    tensors land in. A chunk is verified in its slot, then copied to the device
-    asynchronously while the next ones arrive; its slot is reused once that copy is done.
-    Host memory stays at `slots` x the chunk size, however large the tensors."""
-
-    def __init__(self, slots: int, slot_bytes: int, pinned: bool) -> None:
-        self._free: queue.Queue[Slot] = queue.Queue()
-        self._all = [Slot(slot_bytes, pinned) for _ in range(slots)]
-        for slot in self._all:
-            self._free.put(slot)
-
-    def acquire(self) -> Slot:
-        try:
-            slot = self._free.get(timeout=RING_WAIT)
-        except queue.Empty:
-            raise TransferTimeout(
-                f"no host buffer freed for a device chunk within {RING_WAIT:g} s"
-            ) from None
-        slot.wait_copied()
-        return slot
-
-    def release(self, slot: Slot, copy_done: Any = None) -> None:
-        slot.copy_done = copy_done
-        self._free.put(slot)
-
-    def settle(self) -> None:
-        """Wait for every device copy still in flight."""
-        for slot in self._all:
-            slot.wait_copied()
 
 
 class VerifyingSink:
@@ -177,7 +124,7 @@ class VerifyingSink:
             with self._lock:
                 slot = self._slots.get(chunk.number)
             if slot is None:
-                slot = self.ring.acquire()
+                slot = self.ring.acquire(RING_WAIT)
                 with self._lock:
                     self._slots[chunk.number] = slot
         if chunk.strided or any(p.tensor not in self.dest for p in chunk.pieces):

@@ -28,7 +28,12 @@ class ChunkSource(Protocol):
     the send rate has come). The memory stays valid while the server serves."""
 
     def views(self, chunk: Chunk) -> list[memoryview]:
-        """One view per piece, in order."""
+        """One view per piece, in order, valid until `release(chunk)` (a device tensor's
+        piece is staged in a host buffer of a small ring until then)."""
+        ...
+
+    def release(self, chunk: Chunk) -> None:
+        """The views of `chunk` are no longer needed (its host buffer, if any, is free)."""
         ...
 
     def addresses(self, chunk: Chunk) -> list[int]:
@@ -38,6 +43,11 @@ class ChunkSource(Protocol):
     def regions(self, chunk: Chunk) -> list[torch.Tensor]:
         """The host memory (flat uint8) of each tensor the chunk's pieces lie in (a
         transport registers it)."""
+        ...
+
+    def tensors(self, chunk: Chunk) -> list[torch.Tensor]:
+        """The tensor each of the chunk's pieces lies in, wherever it is (for a transport
+        that reads device memory itself)."""
         ...
 
 
