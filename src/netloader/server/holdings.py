@@ -112,7 +112,7 @@ class HostBytes:
         """`chunk`'s pieces in host memory (see the class), and the slot holding its ringed
         pieces, if any, to `release` once they are sent. `slot_bytes`: the largest chunk
         (the slots' size, fixed at the first use)."""
-        tensors = [tensor_of(p.tensor).detach() for p in chunk.pieces]
+        tensors = [tensor_of(p.tensor) for p in chunk.pieces]
         ringed = [self.ringed(t) for t in tensors]
         slot = self._ring(slot_bytes).acquire(RING_WAIT) if any(ringed) else None
         views: list[memoryview] = []
@@ -122,7 +122,7 @@ class HostBytes:
                 size = piece.nbytes
                 if in_ring:
                     assert slot is not None
-                    source = piece.of(flat_bytes(tensor))
+                    source = piece.of(flat_bytes(tensor.detach()))
                     slot.buffer[position : position + size].view(source.shape).copy_(source)
                     views.append(slot.view[position : position + size])
                 else:
