@@ -214,6 +214,21 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def host_refusal(conn: Connection, boot_id: str, peer: str) -> str | None:
+    """Why a server that says it runs on the host `boot_id` and sees this end of `conn` as
+    `peer` is not proven to be on this host and directly connected; None if it is (the
+    caller's test read then proves it is that server)."""
+    here_boot = process_memory.boot_id()
+    if here_boot is None:
+        return f"{process_memory.BOOT_ID} is not readable"
+    if boot_id != here_boot:
+        return "the server runs on another host (boot id differs)"
+    here = address_text(conn.sock.getsockname())
+    if peer != here:
+        return f"not a direct connection (the server sees {peer}, this end is {here})"
+    return None
+
+
 def _attach(conn: Connection, offer: p.SameHostOffer, timeout: float) -> tuple[int, Any]:
     """Check that the offer can be taken from here, attach and read the probe: the server's
     pid, and the attachment to hold open while reading. SourceUnavailable says why not."""
@@ -221,14 +236,9 @@ def _attach(conn: Connection, offer: p.SameHostOffer, timeout: float) -> tuple[i
     def refuse(reason: str) -> SourceUnavailable:
         return SourceUnavailable(f"{conn.peer}: {reason}", source=conn.peer)
 
-    why_not = process_memory.unsupported()
+    why_not = process_memory.unsupported() or host_refusal(conn, offer.boot_id, offer.peer)
     if why_not is not None:
         raise refuse(why_not)
-    if offer.boot_id != process_memory.boot_id():
-        raise refuse("the server runs on another host (boot id differs)")
-    here = address_text(conn.sock.getsockname())
-    if offer.peer != here:
-        raise refuse(f"not a direct connection (the server sees {offer.peer}, this end is {here})")
     attachment = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         attachment.settimeout(timeout)
