@@ -95,9 +95,7 @@ def digest_sums(data: torch.Tensor, sums: Sums = lane_sums) -> torch.Tensor:
     total = torch.zeros(4, dtype=torch.int64, device=data.device)
     for first in range(0, body.numel(), BLOCK_WORDS):
         block = body[first : first + BLOCK_WORDS]
-        position = torch.arange(
-            first, first + block.numel(), dtype=torch.int64, device=data.device
-        )
+        position = torch.arange(first, first + block.numel(), dtype=torch.int64, device=data.device)
         total += sums(block, position)
     if tail.numel():
         position = torch.full((1,), body.numel(), dtype=torch.int64, device=data.device)

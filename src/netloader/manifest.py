@@ -600,9 +600,7 @@ def build_manifest(
             del held[index]
         digests.append(chunk_digest(chunk, piece_bytes))
         if device_digests:
-            device.append(
-                dd.chunk_digest([p.of(flat_of(p.tensor)[0]) for p in chunk.pieces])
-            )
+            device.append(dd.chunk_digest([p.of(flat_of(p.tensor)[0]) for p in chunk.pieces]))
     return Manifest(
         identity, plain.tensors, chunk_bytes, tuple(digests), column_tiles, tuple(device)
     )

@@ -70,7 +70,9 @@ def test_zeroed_range_and_length_change_it() -> None:
     assert digest(torch.empty(0, dtype=torch.uint8)) == "0" * dd.DEVICE_DIGEST_HEX
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool]
+)
 def test_any_dtype_by_its_bytes(dtype: torch.dtype) -> None:
     tensor = torch.ones(7, 3, dtype=dtype)
     flat = tensor.reshape(-1).view(torch.uint8)

@@ -10,15 +10,14 @@ import torch
 from netloader import metrics
 from netloader.errors import IntegrityError
 from netloader.manifest import Chunk, Manifest, digest_of
+from netloader.staging import DeviceRing, Slot, on_device
 from netloader.tensors import (
     address_of,
     advise_huge_pages_at,
-    byte_view,
     flat_bytes,
     memory_at,
     prefault_range,
 )
-from netloader.staging import DeviceRing, Slot, on_device
 from netloader.transports.base import Landing
 
 RING_SLOTS = 8  # chunks for device tensors in host memory at once (>= any transport's window)
@@ -109,6 +108,8 @@ class VerifyingSink:
         self.progress = progress
         self.verified = verified
         self._lock = threading.Lock()
+        self.device_type = "cuda"  # the device memory `device_targets` serves
+        self._all_on_device: bool | None = None
 
     def _has_ringed(self, chunk: Chunk) -> bool:
         return any(p.tensor in self.ringed for p in chunk.pieces)
@@ -178,18 +179,61 @@ class VerifyingSink:
         if arrived != self.manifest.digests[chunk.number]:
             if slot is not None:
                 self.ring.release(slot)  # type: ignore[union-attr]  # no device copy
-            metrics.INTEGRITY_FAILURES.inc()
-            sender = f" from {source}" if source else ""
-            raise IntegrityError(
-                f"chunk {chunk.number} ({self.manifest.describe_chunk(chunk)}){sender}: "
-                "digest mismatch, bytes rejected",
-                source=source,
-            )
+            raise self._mismatch(chunk, source)
         metrics.RECEIVED_BYTES.inc(chunk.length)
         if scratch is not None:
             self._unpack(chunk, scratch)
         if slot is not None:
             self._to_device(chunk, slot)
+        self._accept(chunk)
+
+    def _mismatch(self, chunk: Chunk, source: str | None, what: str = "digest") -> IntegrityError:
+        metrics.INTEGRITY_FAILURES.inc()
+        sender = f" from {source}" if source else ""
+        return IntegrityError(
+            f"chunk {chunk.number} ({self.manifest.describe_chunk(chunk)}){sender}: "
+            f"{what} mismatch, bytes rejected",
+            source=source,
+        )
+
+    # ---- chunks copied device to device (CUDA IPC) ------------------------------------------
+    def device_targets(self, chunk: Chunk) -> list[torch.Tensor] | None:
+        """Where each of `chunk`'s pieces goes in device memory (uint8; a strided piece as
+        its (rows, length) runs), for a transport that copies device to device; None
+        unless every piece goes straight into a contiguous destination on a device of
+        type `device_type` (CUDA) and the manifest has device digests to verify it with."""
+        if not self.manifest.device_digests or not all(
+            p.tensor in self.ringed and self.dest[p.tensor].device.type == self.device_type
+            for p in chunk.pieces
+        ):
+            return None
+        return [p.of(flat_bytes(self.dest[p.tensor])) for p in chunk.pieces]
+
+    def all_on_device(self) -> bool:
+        """Whether every chunk to fetch can go device to device: its pieces all into
+        contiguous CUDA destinations, and the manifest carries device digests."""
+        if self._all_on_device is None:
+            self._all_on_device = bool(self.manifest.device_digests) and all(
+                self.device_targets(chunk) is not None for chunk in self.wanted
+            )
+        return self._all_on_device
+
+    def device_received(self, chunk: Chunk, arrived: str, source: str | None = None) -> None:
+        """Accept `chunk`, copied into its `device_targets`, if `arrived` (the device digest
+        of the bytes there) matches the manifest's; else IntegrityError (the chunk stays
+        missing: its tensors are not complete, and another source may send it again)."""
+        if not self.manifest.device_digests:
+            raise IntegrityError(
+                f"chunk {chunk.number}: the manifest has no device digests", source=source
+            )
+        if arrived != self.manifest.device_digests[chunk.number]:
+            raise self._mismatch(chunk, source, "device digest")
+        metrics.RECEIVED_BYTES.inc(chunk.length)
+        self._accept(chunk)
+
+    def _accept(self, chunk: Chunk) -> None:
+        """Count a verified chunk, in place: copy in the staged tensors it completed, and
+        tell `verified` of what became servable."""
         completed = []  # tensors servable only whole that this chunk completed
         with self._lock:
             self.done_chunks.add(chunk.number)

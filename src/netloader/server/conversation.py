@@ -82,10 +82,10 @@ class HeldChunks:
         self.holdings.wait_for(chunk, self.wait)
         return [self.holdings.host(p.tensor).flat for p in chunk.pieces]
 
-    def tensors(self, chunk: Chunk) -> list[torch.Tensor]:
-        """The tensors each piece lies in, wherever they are (once the chunk is held and
-        its turn under the send rate came)."""
+    def ready(self, chunk: Chunk) -> None:
         self._wait(chunk)
+
+    def tensors(self, chunk: Chunk) -> list[torch.Tensor]:
         return [self.holdings.tensor(p.tensor) for p in chunk.pieces]
 
 

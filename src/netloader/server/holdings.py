@@ -366,4 +366,3 @@ class Arrivals:
                 )
             if chunk.number not in self._held:
                 raise SourceUnavailable(f"relay lacks chunk {chunk.number}: {self._failure}")
-

@@ -82,7 +82,7 @@ class SameHostTransport(Transport):
     def __init__(self, fallback: bool) -> None:
         self.fallback = fallback
 
-    def for_connection(self, conn: Connection) -> Transport:
+    def for_connection(self, conn: Connection, sink: ChunkSink | None = None) -> Transport:
         if self.fallback and self.name in conn.declined:
             return TCP
         return self
@@ -129,19 +129,32 @@ class SameHostTransport(Transport):
         except SourceUnavailable as exc:
             if not self.fallback:
                 raise
-            reason = str(exc).removeprefix(f"{conn.peer}: ")
-            conn.send(p.SameHostDecline(reason))
-            if self.name not in conn.declined:
-                log.warning(
-                    "netloader: %s: same-host path refused (%s); using tcp", conn.peer, reason
-                )
-            conn.declined[self.name] = reason
-            TCP.receive_chunks(conn, chunks, sink, timeouts)
+            decline(conn, self.name, "same-host path", str(exc), chunks, sink, timeouts)
             return
         with attachment:
             conn.send(p.SameHostAccept())
             _read_all(conn, pid, chunks, sink, timeouts)
         conn.send(p.Done())
+
+
+def decline(
+    conn: Connection,
+    name: str,
+    what: str,
+    why: str,
+    chunks: ChunkList,
+    sink: ChunkSink,
+    timeouts: Timeouts,
+) -> None:
+    """Client: decline the offer of transport `name` (`what`, for the log) because of
+    `why`, and take the chunks as DATA frames instead; logged once per connection (later
+    FETCHes on it ask for tcp: `for_connection`)."""
+    reason = why.removeprefix(f"{conn.peer}: ")
+    conn.send(p.SameHostDecline(reason))
+    if name not in conn.declined:
+        log.warning("netloader: %s: %s refused (%s); using tcp", conn.peer, what, reason)
+    conn.declined[name] = reason
+    TCP.receive_chunks(conn, chunks, sink, timeouts)
 
 
 @contextlib.contextmanager

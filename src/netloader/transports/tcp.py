@@ -23,9 +23,7 @@ class TcpTransport(Transport):
         for chunk in chunks:
             views = source.views(chunk)
             try:
-                with conn.within(
-                    timeouts.for_chunk(chunk.length), f"sending chunk {chunk.number}"
-                ):
+                with conn.within(timeouts.for_chunk(chunk.length), f"sending chunk {chunk.number}"):
                     conn.send_data(chunk.number, views)
             finally:
                 source.release(chunk)
