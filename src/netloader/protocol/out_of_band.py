@@ -23,6 +23,7 @@ MAX_NIXL_METADATA = 6 << 20  # grows with the regions registered (one per tensor
 MAX_IPC_HANDLE = 1024  # bytes of a CUDA IPC memory handle (64 for cudaIpcMemHandle_t)
 MAX_IPC_NAME = 256  # bytes of torch's reference-counter name (a shared-memory file)
 MAX_DEVICES = 64  # GPUs an offer may name
+REF_COUNTER_SLOTS = 10000  # torch's CUDA_IPC_REF_COUNTER_FILE_SIZE: offsets below it
 DEVICE_UUID = re.compile(r"[0-9A-Za-z-]{1,64}")
 # torch's reference-counter files: shm_open names, "/torch_<pid>_<n>_<n>" (no path parts).
 IPC_NAME = re.compile(rb"/?[0-9A-Za-z_.-]{1,200}")
@@ -223,7 +224,7 @@ class CudaIpcStorage(NamedTuple):
             _bounded_int(body, "size"),
             _bounded_int(body, "offset"),
             ref_counter,
-            _bounded_int(body, "ref_offset"),
+            _bounded_int(body, "ref_offset", REF_COUNTER_SLOTS - 1),
             _hex_bytes(body, "event", MAX_IPC_HANDLE),
             typed_field(body, "event_sync", bool),
         )

@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 WINDOW = 4  # chunks copied and digested on the device before the oldest one's check
 TOKEN_BYTES = 32
-REF_COUNTER_SLOTS = 10000  # torch's CUDA_IPC_REF_COUNTER_FILE_SIZE: offsets below it
 # NETLOADER_DEVICE_DIGEST=compiled: digest with the torch.compile'd kernel (one fused pass)
 # instead of the eager torch operations; the same sums either way.
 DIGEST_ENV = "NETLOADER_DEVICE_DIGEST"
@@ -184,8 +183,6 @@ def open_storage(storage: p.CudaIpcStorage, device: int) -> torch.Tensor:
     tensor that uses it)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    if storage.ref_offset >= REF_COUNTER_SLOTS:
-        raise ProtocolError(f"CUDA IPC reference-counter offset {storage.ref_offset} out of range")
     opened: torch.Tensor = rebuild_cuda_tensor(  # type: ignore[no-untyped-call]
         torch.Tensor,
         (storage.size,),
