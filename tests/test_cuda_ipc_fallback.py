@@ -28,9 +28,7 @@ def test_a_refused_offer_falls_back_to_tcp_with_one_log_line(
     dest = empty_like_set(expected)
     with netloader.serve(expected, "m", secret=SECRET, chunk_bytes=64 << 10) as server:
         caplog.set_level(logging.INFO, logger="netloader")
-        report = Client([server.address], secret=SECRET, stripe=1).load_into(
-            dest, Identity("m")
-        )
+        report = Client([server.address], secret=SECRET, stripe=1).load_into(dest, Identity("m"))
     assert not differing(dest, expected)
     assert report.transport == "tcp"
     refused = [r for r in caplog.records if "CUDA IPC refused" in r.getMessage()]
