@@ -35,8 +35,11 @@ fi
 
 # The tests' helpers start `netloader` by name: a shim that runs it from src/.
 bin=$(mktemp -d)
-printf '#!/bin/sh\nexec %s -c "import sys; sys.argv[0] = 'netloader'; from netloader.cli import main; main()" "$@"\n' \
-  "$("$python" -c 'import sys; print(sys.executable)')" >"$bin/netloader"
+pyexe=$("$python" -c 'import sys; print(sys.executable)')
+cat >"$bin/netloader" <<SHIM
+#!/bin/sh
+exec "$pyexe" -c 'import sys; sys.argv[0] = "netloader"; from netloader.cli import main; main()' "\$@"
+SHIM
 chmod +x "$bin/netloader"
 export PATH="$bin:$PATH"
 
