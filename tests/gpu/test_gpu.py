@@ -7,7 +7,6 @@ GiBs of device tensors move. Skipped, with the reason, where torch sees no CUDA 
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from netloader.manifest import Manifest
 from netloader.server import holdings
 from netloader.testing.models import blocks, differing, mixed_sizes, transformer_like
 from netloader.testing.processes import ServerProcess
-from support.servers import Servers, StartServer
+from support.servers import Servers, StartServer, pull_while_killing_the_first
 
 pytestmark = [
     pytest.mark.gpu,
@@ -156,24 +155,15 @@ def test_a_byte_flipped_in_server_device_memory_is_rejected(
 def test_a_server_killed_mid_pull(start_server: StartServer, transport: str) -> None:
     """SIGKILL the first source once its first chunk is verified: the pull finishes from
     the second, bit-identical."""
-    args = peer_args("blocks", "--chunk-bytes", str(MIB))
-    doomed, spare = start_server(*args), start_server(*args)
-    expected = blocks()
-    dest = on_cuda(expected)
-    killed: list[int] = []
-
-    def kill_on_first_chunk(_: int) -> None:
-        if not killed:
-            doomed.proc.send_signal(signal.SIGKILL)
-            killed.append(doomed.proc.wait(timeout=10))
-
-    client = Client(
-        [doomed.address, spare.address], secret=SECRET.encode(), stripe=1, transport=transport
+    pull_while_killing_the_first(
+        start_server,
+        transport,
+        peer_args=peer_args("blocks", "--chunk-bytes", str(MIB)),
+        expected=blocks(),
+        destination=on_cuda,
+        readback=to_host,
+        secret=SECRET.encode(),
     )
-    report = client.load_into(dest, Identity("m"), progress=kill_on_first_chunk)
-    assert killed == [-signal.SIGKILL]
-    assert not differing(to_host(dest), expected)
-    assert 0 < dict(report.bytes_by_source)[spare.address] < report.bytes
 
 
 # ---- host memory while GiBs of device tensors move ----------------------------------------

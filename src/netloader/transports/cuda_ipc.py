@@ -49,7 +49,6 @@ from netloader.settings import Timeouts
 from netloader.transports import process_memory, same_host
 from netloader.transports.base import ChunkList, ChunkSink, ChunkSource, Transport
 from netloader.transports.connection import Connection
-from netloader.transports.tcp import TCP
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +321,7 @@ def _receive_copies(
         copies.check_oldest()
 
 
-class CudaIpcTransport(Transport):
+class CudaIpcTransport(same_host.Declinable):
     """Copies chunks device to device from the server's GPU memory (see the module).
 
     fallback: where CUDA IPC cannot be used, take the chunks as DATA frames on the same
@@ -335,18 +334,10 @@ class CudaIpcTransport(Transport):
     # (TLS-covered) control connection
     memory = frozenset({"cuda"})
 
-    def __init__(self, fallback: bool) -> None:
-        self.fallback = fallback
-
     def unavailable(self) -> str | None:
         if not self.fallback and not torch.cuda.is_available():
             return "TRANSPORT=cuda-ipc needs a CUDA device in this process"
         return None
-
-    def for_connection(self, conn: Connection, sink: ChunkSink | None = None) -> Transport:
-        if self.fallback and self.name in conn.declined:
-            return TCP
-        return self
 
     # ---- server -------------------------------------------------------------------------
     def send_chunks(
@@ -359,10 +350,7 @@ class CudaIpcTransport(Transport):
             conn.send(p.CudaIpcOffer.refused(str(exc)))
         else:
             conn.send(exported.offer)
-        answer = conn.receive()
-        if isinstance(answer, p.SameHostDecline):
-            log.info("netloader: %s takes tcp instead of CUDA IPC: %s", conn.peer, answer.reason)
-            TCP.send_chunks(conn, source, chunks, timeouts)
+        if same_host.sent_over_tcp_if_declined(conn, source, chunks, timeouts):
             return
         if exported is None:
             raise ProtocolError(f"{conn.peer} accepted a CUDA IPC offer that was refused")

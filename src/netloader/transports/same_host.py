@@ -66,7 +66,21 @@ def address_text(address: Any) -> str:
     return f"{host}:{port}"
 
 
-class SameHostTransport(Transport):
+class Declinable(Transport):
+    """A transport whose offer the client may decline (`decline`); with `fallback`, a
+    connection where it was declined asks for tcp from then on, else the source fails
+    with the reason (the transport forced)."""
+
+    def __init__(self, fallback: bool) -> None:
+        self.fallback = fallback
+
+    def for_connection(self, conn: Connection, sink: ChunkSink | None = None) -> Transport:
+        if self.fallback and self.name in conn.declined:
+            return TCP
+        return self
+
+
+class SameHostTransport(Declinable):
     """Reads chunks from the server's memory when both ends are on one host.
 
     fallback: when the client cannot read the server's memory, take the chunks as DATA
@@ -78,14 +92,6 @@ class SameHostTransport(Transport):
     tls = True  # the bytes never touch a network; the digests they are checked
     # against and the token came over the (TLS-covered) control connection
     memory = frozenset({"cpu"})
-
-    def __init__(self, fallback: bool) -> None:
-        self.fallback = fallback
-
-    def for_connection(self, conn: Connection, sink: ChunkSink | None = None) -> Transport:
-        if self.fallback and self.name in conn.declined:
-            return TCP
-        return self
 
     # ---- server -------------------------------------------------------------------------
     def send_chunks(
@@ -110,10 +116,7 @@ class SameHostTransport(Transport):
             if attached is not None:
                 sock, pid = grant.enter_context(attached[0]), attached[1]
                 _grant(conn, sock, pid, grant)
-            answer = conn.receive()
-            if isinstance(answer, p.SameHostDecline):
-                log.info("netloader: %s reads over tcp: %s", conn.peer, answer.reason)
-                TCP.send_chunks(conn, source, chunks, timeouts)
+            if sent_over_tcp_if_declined(conn, source, chunks, timeouts):
                 return
             if attached is None:
                 raise ProtocolError(f"{conn.peer} accepted the same-host path without attaching")
@@ -135,6 +138,21 @@ class SameHostTransport(Transport):
             conn.send(p.SameHostAccept())
             _read_all(conn, pid, chunks, sink, timeouts)
         conn.send(p.Done())
+
+
+def sent_over_tcp_if_declined(
+    conn: Connection, source: ChunkSource, chunks: ChunkList, timeouts: Timeouts
+) -> bool:
+    """Server: read the client's answer to an offer; if it declined, send the chunks as
+    DATA frames (tcp) and say so (True); False if it accepted."""
+    answer = conn.receive()
+    if isinstance(answer, p.SameHostDecline):
+        log.info("netloader: %s takes tcp: %s", conn.peer, answer.reason)
+        TCP.send_chunks(conn, source, chunks, timeouts)
+        return True
+    if not isinstance(answer, p.SameHostAccept):
+        raise ProtocolError(f"{conn.peer} answered an offer with {answer.TYPE.name}")
+    return False
 
 
 def decline(
