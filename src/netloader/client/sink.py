@@ -91,10 +91,9 @@ class VerifyingSink:
         # arrival and check.
         self._scratch: dict[int, bytearray] = {}
         self._landed: dict[int, Landing] = {}  # each chunk's landing, until it is checked
-        if self.ringed:
-            largest = max(c.length for c in self.wanted if self._has_ringed(c))
-            pinned = torch.cuda.is_available()
-            self.ring = DeviceRing(RING_SLOTS, largest, pinned)
+        # The ring is made at the first chunk that lands in it: a pull that copies device
+        # to device (CUDA IPC) never needs one.
+        self._ring_bytes = max((c.length for c in self.wanted if self._has_ringed(c)), default=0)
         if huge_pages:
             for i, base in self.bases.items():
                 advise_huge_pages_at(base, manifest.tensors[i].nbytes)
@@ -121,11 +120,14 @@ class VerifyingSink:
         same one."""
         slot: Slot | None = None
         scratch: bytearray | None = None
-        if self.ring is not None and self._has_ringed(chunk):
+        if self._has_ringed(chunk):
             with self._lock:
                 slot = self._slots.get(chunk.number)
+                if self.ring is None:
+                    self.ring = DeviceRing(RING_SLOTS, self._ring_bytes, torch.cuda.is_available())
+                ring = self.ring
             if slot is None:
-                slot = self.ring.acquire(RING_WAIT)
+                slot = ring.acquire(RING_WAIT)
                 with self._lock:
                     self._slots[chunk.number] = slot
         if chunk.strided or any(p.tensor not in self.dest for p in chunk.pieces):

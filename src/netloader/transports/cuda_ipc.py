@@ -31,6 +31,7 @@ per connection under TRANSPORT=auto; TRANSPORT=cuda-ipc fails the source instead
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
@@ -305,20 +306,26 @@ def _receive_copies(
 ) -> None:
     copies = _Copies(conn, sink, devices, digest_sums())
     wanted = {piece.tensor for chunk in chunks for piece in chunk.pieces}
-    for chunk in chunks:
-        with conn.within(timeouts.for_chunk(chunk.length), f"chunk {chunk.number}"):
-            message = conn.receive()
-            while isinstance(message, p.CudaIpcTensor):
-                copies.tensor_exported(message, wanted)
+    try:
+        for chunk in chunks:
+            with conn.within(timeouts.for_chunk(chunk.length), f"chunk {chunk.number}"):
                 message = conn.receive()
-        if not isinstance(message, p.ChunkAddress) or message.chunk != chunk.number:
-            raise ProtocolError(
-                f"{conn.peer} sent {message.TYPE.name} where chunk {chunk.number} belongs"
-            )
-        copies.copy(chunk, message.addresses)
-    conn.expect(p.End)
-    while copies.pending:
-        copies.check_oldest()
+                while isinstance(message, p.CudaIpcTensor):
+                    copies.tensor_exported(message, wanted)
+                    message = conn.receive()
+            if not isinstance(message, p.ChunkAddress) or message.chunk != chunk.number:
+                raise ProtocolError(
+                    f"{conn.peer} sent {message.TYPE.name} where chunk {chunk.number} belongs"
+                )
+            copies.copy(chunk, message.addresses)
+        conn.expect(p.End)
+        while copies.pending:
+            copies.check_oldest()
+    finally:
+        if copies.pending and torch.cuda.is_available():
+            # Copies still read the server's memory: let them end before it is closed.
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.synchronize()
 
 
 class CudaIpcTransport(same_host.Declinable):
