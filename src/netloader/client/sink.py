@@ -252,6 +252,10 @@ class VerifyingSink:
                 target = self.dest[index]
                 target.copy_(self.staged[index].view(target.dtype).reshape(target.shape))
         if self.verified is not None:
+            if self.ring is not None and any(i in self.ringed for i in completed):
+                # A relay serves a completed device tensor at once, from the device (by
+                # its ring, or CUDA IPC from another process): its copies must be done.
+                self.ring.settle()
             self._notify(chunk, completed)
 
     def _served_whole(self, tensor: int) -> bool:
