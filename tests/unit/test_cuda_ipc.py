@@ -173,10 +173,12 @@ def test_auto_picks_cuda_ipc_only_for_device_destinations(monkeypatch: pytest.Mo
     auto = get("auto")
     offered = manifest()
     on_device, on_host = device_sink(offered, zeros()), VerifyingSink(offered, zeros())
+    older = device_sink(manifest(device_digests=False), zeros())  # a server before them
     assert auto.for_connection(fake_conn(True), on_device) is same_host.AUTO  # no CUDA here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert auto.for_connection(fake_conn(True), on_device) is cuda_ipc.CUDA_IPC_AUTO
     assert auto.for_connection(fake_conn(True), on_host) is same_host.AUTO
+    assert auto.for_connection(fake_conn(True), older) is same_host.AUTO
     assert auto.for_connection(fake_conn(False), on_device) is same_host.AUTO
     declined = fake_conn(True, {"cuda-ipc": "IPC not permitted"})
     assert auto.for_connection(declined, on_device) is TCP  # once refused, tcp
