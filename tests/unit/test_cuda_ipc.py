@@ -17,7 +17,7 @@ from netloader import protocol as p
 from netloader.client import VerifyingSink
 from netloader.manifest import Identity, Manifest, build_manifest
 from netloader.tensors import flat_bytes
-from netloader.transports import cuda_ipc, get, same_host
+from netloader.transports import cuda_ipc, get, names, same_host
 from netloader.transports.tcp import TCP
 from unit.test_sessions import SECRET, handshake, pipe
 
@@ -183,7 +183,7 @@ def test_auto_picks_cuda_ipc_only_for_device_destinations(monkeypatch: pytest.Mo
     declined = fake_conn(True, {"cuda-ipc": "IPC not permitted"})
     assert auto.for_connection(declined, on_device) is TCP  # once refused, tcp
     assert auto.for_connection(fake_conn(True)) is same_host.AUTO  # no sink: as before
-    assert "cuda-ipc" in __import__("netloader").transports.names()
+    assert "cuda-ipc" in names()
 
 
 # ---- the client's copies and checks ----------------------------------------------------
