@@ -5,12 +5,16 @@ itself (exporting, opening, copying between processes) is in tests/gpu."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netloader import IntegrityError, ProtocolError
 from netloader import protocol as p
@@ -19,6 +23,7 @@ from netloader.manifest import Identity, Manifest, build_manifest
 from netloader.tensors import flat_bytes
 from netloader.transports import cuda_ipc, get, names, same_host
 from netloader.transports.tcp import TCP
+from unit.test_protocol import json_values
 from unit.test_sessions import SECRET, handshake, pipe
 
 STORAGE = p.CudaIpcStorage(0, b"h" * 64, 4096, 512, b"/torch_123_456_7", 3, b"e" * 64, True)
@@ -63,6 +68,19 @@ def test_a_malformed_tensor_export_is_refused() -> None:
     for change in ({"tensor": -1}, {"start": True}, {"storage": None}):
         with pytest.raises(ProtocolError):
             p.CudaIpcTensor.decode(body | change)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_decoders_raise_only_protocol_errors_on_mutated_bodies(data: st.DataObject) -> None:
+    """Any field of a valid offer or export (its storage's too) replaced by any JSON."""
+    message = data.draw(st.sampled_from([OFFER, p.CudaIpcTensor(7, STORAGE, 1024)]))
+    body = json.loads(json.dumps(message.body()))
+    nested = "probe" if "probe" in body else "storage"
+    where = data.draw(st.sampled_from([body, body[nested]]))
+    where[data.draw(st.sampled_from(sorted(where)))] = data.draw(json_values)
+    with contextlib.suppress(ProtocolError):
+        type(message).decode(body)
 
 
 def test_accepted_ends_with_done() -> None:
