@@ -84,11 +84,11 @@ class HostBytes:
     size however large the device tensors are, and no device tensor is copied whole."""
 
     def __init__(
-        self, ringed: Callable[[torch.Tensor], bool] = on_device, slots: int = RING_SLOTS
+        self, ringed: Callable[[torch.Tensor], bool] | None = None, slots: int = RING_SLOTS
     ) -> None:
         self._made: dict[int, HostTensor] = {}
         self._lock = threading.Lock()
-        self.ringed = ringed
+        self.ringed = on_device if ringed is None else ringed
         self.slots = slots
         self.ring: DeviceRing | None = None  # made at the first chunk of a ringed tensor
 
@@ -156,7 +156,7 @@ class LoadedTensors:
     is told that reason instead of being offered a manifest. `chunk_bytes` and
     `column_tiles` plan the chunks (`manifest.plan_chunks`). `ringed`: which tensors a
     sender stages chunk by chunk through a ring of host buffers (default: contiguous device
-    tensors; see HostBytes).
+    tensors, `on_device`; see HostBytes).
     """
 
     def __init__(
@@ -168,7 +168,7 @@ class LoadedTensors:
         column_tiles: int = 1,
         manifest: Manifest | None = None,
         unavailable: str | None = None,
-        ringed: Callable[[torch.Tensor], bool] = on_device,
+        ringed: Callable[[torch.Tensor], bool] | None = None,
     ) -> None:
         self._tensors = dict(tensors)
         self._identity = identity
