@@ -49,6 +49,7 @@ timeout 240 "$python" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider \
 gpu_rc=${PIPESTATUS[0]}
 timeout 60 "$python" -m pytest -q -p no:cacheprovider --junitxml="$out/unit_tests.xml" \
   tests/unit/test_device_digest.py tests/unit/test_cuda_ipc.py tests/unit/test_server_ring.py \
+  tests/unit/test_sink.py tests/test_device_paths.py \
   2>&1 | tee "$out/unit_tests.log"
 unit_rc=${PIPESTATUS[0]}
 
