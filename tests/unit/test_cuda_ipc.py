@@ -16,10 +16,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netloader import IntegrityError, ProtocolError
+from netloader import IntegrityError, ProtocolError, SourceUnavailable
 from netloader import protocol as p
 from netloader.client import VerifyingSink
 from netloader.manifest import Identity, Manifest, build_manifest
+from netloader.server.conversation import HeldChunks
+from netloader.server.holdings import PartOfModel
 from netloader.tensors import flat_bytes
 from netloader.transports import cuda_ipc, get, names, same_host
 from netloader.transports.tcp import TCP
@@ -266,3 +268,13 @@ def test_offsets_outside_the_export_are_refused() -> None:
     del copies.opened[0]
     with pytest.raises(ProtocolError, match="did not export"):
         copies.copy(first, offsets(offered, 0))
+
+
+def test_a_server_lacking_a_tensor_says_so_before_any_offer() -> None:
+    """A server holding part of a model (a relay of a delta) is unavailable for the rest,
+    as over tcp, rather than failing while it exports."""
+    offered = manifest()
+    part = PartOfModel({"w": SOURCE["w"]}, offered, lacking="it holds only the delta")
+    held = HeldChunks(part, wait=1.0)
+    with pytest.raises(SourceUnavailable, match="does not hold tensor 'b'"):
+        cuda_ipc._Exported(fake_conn(True), held, offered.chunks)

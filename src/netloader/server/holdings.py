@@ -49,7 +49,8 @@ class Holdings(Protocol):
         `manifest`, and for a chunk of it only once `wait_for` returned)."""
 
     def tensor(self, index: int) -> torch.Tensor:
-        """The manifest's tensor `index` itself, wherever it is (call after `manifest`)."""
+        """The manifest's tensor `index` itself, wherever it is (call after `manifest`);
+        SourceUnavailable if this server does not hold it."""
 
     def views(self, chunk: Chunk) -> tuple[list[memoryview], Slot | None]:
         """`chunk`'s pieces in host memory, in order (once `wait_for` returned): views of
@@ -213,7 +214,11 @@ class LoadedTensors:
 
     def tensor(self, index: int) -> torch.Tensor:
         assert self._manifest is not None
-        return self._tensors[self._manifest.tensors[index].name]
+        name = self._manifest.tensors[index].name
+        held = self._tensors.get(name)
+        if held is None:  # a part of a model (PartOfModel) lacks it
+            raise SourceUnavailable(f"this server does not hold tensor {name!r}")
+        return held
 
     def views(self, chunk: Chunk) -> tuple[list[memoryview], Slot | None]:
         assert self._manifest is not None
