@@ -6,6 +6,7 @@ itself (exporting, opening, copying between processes) is in tests/gpu."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -278,3 +279,64 @@ def test_a_server_lacking_a_tensor_says_so_before_any_offer() -> None:
     held = HeldChunks(part, wait=1.0)
     with pytest.raises(SourceUnavailable, match="does not hold tensor 'b'"):
         cuda_ipc._Exported(fake_conn(True), held, offered.chunks)
+
+
+def accept(offer: p.CudaIpcOffer, monkeypatch: pytest.MonkeyPatch, **fakes: Any) -> dict[int, int]:
+    """`_accept` on a connection whose far end is 127.0.0.1:5000 on host "boot", with CUDA
+    present and `fakes` in place of the CUDA calls."""
+    sink = device_sink(manifest(), zeros())
+    conn = fake_conn(True)
+    conn.sock = SimpleNamespace(getsockname=lambda: ("127.0.0.1", 5000))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_ipc.process_memory, "boot_id", lambda: "boot")
+    for name, fake in fakes.items():
+        monkeypatch.setattr(cuda_ipc, name, fake)
+    return cuda_ipc._accept(conn, offer, sink.wanted, sink)
+
+
+def probe_holding(data: bytes) -> Any:
+    return lambda storage, device: torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("offer", "fakes", "reason"),
+    [
+        (p.CudaIpcOffer.refused("no CUDA device there"), {}, "no CUDA device there"),
+        (dataclasses.replace(OFFER, boot_id="other"), {}, "another host"),
+        (dataclasses.replace(OFFER, peer="127.0.0.1:6000"), {}, "not a direct connection"),
+        (OFFER, {"local_devices": dict}, "GPU GPU-1234-abcd is not visible"),
+        (
+            OFFER,
+            {"local_devices": lambda: {"GPU-1234-abcd": 0}, "open_storage": "raise"},
+            "CUDA IPC is not permitted here",
+        ),
+        (
+            OFFER,
+            {"local_devices": lambda: {"GPU-1234-abcd": 0}, "open_storage": b"x" * 32},
+            "does not hold the offer's token",
+        ),
+    ],
+)
+def test_every_refusal_names_its_reason(
+    offer: p.CudaIpcOffer, fakes: dict[str, Any], reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if fakes.get("open_storage") == "raise":
+
+        def refused(storage: p.CudaIpcStorage, device: int) -> torch.Tensor:
+            raise RuntimeError("cudaIpcOpenMemHandle: operation not permitted")
+
+        fakes["open_storage"] = refused
+    elif isinstance(fakes.get("open_storage"), bytes):
+        fakes["open_storage"] = probe_holding(fakes["open_storage"])
+    with pytest.raises(SourceUnavailable, match=reason):
+        accept(offer, monkeypatch, **fakes)
+
+
+def test_an_offer_that_holds_up_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    devices = accept(
+        OFFER,
+        monkeypatch,
+        local_devices=lambda: {"GPU-1234-abcd": 3},
+        open_storage=probe_holding(OFFER.token),
+    )
+    assert devices == {0: 3}  # the offer's GPU is this process's device 3
