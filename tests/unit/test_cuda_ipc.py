@@ -340,3 +340,11 @@ def test_an_offer_that_holds_up_is_accepted(monkeypatch: pytest.MonkeyPatch) -> 
         open_storage=probe_holding(OFFER.token),
     )
     assert devices == {0: 3}  # the offer's GPU is this process's device 3
+
+
+def test_an_export_beyond_the_bounds_is_caught_by_its_exporter() -> None:
+    """What the client would refuse as malformed, the server sees first (and falls back)."""
+    assert STORAGE.unsendable() is None
+    assert "longer than" in (STORAGE._replace(handle=b"h" * 1025).unsendable() or "")
+    assert "reference counter" in (STORAGE._replace(ref_counter=b"../x").unsendable() or "")
+    assert "reference counter" in (STORAGE._replace(ref_offset=10000).unsendable() or "")

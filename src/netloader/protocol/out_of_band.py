@@ -211,6 +211,16 @@ class CudaIpcStorage(NamedTuple):
             "event_sync": self.event_sync,
         }
 
+    def unsendable(self) -> str | None:
+        """Why the other side would refuse this export as malformed (a handle or name
+        beyond the bounds); None if it is within them. The exporter checks first and
+        falls back instead."""
+        if len(self.handle) > MAX_IPC_HANDLE or len(self.event) > MAX_IPC_HANDLE:
+            return f"a CUDA IPC handle is longer than {MAX_IPC_HANDLE} bytes"
+        if not IPC_NAME.fullmatch(self.ref_counter) or self.ref_offset >= REF_COUNTER_SLOTS:
+            return "torch's CUDA IPC reference counter is not of the expected form"
+        return None
+
     @classmethod
     def from_json(cls, body: Any) -> CudaIpcStorage:
         if not isinstance(body, dict):

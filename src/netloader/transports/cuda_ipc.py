@@ -147,6 +147,9 @@ class _Exported:
             probe, _ = export(self.probe, devices)
         except RuntimeError as exc:  # the driver refuses to export
             raise Refused(f"the server cannot export device memory for CUDA IPC: {exc}") from exc
+        for storage, _ in [*self.storages.values(), (probe, 0)]:
+            if (why := storage.unsendable()) is not None:
+                raise Refused(why)  # e.g. expandable segments' larger handles
         boot = process_memory.boot_id() or ""
         peer = same_host.address_text(conn.sock.getpeername())
         self.offer = p.CudaIpcOffer(boot, peer, tuple(devices), token, probe)
