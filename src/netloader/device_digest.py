@@ -152,8 +152,13 @@ def fused() -> Sums:
 
 
 class _Compiled:
+    """`lane_sums` under torch.compile; the first call (which compiles) one thread at a
+    time, so concurrent pulls do not compile it at once."""
+
     def __init__(self) -> None:
         self.compiled: Sums | None = None
+        self._first = threading.Lock()
+        self._warm = False
         try:
             self.compiled = torch.compile(lane_sums, dynamic=True)
         except Exception as exc:
@@ -164,6 +169,14 @@ class _Compiled:
         self.compiled = None
 
     def __call__(self, words: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        if not self._warm:
+            with self._first:
+                out = self._call(words, position)
+                self._warm = True
+                return out
+        return self._call(words, position)
+
+    def _call(self, words: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
             try:
                 return self.compiled(words, position)
