@@ -137,21 +137,35 @@ def chunk_digest(parts: Sequence[torch.Tensor], sums: Sums = lane_sums) -> str:
     return device_digest(packed(parts), sums)
 
 
-_FUSED: list[Sums] = []
+_FUSED: list[Compiled] = []
 _FUSED_LOCK = threading.Lock()
 
 
-def fused() -> Sums:
+def fused() -> Compiled:
     """`lane_sums` compiled into one kernel (torch.compile), falling back to the eager form
     for good at its first failure (no compiler here, say). Both give the same sums (the GPU
-    tests check it)."""
+    tests check it). The first call compiles (seconds)."""
     with _FUSED_LOCK:
         if not _FUSED:
-            _FUSED.append(_Compiled())
+            _FUSED.append(Compiled())
         return _FUSED[0]
 
 
-class _Compiled:
+def ready(device: torch.device) -> Sums:
+    """The compiled sums once they are compiled, else the eager ones, starting the
+    compilation in the background (once) on a small tensor on `device`: a transfer never
+    waits for the compiler, and later chunks get the fused kernel. The digests are the
+    same either way. Off CUDA devices: the eager ones."""
+    if device.type != "cuda":
+        return lane_sums
+    compiled = fused()
+    if compiled.warm:
+        return compiled
+    compiled.warm_up(device)
+    return lane_sums
+
+
+class Compiled:
     """`lane_sums` under torch.compile; the first call (which compiles) one thread at a
     time, so concurrent pulls do not compile it at once."""
 
@@ -159,10 +173,29 @@ class _Compiled:
         self.compiled: Sums | None = None
         self._first = threading.Lock()
         self._warm = False
+        self._warming = False
         try:
             self.compiled = torch.compile(lane_sums, dynamic=True)
         except Exception as exc:
             self._give_up(exc)
+
+    @property
+    def warm(self) -> bool:
+        """Compiled, and the compiling call is done."""
+        return self._warm and self.compiled is not None
+
+    def warm_up(self, device: torch.device) -> None:
+        """Compile in a background thread (once), with a small tensor on `device`."""
+        with _FUSED_LOCK:
+            if self._warming or self.compiled is None:
+                return
+            self._warming = True
+
+        def compile_now() -> None:
+            words = torch.zeros(8, dtype=torch.int32, device=device)
+            self(words, torch.arange(8, dtype=torch.int64, device=device))
+
+        threading.Thread(target=compile_now, name="netloader-digest-compile", daemon=True).start()
 
     def _give_up(self, exc: BaseException) -> None:
         log.warning("netloader: device digest not compiled (%s); using the eager form", exc)

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netloader import IntegrityError, ProtocolError, SourceUnavailable
+from netloader import device_digest as dd
 from netloader import protocol as p
 from netloader.client import VerifyingSink
 from netloader.manifest import Identity, Manifest, build_manifest
@@ -215,7 +216,7 @@ def copies_from(
 ) -> cuda_ipc._Copies:
     """The client's copier with the server's tensors as if opened (each its own storage,
     starting at byte 0)."""
-    copies = cuda_ipc._Copies(fake_conn(True), sink, {0: 0}, cuda_ipc.digest_sums())
+    copies = cuda_ipc._Copies(fake_conn(True), sink, {0: 0}, lambda device: dd.lane_sums)
     for index, entry in enumerate(offered.tensors):
         copies.opened[index] = (flat_bytes(server[entry.name]), 0)
     return copies

@@ -165,3 +165,8 @@ def test_malformed_device_digests_are_refused(change: dict[str, object]) -> None
     obj = {**json.loads(manifest.json_bytes), **change}
     with pytest.raises(ProtocolError):
         Manifest.from_json(obj)
+
+
+def test_off_cuda_the_ready_form_is_the_eager_one() -> None:
+    """Only a CUDA device is worth a compiled kernel; nothing compiles for the CPU."""
+    assert dd.ready(torch.device("cpu")) is dd.lane_sums

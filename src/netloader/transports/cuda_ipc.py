@@ -55,8 +55,10 @@ log = logging.getLogger(__name__)
 
 WINDOW = 4  # chunks copied and digested on the device before the oldest one's check
 TOKEN_BYTES = 32
-# NETLOADER_DEVICE_DIGEST=compiled: digest with the torch.compile'd kernel (one fused pass)
-# instead of the eager torch operations; the same sums either way.
+# NETLOADER_DEVICE_DIGEST: which form of the device digest checks the chunks (the same
+# sums either way): "auto" (default) the eager torch operations until the torch.compile'd
+# kernel (one fused pass) is compiled in the background, then that; "eager"; "compiled"
+# (compiled at the first chunk, the transfer waiting for it).
 DIGEST_ENV = "NETLOADER_DEVICE_DIGEST"
 
 
@@ -76,8 +78,13 @@ def local_devices() -> dict[str, int]:
     return {device_uuid(i): i for i in range(torch.cuda.device_count())}
 
 
-def digest_sums() -> dd.Sums:
-    return dd.fused() if os.environ.get(DIGEST_ENV) == "compiled" else dd.lane_sums
+def digest_sums(device: torch.device) -> dd.Sums:
+    """The device digest's per-block function for the next chunk on `device` (see
+    DIGEST_ENV)."""
+    form = os.environ.get(DIGEST_ENV, "auto")
+    if form == "compiled":
+        return dd.fused()
+    return dd.lane_sums if form == "eager" else dd.ready(device)
 
 
 # ---- server -----------------------------------------------------------------------------
@@ -244,7 +251,11 @@ class _Copies:
     digests a few chunks behind (so the device stays busy)."""
 
     def __init__(
-        self, conn: Connection, sink: ChunkSink, devices: Mapping[int, int], sums: dd.Sums
+        self,
+        conn: Connection,
+        sink: ChunkSink,
+        devices: Mapping[int, int],
+        sums: Callable[[torch.device], dd.Sums],
     ) -> None:
         self.conn, self.sink, self.devices, self.sums = conn, sink, devices, sums
         self.opened: dict[int, tuple[torch.Tensor, int]] = {}  # tensor -> storage, start
@@ -277,7 +288,8 @@ class _Copies:
         for piece, offset, target in zip(chunk.pieces, offsets, targets, strict=True):
             if piece.nbytes:
                 target.copy_(self._source(piece, offset), non_blocking=True)
-        self.pending.append((chunk, dd.digest_sums(dd.packed(targets), self.sums)))
+        landed = dd.packed(targets)
+        self.pending.append((chunk, dd.digest_sums(landed, self.sums(landed.device))))
         if len(self.pending) >= WINDOW:
             self.check_oldest()
 
@@ -307,7 +319,7 @@ def _receive_copies(
     devices: Mapping[int, int],
     timeouts: Timeouts,
 ) -> None:
-    copies = _Copies(conn, sink, devices, digest_sums())
+    copies = _Copies(conn, sink, devices, digest_sums)
     wanted = {piece.tensor for chunk in chunks for piece in chunk.pieces}
     try:
         for chunk in chunks:
