@@ -46,6 +46,8 @@ def one_input(data: bytes) -> None:
             p.MsgType.AUTH: p.Auth.decode,
             p.MsgType.GLOO: p.ProcessGroupSetup.decode,
             p.MsgType.CHUNK_ADDRESS: p.ChunkAddress.decode,
+            p.MsgType.CUDA_IPC_OFFER: p.CudaIpcOffer.decode,
+            p.MsgType.CUDA_IPC_TENSOR: p.CudaIpcTensor.decode,
         }.get(header.type)
         if decoder is not None:
             decoder(body)

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 import xxhash
 
+from netloader import device_digest as dd
 from netloader import tensors as tb
 from netloader.errors import ProtocolError
 
@@ -271,13 +272,18 @@ class Manifest:
     chunk_bytes: what the chunks are planned with (`plan_chunks`).
     digests:     one per chunk, in order; empty on a client's expectation.
     column_tiles: matrices larger than a chunk are cut into this many column tiles
-                 (`plan_chunks`); 1: rows only."""
+                 (`plan_chunks`); 1: rows only.
+    device_digests: one device digest (device_digest.py) per chunk, beside `digests`, for
+                 a model held in device memory (so a client can verify chunks that never
+                 leave a device); empty otherwise. Optional in the JSON form: a manifest
+                 without them is the same as before they existed."""
 
     identity: Identity
     tensors: tuple[TensorEntry, ...]
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     digests: tuple[str, ...] = ()
     column_tiles: int = 1
+    device_digests: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -291,6 +297,11 @@ class Manifest:
     @property
     def chunk_total(self) -> int:
         return len(self.chunks)
+
+    @cached_property
+    def largest_chunk(self) -> int:
+        """The length of the longest chunk (0 without chunks)."""
+        return max((c.length for c in self.chunks), default=0)
 
     def chunks_of(self, tensor: int) -> range:
         """The numbers of the chunks holding tensor `tensor`'s bytes (consecutive: chunks
@@ -403,6 +414,14 @@ class Manifest:
             },
             "tensors": [[t.name, t.dtype, list(t.shape), t.nbytes] for t in self.tensors],
             "digests": "".join(self.digests),
+            **(
+                {
+                    "device_digest": dd.DEVICE_DIGEST_ALGORITHM,
+                    "device_digests": "".join(self.device_digests),
+                }
+                if self.device_digests
+                else {}
+            ),
         }
 
     @cached_property
@@ -448,21 +467,40 @@ class Manifest:
             twice = next(n for i, n in enumerate(names) if n in names[:i])
             raise ProtocolError(f"manifest names tensor {twice!r} twice")
         manifest = cls(identity, tuple(entries), chunk_bytes, column_tiles=tiles)
-        text = obj.get("digests", "")
-        if not isinstance(text, str) or len(text) > 32 * MAX_CHUNKS or len(text) % 32:
-            raise ProtocolError("manifest digests must be a string of 32-hex-digit digests")
-        if text:
-            if not _HEX.issuperset(text):
-                raise ProtocolError("manifest digests must be lowercase hex")
-            digests = tuple(text[i : i + 32] for i in range(0, len(text), 32))
-            if len(digests) != manifest.chunk_total:
+        digests = _digests_from_json(obj.get("digests", ""), 32, "digests", manifest)
+        device: tuple[str, ...] = ()
+        if "device_digests" in obj:
+            if obj.get("device_digest") != dd.DEVICE_DIGEST_ALGORITHM:
                 raise ProtocolError(
-                    f"manifest carries {len(digests)} digests for {manifest.chunk_total} chunks"
+                    f"manifest device digest algorithm {obj.get('device_digest')!r} is not "
+                    "supported"
                 )
+            device = _digests_from_json(
+                obj["device_digests"], dd.DEVICE_DIGEST_HEX, "device digests", manifest
+            )
+            if device and not digests:
+                raise ProtocolError("manifest carries device digests without digests")
+        if digests:
             planned = manifest.chunks
-            manifest = cls(identity, manifest.tensors, chunk_bytes, digests, tiles)
+            manifest = cls(identity, manifest.tensors, chunk_bytes, digests, tiles, device)
             manifest.__dict__["chunks"] = planned  # the cached plan: the same tensors
         return manifest
+
+
+def _digests_from_json(text: Any, size: int, what: str, manifest: Manifest) -> tuple[str, ...]:
+    """Digests of `size` hex digits, one per chunk of `manifest` (or none), from a string."""
+    if not isinstance(text, str) or len(text) > size * MAX_CHUNKS or len(text) % size:
+        raise ProtocolError(f"manifest {what} must be a string of {size}-hex-digit digests")
+    if not text:
+        return ()
+    if not _HEX.issuperset(text):
+        raise ProtocolError(f"manifest {what} must be lowercase hex")
+    digests = tuple(text[i : i + size] for i in range(0, len(text), size))
+    if len(digests) != manifest.chunk_total:
+        raise ProtocolError(
+            f"manifest carries {len(digests)} {what} for {manifest.chunk_total} chunks"
+        )
+    return digests
 
 
 def _entry_from_json(row: Any, i: int, v: _Validator) -> TensorEntry:
@@ -528,30 +566,49 @@ def build_manifest(
     tensors: Mapping[str, torch.Tensor],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     column_tiles: int = 1,
+    device_digests: bool | None = None,
 ) -> Manifest:
     """The server's manifest, with the digest of every chunk. Host memory beyond the
-    tensors' own stays within a chunk (device tensors) or a tensor (non-contiguous ones)."""
+    tensors' own stays within a chunk (device tensors) or a tensor (non-contiguous ones).
+    `device_digests`: also the device digest of every chunk, computed where the tensors
+    are; None: when every tensor is in device memory (`device_resident`)."""
     values = list(tensors.values())
+    if device_digests is None:
+        device_digests = device_resident(values)
     entries = tuple(_entry(name, t) for name, t in tensors.items())
     plain = Manifest(identity, entries, chunk_bytes, column_tiles=column_tiles)
-    held: dict[int, tuple[torch.Tensor, memoryview]] = {}  # host bytes, while their chunks last
+    # Each tensor's flat bytes (a copy of a non-contiguous one) and, on the host, their
+    # view, while its chunks last.
+    held: dict[int, tuple[torch.Tensor, memoryview | None]] = {}
+
+    def flat_of(index: int) -> tuple[torch.Tensor, memoryview | None]:
+        if index not in held:
+            flat = tb.flat_bytes(values[index])
+            held[index] = (flat, tb.byte_view(flat) if flat.device.type == "cpu" else None)
+        return held[index]
 
     def piece_bytes(piece: Piece) -> memoryview:
-        tensor = values[piece.tensor]
-        if tensor.device.type != "cpu" or piece.repeat > 1:  # copied (packed) to the host
-            flat = piece.of(tb.flat_bytes(tensor)).contiguous().cpu().reshape(-1)
-            return tb.owned_view(flat).toreadonly()
-        if piece.tensor not in held:
-            flat = tb.flat_bytes(tensor)
-            held[piece.tensor] = (flat, tb.byte_view(flat))
-        return held[piece.tensor][1][piece.offset : piece.offset + piece.length]
+        flat, view = flat_of(piece.tensor)
+        if view is None or piece.repeat > 1:  # copied (packed) to the host
+            packed = piece.of(flat).contiguous().cpu().reshape(-1)
+            return tb.owned_view(packed).toreadonly()
+        return view[piece.offset : piece.offset + piece.length]
 
-    digests = []
+    digests, device = [], []
     for chunk in plain.chunks:
         for index in [i for i in held if i < chunk.pieces[0].tensor]:
             del held[index]
         digests.append(chunk_digest(chunk, piece_bytes))
-    return Manifest(identity, plain.tensors, chunk_bytes, tuple(digests), column_tiles)
+        if device_digests:
+            device.append(dd.chunk_digest([p.of(flat_of(p.tensor)[0]) for p in chunk.pieces]))
+    return Manifest(
+        identity, plain.tensors, chunk_bytes, tuple(digests), column_tiles, tuple(device)
+    )
+
+
+def device_resident(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a model is held in device memory: every tensor off the CPU."""
+    return bool(tensors) and all(t.device.type != "cpu" for t in tensors)
 
 
 def chunk_digest(chunk: Chunk, piece_bytes: Callable[[Piece], memoryview]) -> str:

@@ -2,6 +2,7 @@
 and prints `ADDR host:port` on stdout once listening; stops on SIGTERM.
 
     python tests/support/peer.py transformer_like --model m --chunk-bytes 1048576
+    python tests/support/peer.py transformer_like --device cuda --device-gib 4 --secret S
 """
 
 from __future__ import annotations
@@ -35,11 +36,25 @@ def main() -> None:
         "--flip-after-digests",
         help="flip a byte of this tensor in place once the digests are computed",
     )
+    parser.add_argument("--device", default="cpu", help="serve the tensors from this device")
+    parser.add_argument(
+        "--device-gib",
+        type=float,
+        default=0.0,
+        help="also serve this many GiB of random tensors made on --device (never on the host)",
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
     )
     tensors = SETS[args.set]()
+    if args.device != "cpu":  # contiguous copies on the device, the host ones dropped
+        tensors = {name: t.contiguous().to(args.device) for name, t in tensors.items()}
+    block = 256 << 20
+    for i in range(int(args.device_gib * (1 << 30)) // block):
+        tensors[f"device_block.{i}"] = torch.randint(
+            0, 256, (block,), dtype=torch.uint8, device=args.device
+        )
     if args.mutate:
         victim = tensors[args.mutate].clone()
         victim.reshape(-1).view(torch.uint8)[0] ^= 0xFF

@@ -18,13 +18,15 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from netloader import Client, Identity, LoadReport
 from netloader.settings import DEFAULT_TIMEOUTS, Timeouts
-from netloader.testing.models import differing, transformer_like
+from netloader.testing.models import Tensors, differing, transformer_like
 from netloader.testing.processes import SERVING, ServerProcess, netloader_command
 from support.proxy import FaultyProxy, host_port
 from support.tensors import empty_like_set
@@ -60,15 +62,24 @@ def assert_serves(address: str, model: str = "m") -> None:
 
 
 def pull_while_killing_the_first(
-    start_server: StartServer, transport: str, timeouts: Timeouts = DEFAULT_TIMEOUTS
+    start_server: StartServer,
+    transport: str,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    *,
+    peer_args: tuple[str, ...] = ("transformer_like", "--model", "m", "--chunk-bytes", "131072"),
+    expected: Tensors | None = None,
+    destination: Callable[[Tensors], Tensors] = empty_like_set,
+    readback: Callable[[Tensors], Mapping[str, torch.Tensor]] = dict,
+    secret: bytes | None = None,
 ) -> tuple[LoadReport, str]:
-    """Pull transformer_like() from two server processes one at a time over `transport`,
-    SIGKILLing the first once the first chunk from it is verified; the report (the pull
-    must finish, bit-identical) and the killed server's address."""
-    args = ("transformer_like", "--model", "m", "--chunk-bytes", str(128 << 10))
-    doomed, spare = start_server(*args), start_server(*args)
-    expected = transformer_like()
-    dest = empty_like_set(expected)
+    """Pull a model (`expected`, default transformer_like()) from two server processes
+    (tests/support/peer.py `peer_args`) one at a time over `transport`, into
+    `destination(expected)`, SIGKILLing the first once the first chunk from it is verified;
+    the report (the pull must finish, bit-identical as `readback` shows it) and the killed
+    server's address."""
+    doomed, spare = start_server(*peer_args), start_server(*peer_args)
+    expected = transformer_like() if expected is None else expected
+    dest = destination(expected)
     killed: list[int] = []
 
     def kill_on_first_chunk(_: int) -> None:
@@ -77,11 +88,15 @@ def pull_while_killing_the_first(
             killed.append(doomed.proc.wait(timeout=10))
 
     client = Client(
-        [doomed.address, spare.address], stripe=1, transport=transport, timeouts=timeouts
+        [doomed.address, spare.address],
+        secret=secret,
+        stripe=1,
+        transport=transport,
+        timeouts=timeouts,
     )
     report = client.load_into(dest, Identity("m"), progress=kill_on_first_chunk)
     assert killed == [-signal.SIGKILL]
-    assert not differing(dest, expected)
+    assert not differing(dict(readback(dest)), expected)
     assert 0 < dict(report.bytes_by_source)[spare.address] < report.bytes
     return report, doomed.address
 

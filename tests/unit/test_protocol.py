@@ -241,6 +241,8 @@ def test_typed_messages_on_any_json(value: object) -> None:
         p.Auth.decode,
         p.Error.decode,
         p.ProcessGroupSetup.decode,
+        p.CudaIpcOffer.decode,
+        p.CudaIpcTensor.decode,
         Manifest.from_json,
     ):
         with contextlib.suppress(ProtocolError):

@@ -239,7 +239,7 @@ class Client:
                 sink = pull.adopt(offered, source)
                 while batch := pull.take(source):
                     started = time.perf_counter()
-                    transport = self.transport.for_connection(conn)
+                    transport = self.transport.for_connection(conn, sink)
                     conn.send(p.Fetch(transport.name, tuple(c.number for c in batch)))
                     transport.receive_chunks(conn, batch, sink, self.timeouts)
                     pull.transports.add(transport.for_connection(conn).name)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
 
 import torch
 
 from netloader import metrics
-from netloader.errors import IntegrityError, TransferTimeout
+from netloader.errors import IntegrityError
 from netloader.manifest import Chunk, Manifest, digest_of
+from netloader.staging import DeviceRing, Slot, on_device
 from netloader.tensors import (
     address_of,
     advise_huge_pages_at,
-    byte_view,
     flat_bytes,
     memory_at,
     prefault_range,
@@ -27,58 +25,6 @@ RING_WAIT = 60.0  # seconds a chunk may wait for a free slot before the pull giv
 # Pieces are prefaulted when they average at least this: smaller tensors share pages the
 # allocator has already touched, and a call per piece would cost more than it saves.
 PREFAULT_PIECES = 256 << 10
-
-
-def on_device(tensor: torch.Tensor) -> bool:
-    """Destinations that go through the ring: contiguous tensors in device memory."""
-    return not tensor.is_cpu and tensor.is_contiguous()
-
-
-class Slot:
-    """One host buffer of the ring, and the device copy out of it still in flight."""
-
-    def __init__(self, nbytes: int, pinned: bool) -> None:
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        self.view = byte_view(self.buffer)
-        self.address = self.buffer.data_ptr()
-        self.copy_done: Any = None  # a device event, while a copy out of it may run
-
-    def wait_copied(self) -> None:
-        if self.copy_done is not None:
-            self.copy_done.synchronize()
-            self.copy_done = None
-
-
-class DeviceRing:
-    """A few (pinned, where a CUDA device is present) host buffers that chunks for device
-    tensors land in. A chunk is verified in its slot, then copied to the device
-    asynchronously while the next ones arrive; its slot is reused once that copy is done.
-    Host memory stays at `slots` x the chunk size, however large the tensors."""
-
-    def __init__(self, slots: int, slot_bytes: int, pinned: bool) -> None:
-        self._free: queue.Queue[Slot] = queue.Queue()
-        self._all = [Slot(slot_bytes, pinned) for _ in range(slots)]
-        for slot in self._all:
-            self._free.put(slot)
-
-    def acquire(self) -> Slot:
-        try:
-            slot = self._free.get(timeout=RING_WAIT)
-        except queue.Empty:
-            raise TransferTimeout(
-                f"no host buffer freed for a device chunk within {RING_WAIT:g} s"
-            ) from None
-        slot.wait_copied()
-        return slot
-
-    def release(self, slot: Slot, copy_done: Any = None) -> None:
-        slot.copy_done = copy_done
-        self._free.put(slot)
-
-    def settle(self) -> None:
-        """Wait for every device copy still in flight."""
-        for slot in self._all:
-            slot.wait_copied()
 
 
 class VerifyingSink:
@@ -145,10 +91,9 @@ class VerifyingSink:
         # arrival and check.
         self._scratch: dict[int, bytearray] = {}
         self._landed: dict[int, Landing] = {}  # each chunk's landing, until it is checked
-        if self.ringed:
-            largest = max(c.length for c in self.wanted if self._has_ringed(c))
-            pinned = torch.cuda.is_available()
-            self.ring = DeviceRing(RING_SLOTS, largest, pinned)
+        # The ring is made at the first chunk that lands in it: a pull that copies device
+        # to device (CUDA IPC) never needs one.
+        self._ring_bytes = max((c.length for c in self.wanted if self._has_ringed(c)), default=0)
         if huge_pages:
             for i, base in self.bases.items():
                 advise_huge_pages_at(base, manifest.tensors[i].nbytes)
@@ -162,6 +107,8 @@ class VerifyingSink:
         self.progress = progress
         self.verified = verified
         self._lock = threading.Lock()
+        self.device_type = "cuda"  # the device memory `device_targets` serves
+        self._all_on_device: bool | None = None
 
     def _has_ringed(self, chunk: Chunk) -> bool:
         return any(p.tensor in self.ringed for p in chunk.pieces)
@@ -173,11 +120,14 @@ class VerifyingSink:
         same one."""
         slot: Slot | None = None
         scratch: bytearray | None = None
-        if self.ring is not None and self._has_ringed(chunk):
+        if self._has_ringed(chunk):
             with self._lock:
                 slot = self._slots.get(chunk.number)
+                if self.ring is None:
+                    self.ring = DeviceRing(RING_SLOTS, self._ring_bytes, torch.cuda.is_available())
+                ring = self.ring
             if slot is None:
-                slot = self.ring.acquire()
+                slot = ring.acquire(RING_WAIT)
                 with self._lock:
                     self._slots[chunk.number] = slot
         if chunk.strided or any(p.tensor not in self.dest for p in chunk.pieces):
@@ -231,18 +181,61 @@ class VerifyingSink:
         if arrived != self.manifest.digests[chunk.number]:
             if slot is not None:
                 self.ring.release(slot)  # type: ignore[union-attr]  # no device copy
-            metrics.INTEGRITY_FAILURES.inc()
-            sender = f" from {source}" if source else ""
-            raise IntegrityError(
-                f"chunk {chunk.number} ({self.manifest.describe_chunk(chunk)}){sender}: "
-                "digest mismatch, bytes rejected",
-                source=source,
-            )
+            raise self._mismatch(chunk, source)
         metrics.RECEIVED_BYTES.inc(chunk.length)
         if scratch is not None:
             self._unpack(chunk, scratch)
         if slot is not None:
             self._to_device(chunk, slot)
+        self._accept(chunk)
+
+    def _mismatch(self, chunk: Chunk, source: str | None, what: str = "digest") -> IntegrityError:
+        metrics.INTEGRITY_FAILURES.inc()
+        sender = f" from {source}" if source else ""
+        return IntegrityError(
+            f"chunk {chunk.number} ({self.manifest.describe_chunk(chunk)}){sender}: "
+            f"{what} mismatch, bytes rejected",
+            source=source,
+        )
+
+    # ---- chunks copied device to device (CUDA IPC) ------------------------------------------
+    def device_targets(self, chunk: Chunk) -> list[torch.Tensor] | None:
+        """Where each of `chunk`'s pieces goes in device memory (uint8; a strided piece as
+        its (rows, length) runs), for a transport that copies device to device; None
+        unless every piece goes straight into a contiguous destination on a device of
+        type `device_type` (CUDA) and the manifest has device digests to verify it with."""
+        if not self.manifest.device_digests or not all(
+            p.tensor in self.ringed and self.dest[p.tensor].device.type == self.device_type
+            for p in chunk.pieces
+        ):
+            return None
+        return [p.of(flat_bytes(self.dest[p.tensor])) for p in chunk.pieces]
+
+    def all_on_device(self) -> bool:
+        """Whether every chunk to fetch can go device to device: its pieces all into
+        contiguous CUDA destinations, and the manifest carries device digests."""
+        if self._all_on_device is None:
+            self._all_on_device = bool(self.manifest.device_digests) and all(
+                self.device_targets(chunk) is not None for chunk in self.wanted
+            )
+        return self._all_on_device
+
+    def device_received(self, chunk: Chunk, arrived: str, source: str | None = None) -> None:
+        """Accept `chunk`, copied into its `device_targets`, if `arrived` (the device digest
+        of the bytes there) matches the manifest's; else IntegrityError (the chunk stays
+        missing: its tensors are not complete, and another source may send it again)."""
+        if not self.manifest.device_digests:
+            raise IntegrityError(
+                f"chunk {chunk.number}: the manifest has no device digests", source=source
+            )
+        if arrived != self.manifest.device_digests[chunk.number]:
+            raise self._mismatch(chunk, source, "device digest")
+        metrics.RECEIVED_BYTES.inc(chunk.length)
+        self._accept(chunk)
+
+    def _accept(self, chunk: Chunk) -> None:
+        """Count a verified chunk, in place: copy in the staged tensors it completed, and
+        tell `verified` of what became servable."""
         completed = []  # tensors servable only whole that this chunk completed
         with self._lock:
             self.done_chunks.add(chunk.number)
@@ -259,6 +252,10 @@ class VerifyingSink:
                 target = self.dest[index]
                 target.copy_(self.staged[index].view(target.dtype).reshape(target.shape))
         if self.verified is not None:
+            if self.ring is not None and any(i in self.ringed for i in completed):
+                # A relay serves a completed device tensor at once, from the device (by
+                # its ring, or CUDA IPC from another process): its copies must be done.
+                self.ring.settle()
             self._notify(chunk, completed)
 
     def _served_whole(self, tensor: int) -> bool:

@@ -21,6 +21,9 @@ from netloader.protocol.frames import (
 from netloader.protocol.handshake import Auth, Bye, Error, ErrorCode, Hello, Welcome
 from netloader.protocol.out_of_band import (
     ChunkAddress,
+    CudaIpcOffer,
+    CudaIpcStorage,
+    CudaIpcTensor,
     Done,
     NixlSetup,
     ProcessGroupSetup,
@@ -52,6 +55,9 @@ __all__ = [
     "Bye",
     "ChunkAddress",
     "ClientSession",
+    "CudaIpcOffer",
+    "CudaIpcStorage",
+    "CudaIpcTensor",
     "Data",
     "Done",
     "End",

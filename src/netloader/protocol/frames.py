@@ -47,6 +47,8 @@ class MsgType(IntEnum):
     SAME_HOST_DECLINE = 15
     CHUNK_ADDRESS = 16
     NIXL_SETUP = 17
+    CUDA_IPC_OFFER = 18
+    CUDA_IPC_TENSOR = 19
 
 
 # Largest body each type may claim: a peer cannot make us allocate more than this.

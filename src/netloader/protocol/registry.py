@@ -9,6 +9,8 @@ from netloader.protocol.frames import MsgType
 from netloader.protocol.handshake import Auth, Bye, Error, Hello, Welcome
 from netloader.protocol.out_of_band import (
     ChunkAddress,
+    CudaIpcOffer,
+    CudaIpcTensor,
     Done,
     NixlSetup,
     ProcessGroupSetup,
@@ -35,6 +37,8 @@ MESSAGES: dict[MsgType, type[Message]] = {
         SameHostDecline,
         ChunkAddress,
         NixlSetup,
+        CudaIpcOffer,
+        CudaIpcTensor,
         Error,
         Bye,
     )

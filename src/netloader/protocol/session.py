@@ -10,6 +10,9 @@ message each side may send in each phase, and the mutual authentication, with no
     FETCH{transport, chunks}        ->
                                     <-      DATA ... END          (bytes in band)
                                     <-      GLOO{port}  ... DONE  (bytes on a process group)
+                                    <-      CUDA_IPC_OFFER; SAME_HOST_ACCEPT ->
+                                            CUDA_IPC_TENSOR/CHUNK_ADDRESS ... END ... DONE
+                                            (bytes copied GPU to GPU by the client)
                                DONE ->
     BYE                             ->
     either side may send ERROR instead of what is expected, and close.
@@ -81,6 +84,8 @@ class Phase(Enum):
     OUT_OF_BAND = auto()  # bytes move elsewhere; the client confirms with DONE
     SAME_HOST_OFFERED = auto()  # the client is to accept or decline reading the server's memory
     REMOTE_READ = auto()  # the server names chunks' addresses for the client to read, then END
+    CUDA_IPC_OFFERED = auto()  # the client is to accept or decline copying from the server's GPU
+    CUDA_IPC_READ = auto()  # the server exports tensors and names chunks' offsets, then END
     CLOSED = auto()
 
 
@@ -103,6 +108,12 @@ TRANSITIONS: dict[tuple[Phase, Role, MsgType], Phase] = {
     (Phase.TRANSFER, S, MsgType.NIXL_SETUP): Phase.REMOTE_READ,
     (Phase.REMOTE_READ, S, MsgType.CHUNK_ADDRESS): Phase.REMOTE_READ,
     (Phase.REMOTE_READ, S, MsgType.END): Phase.OUT_OF_BAND,
+    (Phase.TRANSFER, S, MsgType.CUDA_IPC_OFFER): Phase.CUDA_IPC_OFFERED,
+    (Phase.CUDA_IPC_OFFERED, C, MsgType.SAME_HOST_DECLINE): Phase.TRANSFER,  # DATA frames
+    (Phase.CUDA_IPC_OFFERED, C, MsgType.SAME_HOST_ACCEPT): Phase.CUDA_IPC_READ,
+    (Phase.CUDA_IPC_READ, S, MsgType.CUDA_IPC_TENSOR): Phase.CUDA_IPC_READ,
+    (Phase.CUDA_IPC_READ, S, MsgType.CHUNK_ADDRESS): Phase.CUDA_IPC_READ,
+    (Phase.CUDA_IPC_READ, S, MsgType.END): Phase.OUT_OF_BAND,
     (Phase.READY, C, MsgType.BYE): Phase.CLOSED,
 }
 HANDSHAKE = frozenset({Phase.START, Phase.WELCOMING, Phase.AUTHENTICATING})

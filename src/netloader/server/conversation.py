@@ -22,10 +22,10 @@ from netloader.errors import (
     VersionMismatch,
 )
 from netloader.manifest import Chunk, Manifest
-from netloader.server.holdings import Holdings, HostTensor
+from netloader.server.holdings import Holdings
 from netloader.server.pacing import Pacer
 from netloader.settings import Timeouts
-from netloader.tensors import owned_view
+from netloader.staging import Slot
 from netloader.transports import REGISTRY
 from netloader.transports.connection import Connection
 from netloader.transports.tls import start_tls
@@ -37,39 +37,56 @@ ANSWER_WITHIN = 0.8
 
 
 class HeldChunks:
-    """ChunkSource over a server's holdings: views into the tensors' host memory (see
-    HostBytes). Waits, at most `wait` seconds, for chunks a relay has not received yet, and
-    for the server's send rate (`pacer`)."""
+    """ChunkSource over a server's holdings for one FETCH: views into the tensors' host
+    memory, or a slot of the holdings' ring for device tensors (see HostBytes), given back
+    at `release`. Waits, at most `wait` seconds, for chunks a relay has not received yet,
+    and for the server's send rate (`pacer`)."""
 
     def __init__(self, holdings: Holdings, wait: float, pacer: Pacer | None = None) -> None:
         self.holdings = holdings
         self.wait = wait
         self.pacer = pacer
+        self._slots: dict[int, Slot] = {}  # chunk -> its ring slot, until released
 
-    def _held(self, chunk: Chunk) -> list[HostTensor]:
-        self.holdings.wait_for(chunk, self.wait)  # a staged tensor's copy is made once, whole
+    def _wait(self, chunk: Chunk) -> None:
+        self.holdings.wait_for(chunk, self.wait)
         if self.pacer is not None:
             self.pacer.take(chunk.length)
-        return [self.holdings.host(p.tensor) for p in chunk.pieces]
 
     def views(self, chunk: Chunk) -> list[memoryview]:
-        """One per piece; a strided piece (a column tile) packed, in one copy."""
-        return [
-            host.view[p.offset : p.offset + p.length]
-            if p.repeat == 1
-            else owned_view(p.of(host.flat).contiguous().reshape(-1))
-            for p, host in zip(chunk.pieces, self._held(chunk), strict=True)
-        ]
+        """One per piece; a strided piece (a column tile) packed, in one copy; valid until
+        `release(chunk)`."""
+        self._wait(chunk)
+        views, slot = self.holdings.views(chunk)
+        if slot is not None:
+            self._slots[chunk.number] = slot
+        return views
+
+    def release(self, chunk: Chunk) -> None:
+        slot = self._slots.pop(chunk.number, None)
+        if slot is not None:
+            self.holdings.release(slot)
+
+    def release_all(self) -> None:
+        """Give back every slot still held (a transfer that failed midway)."""
+        for number in list(self._slots):
+            self.release(Chunk(number, (), 0))
 
     def addresses(self, chunk: Chunk) -> list[int]:
-        """Where each piece starts (a strided piece's runs follow at its stride)."""
-        return [
-            host.address + p.offset for p, host in zip(chunk.pieces, self._held(chunk), strict=True)
-        ]
+        """Where each piece starts (a strided piece's runs follow at its stride): the
+        tensors' whole host copies (a staged tensor's copy is made once, whole)."""
+        self._wait(chunk)
+        return [self.holdings.host(p.tensor).address + p.offset for p in chunk.pieces]
 
     def regions(self, chunk: Chunk) -> list[torch.Tensor]:
         self.holdings.wait_for(chunk, self.wait)
         return [self.holdings.host(p.tensor).flat for p in chunk.pieces]
+
+    def ready(self, chunk: Chunk) -> None:
+        self._wait(chunk)
+
+    def tensors(self, chunk: Chunk) -> list[torch.Tensor]:
+        return [self.holdings.tensor(p.tensor) for p in chunk.pieces]
 
 
 class Conversation:
@@ -208,14 +225,14 @@ class Conversation:
         sent = sum(c.length for c in chunks)
         started = time.perf_counter()
         failure: BaseException | None = None
+        held = HeldChunks(holdings, answer_within, self.pacer)
         try:
-            transport.send_chunks(
-                self.conn, HeldChunks(holdings, answer_within, self.pacer), chunks, self.timeouts
-            )
+            transport.send_chunks(self.conn, held, chunks, self.timeouts)
         except BaseException as exc:
             failure = exc
             raise
         finally:
+            held.release_all()
             self.transfers.release()
             seconds = time.perf_counter() - started
             metrics.TRANSFERS_FINISHED.labels("server", metrics.kind(failure)).inc()

@@ -28,9 +28,13 @@ from netloader.manifest import (
     build_manifest,
     digest_of,
 )
+from netloader.staging import DeviceRing, Slot, on_device
 from netloader.tensors import flat_bytes, memory_at, owned_view
 
 log = logging.getLogger(__name__)
+
+RING_SLOTS = 4  # chunks of device tensors in host memory at once, for all connections
+RING_WAIT = 30.0  # seconds a sender may wait for a free slot before the transfer fails
 
 
 class Holdings(Protocol):
@@ -43,6 +47,18 @@ class Holdings(Protocol):
     def host(self, index: int) -> HostTensor:
         """The bytes of the manifest's tensor `index` in host memory (call after
         `manifest`, and for a chunk of it only once `wait_for` returned)."""
+
+    def tensor(self, index: int) -> torch.Tensor:
+        """The manifest's tensor `index` itself, wherever it is (call after `manifest`);
+        SourceUnavailable if this server does not hold it."""
+
+    def views(self, chunk: Chunk) -> tuple[list[memoryview], Slot | None]:
+        """`chunk`'s pieces in host memory, in order (once `wait_for` returned): views of
+        the tensors' host bytes, a strided piece packed, a device tensor's piece copied
+        into a slot of the ring (returned: `release` it once the views are sent)."""
+
+    def release(self, slot: Slot) -> None:
+        """Give back a slot `views` returned."""
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         """Return once `chunk`'s bytes are held and verified; SourceUnavailable if they
@@ -58,13 +74,24 @@ class HostTensor(NamedTuple):
 
 
 class HostBytes:
-    """Tensors' bytes in host memory, flat, made once per tensor and shared by every
-    connection: a view of a contiguous CPU tensor; for any other (non-contiguous, or on a
-    device), one copy made on first use, so concurrent clients never multiply it."""
+    """Tensors' bytes in host memory, shared by every connection.
 
-    def __init__(self) -> None:
+    `bytes_of`: a tensor's bytes, flat: a view of a contiguous CPU tensor; for any other
+    (non-contiguous, or on a device), one copy made on first use, so concurrent clients
+    never multiply it (the transports that read memory at addresses need it whole).
+    `chunk_views`: one chunk's bytes for a sender (tcp): the pieces of `ringed` tensors
+    (contiguous device tensors) are copied into a slot of a ring of `slots` host buffers
+    (pinned where CUDA is present) and sent from there, so host memory stays at the ring's
+    size however large the device tensors are, and no device tensor is copied whole."""
+
+    def __init__(
+        self, ringed: Callable[[torch.Tensor], bool] | None = None, slots: int = RING_SLOTS
+    ) -> None:
         self._made: dict[int, HostTensor] = {}
         self._lock = threading.Lock()
+        self.ringed = on_device if ringed is None else ringed
+        self.slots = slots
+        self.ring: DeviceRing | None = None  # made at the first chunk of a ringed tensor
 
     def bytes_of(self, index: int, tensor_of: Callable[[int], torch.Tensor]) -> HostTensor:
         """Tensor `index`'s host bytes (`tensor_of(index)` is the tensor, asked once)."""
@@ -80,12 +107,58 @@ class HostBytes:
                 )
             return made
 
+    def chunk_views(
+        self, chunk: Chunk, tensor_of: Callable[[int], torch.Tensor], slot_bytes: int
+    ) -> tuple[list[memoryview], Slot | None]:
+        """`chunk`'s pieces in host memory (see the class), and the slot holding its ringed
+        pieces, if any, to `release` once they are sent. `slot_bytes`: the largest chunk
+        (the slots' size, fixed at the first use)."""
+        tensors = [tensor_of(p.tensor) for p in chunk.pieces]
+        ringed = [self.ringed(t) for t in tensors]
+        slot = self._ring(slot_bytes).acquire(RING_WAIT) if any(ringed) else None
+        views: list[memoryview] = []
+        position = 0
+        try:
+            for piece, tensor, in_ring in zip(chunk.pieces, tensors, ringed, strict=True):
+                size = piece.nbytes
+                if in_ring:
+                    assert slot is not None
+                    source = piece.of(flat_bytes(tensor.detach()))
+                    slot.buffer[position : position + size].view(source.shape).copy_(source)
+                    views.append(slot.view[position : position + size])
+                else:
+                    host = self.bytes_of(piece.tensor, tensor_of)
+                    views.append(
+                        host.view[piece.offset : piece.offset + piece.length]
+                        if piece.repeat == 1
+                        else owned_view(piece.of(host.flat).contiguous().reshape(-1))
+                    )
+                position += size
+        except BaseException:
+            if slot is not None:
+                self.release(slot)
+            raise
+        return views, slot
+
+    def release(self, slot: Slot) -> None:
+        assert self.ring is not None
+        self.ring.release(slot)
+
+    def _ring(self, slot_bytes: int) -> DeviceRing:
+        with self._lock:
+            if self.ring is None:
+                self.ring = DeviceRing(self.slots, slot_bytes, torch.cuda.is_available())
+            return self.ring
+
 
 class LoadedTensors:
     """A model fully in memory. Digests are computed in a background thread unless
     `manifest` (built from these very tensors) is given; with `unavailable`, every client
     is told that reason instead of being offered a manifest. `chunk_bytes` and
-    `column_tiles` plan the chunks (`manifest.plan_chunks`)."""
+    `column_tiles` plan the chunks (`manifest.plan_chunks`). `ringed`: which tensors a
+    sender stages chunk by chunk through a ring of host buffers (default: contiguous device
+    tensors, `on_device`; see HostBytes).
+    """
 
     def __init__(
         self,
@@ -96,6 +169,7 @@ class LoadedTensors:
         column_tiles: int = 1,
         manifest: Manifest | None = None,
         unavailable: str | None = None,
+        ringed: Callable[[torch.Tensor], bool] | None = None,
     ) -> None:
         self._tensors = dict(tensors)
         self._identity = identity
@@ -108,7 +182,7 @@ class LoadedTensors:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._started = threading.Lock()
-        self._host = HostBytes()
+        self._host = HostBytes(ringed)
         self._digesting = False
         if manifest is not None:
             self._ready.set()
@@ -136,11 +210,22 @@ class LoadedTensors:
 
     def host(self, index: int) -> HostTensor:
         assert self._manifest is not None
-        return self._host.bytes_of(index, self._tensor)
+        return self._host.bytes_of(index, self.tensor)
 
-    def _tensor(self, index: int) -> torch.Tensor:
+    def tensor(self, index: int) -> torch.Tensor:
         assert self._manifest is not None
-        return self._tensors[self._manifest.tensors[index].name]
+        name = self._manifest.tensors[index].name
+        held = self._tensors.get(name)
+        if held is None:  # a part of a model (PartOfModel) lacks it
+            raise SourceUnavailable(f"this server does not hold tensor {name!r}")
+        return held
+
+    def views(self, chunk: Chunk) -> tuple[list[memoryview], Slot | None]:
+        assert self._manifest is not None
+        return self._host.chunk_views(chunk, self.tensor, self._manifest.largest_chunk)
+
+    def release(self, slot: Slot) -> None:
+        self._host.release(slot)
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         return None  # everything is here
@@ -264,7 +349,17 @@ class Arrivals:
             return self._manifest
 
     def host(self, index: int) -> HostTensor:
-        return self._host.bytes_of(index, self._tensors.__getitem__)
+        return self._host.bytes_of(index, self.tensor)
+
+    def tensor(self, index: int) -> torch.Tensor:
+        return self._tensors[index]
+
+    def views(self, chunk: Chunk) -> tuple[list[memoryview], Slot | None]:
+        assert self._manifest is not None
+        return self._host.chunk_views(chunk, self.tensor, self._manifest.largest_chunk)
+
+    def release(self, slot: Slot) -> None:
+        self._host.release(slot)
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         with self._changed:

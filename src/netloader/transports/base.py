@@ -28,7 +28,12 @@ class ChunkSource(Protocol):
     the send rate has come). The memory stays valid while the server serves."""
 
     def views(self, chunk: Chunk) -> list[memoryview]:
-        """One view per piece, in order."""
+        """One view per piece, in order, valid until `release(chunk)` (a device tensor's
+        piece is staged in a host buffer of a small ring until then)."""
+        ...
+
+    def release(self, chunk: Chunk) -> None:
+        """The views of `chunk` are no longer needed (its host buffer, if any, is free)."""
         ...
 
     def addresses(self, chunk: Chunk) -> list[int]:
@@ -38,6 +43,16 @@ class ChunkSource(Protocol):
     def regions(self, chunk: Chunk) -> list[torch.Tensor]:
         """The host memory (flat uint8) of each tensor the chunk's pieces lie in (a
         transport registers it)."""
+        ...
+
+    def tensors(self, chunk: Chunk) -> list[torch.Tensor]:
+        """The tensor each of the chunk's pieces lies in, wherever it is (for a transport
+        that reads device memory itself); its bytes count only once `ready(chunk)`."""
+        ...
+
+    def ready(self, chunk: Chunk) -> None:
+        """Return once the chunk is held and its turn under the send rate has come (for a
+        transport that names chunks without handing out their bytes)."""
         ...
 
 
@@ -50,6 +65,18 @@ class ChunkSink(Protocol):
         """Verify the chunk (raise IntegrityError naming `source`) and record it as
         complete. `arrived` is the digest of the bytes as they arrived, where the transport
         computed it on the way; otherwise the sink hashes what landed."""
+
+    def device_targets(self, chunk: Chunk) -> list[torch.Tensor] | None:
+        """Where each piece goes in device memory, for a transport that copies device to
+        device (CUDA IPC); None where the chunk does not go straight to CUDA tensors."""
+
+    def all_on_device(self) -> bool:
+        """Whether every chunk to fetch has `device_targets` (TRANSPORT=auto then asks for
+        CUDA IPC)."""
+
+    def device_received(self, chunk: Chunk, arrived: str, source: str | None = None) -> None:
+        """Verify a chunk copied into its `device_targets` by its device digest (`arrived`,
+        computed on the device), and record it as complete; IntegrityError as `received`."""
 
 
 ChunkList = Sequence[Chunk]
@@ -70,9 +97,9 @@ class Transport(ABC):
         if it can."""
         return None
 
-    def for_connection(self, conn: Connection) -> Transport:
+    def for_connection(self, conn: Connection, sink: ChunkSink | None = None) -> Transport:
         """The transport to ask `conn`'s server for (one that fell back on this connection
-        names the one it fell back to)."""
+        names the one it fell back to; "auto" chooses by where `sink`'s tensors are)."""
         return self
 
     @abstractmethod

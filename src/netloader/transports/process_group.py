@@ -75,15 +75,21 @@ class ProcessGroupTransport(Transport):
         )
         conn.send(p.ProcessGroupSetup(store.port, self.name))
         group = _group(self.name, store, SERVER_RANK, local_host, timeouts.stall)
+        pending: deque[tuple[Any, Chunk]] = deque()  # sends in flight, their chunks' views held
         try:
-            pending: deque[Any] = deque()
             for chunk in chunks:
                 if chunk.length:
-                    pending.append(group.send([_joined(source.views(chunk))], CLIENT_RANK, 0))
+                    views = source.views(chunk)
+                    try:
+                        work = group.send([_joined(views)], CLIENT_RANK, 0)
+                    except BaseException:
+                        source.release(chunk)
+                        raise
+                    pending.append((work, chunk))
                 if len(pending) >= WINDOW:
-                    _wait(pending.popleft(), conn.peer)
+                    _sent(pending.popleft(), source, conn.peer)
             while pending:
-                _wait(pending.popleft(), conn.peer)
+                _sent(pending.popleft(), source, conn.peer)
             conn.expect(p.Done)
         finally:
             _shutdown(group)
@@ -114,6 +120,15 @@ class ProcessGroupTransport(Transport):
             conn.send(p.Done())
         finally:
             _shutdown(group)
+
+
+def _sent(sending: tuple[Any, Chunk], source: ChunkSource, peer: str) -> None:
+    """Wait for a chunk's send, then give back its views."""
+    work, chunk = sending
+    try:
+        _wait(work, peer)
+    finally:
+        source.release(chunk)
 
 
 def _joined(views: list[memoryview]) -> torch.Tensor:

@@ -66,7 +66,21 @@ def address_text(address: Any) -> str:
     return f"{host}:{port}"
 
 
-class SameHostTransport(Transport):
+class Declinable(Transport):
+    """A transport whose offer the client may decline (`decline`); with `fallback`, a
+    connection where it was declined asks for tcp from then on, else the source fails
+    with the reason (the transport forced)."""
+
+    def __init__(self, fallback: bool) -> None:
+        self.fallback = fallback
+
+    def for_connection(self, conn: Connection, sink: ChunkSink | None = None) -> Transport:
+        if self.fallback and self.name in conn.declined:
+            return TCP
+        return self
+
+
+class SameHostTransport(Declinable):
     """Reads chunks from the server's memory when both ends are on one host.
 
     fallback: when the client cannot read the server's memory, take the chunks as DATA
@@ -78,14 +92,6 @@ class SameHostTransport(Transport):
     tls = True  # the bytes never touch a network; the digests they are checked
     # against and the token came over the (TLS-covered) control connection
     memory = frozenset({"cpu"})
-
-    def __init__(self, fallback: bool) -> None:
-        self.fallback = fallback
-
-    def for_connection(self, conn: Connection) -> Transport:
-        if self.fallback and self.name in conn.declined:
-            return TCP
-        return self
 
     # ---- server -------------------------------------------------------------------------
     def send_chunks(
@@ -110,10 +116,7 @@ class SameHostTransport(Transport):
             if attached is not None:
                 sock, pid = grant.enter_context(attached[0]), attached[1]
                 _grant(conn, sock, pid, grant)
-            answer = conn.receive()
-            if isinstance(answer, p.SameHostDecline):
-                log.info("netloader: %s reads over tcp: %s", conn.peer, answer.reason)
-                TCP.send_chunks(conn, source, chunks, timeouts)
+            if sent_over_tcp_if_declined(conn, source, chunks, timeouts):
                 return
             if attached is None:
                 raise ProtocolError(f"{conn.peer} accepted the same-host path without attaching")
@@ -129,19 +132,47 @@ class SameHostTransport(Transport):
         except SourceUnavailable as exc:
             if not self.fallback:
                 raise
-            reason = str(exc).removeprefix(f"{conn.peer}: ")
-            conn.send(p.SameHostDecline(reason))
-            if self.name not in conn.declined:
-                log.warning(
-                    "netloader: %s: same-host path refused (%s); using tcp", conn.peer, reason
-                )
-            conn.declined[self.name] = reason
-            TCP.receive_chunks(conn, chunks, sink, timeouts)
+            decline(conn, self.name, "same-host path", str(exc), chunks, sink, timeouts)
             return
         with attachment:
             conn.send(p.SameHostAccept())
             _read_all(conn, pid, chunks, sink, timeouts)
         conn.send(p.Done())
+
+
+def sent_over_tcp_if_declined(
+    conn: Connection, source: ChunkSource, chunks: ChunkList, timeouts: Timeouts
+) -> bool:
+    """Server: read the client's answer to an offer; if it declined, send the chunks as
+    DATA frames (tcp) and say so (True); False if it accepted."""
+    answer = conn.receive()
+    if isinstance(answer, p.SameHostDecline):
+        log.info("netloader: %s takes tcp: %s", conn.peer, answer.reason)
+        TCP.send_chunks(conn, source, chunks, timeouts)
+        return True
+    if not isinstance(answer, p.SameHostAccept):
+        raise ProtocolError(f"{conn.peer} answered an offer with {answer.TYPE.name}")
+    return False
+
+
+def decline(
+    conn: Connection,
+    name: str,
+    what: str,
+    why: str,
+    chunks: ChunkList,
+    sink: ChunkSink,
+    timeouts: Timeouts,
+) -> None:
+    """Client: decline the offer of transport `name` (`what`, for the log) because of
+    `why`, and take the chunks as DATA frames instead; logged once per connection (later
+    FETCHes on it ask for tcp: `for_connection`)."""
+    reason = why.removeprefix(f"{conn.peer}: ")
+    conn.send(p.SameHostDecline(reason))
+    if name not in conn.declined:
+        log.warning("netloader: %s: %s refused (%s); using tcp", conn.peer, what, reason)
+    conn.declined[name] = reason
+    TCP.receive_chunks(conn, chunks, sink, timeouts)
 
 
 @contextlib.contextmanager
@@ -214,6 +245,21 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def host_refusal(conn: Connection, boot_id: str, peer: str) -> str | None:
+    """Why a server that says it runs on the host `boot_id` and sees this end of `conn` as
+    `peer` is not proven to be on this host and directly connected; None if it is (the
+    caller's test read then proves it is that server)."""
+    here_boot = process_memory.boot_id()
+    if here_boot is None:
+        return f"{process_memory.BOOT_ID} is not readable"
+    if boot_id != here_boot:
+        return "the server runs on another host (boot id differs)"
+    here = address_text(conn.sock.getsockname())
+    if peer != here:
+        return f"not a direct connection (the server sees {peer}, this end is {here})"
+    return None
+
+
 def _attach(conn: Connection, offer: p.SameHostOffer, timeout: float) -> tuple[int, Any]:
     """Check that the offer can be taken from here, attach and read the probe: the server's
     pid, and the attachment to hold open while reading. SourceUnavailable says why not."""
@@ -221,14 +267,9 @@ def _attach(conn: Connection, offer: p.SameHostOffer, timeout: float) -> tuple[i
     def refuse(reason: str) -> SourceUnavailable:
         return SourceUnavailable(f"{conn.peer}: {reason}", source=conn.peer)
 
-    why_not = process_memory.unsupported()
+    why_not = process_memory.unsupported() or host_refusal(conn, offer.boot_id, offer.peer)
     if why_not is not None:
         raise refuse(why_not)
-    if offer.boot_id != process_memory.boot_id():
-        raise refuse("the server runs on another host (boot id differs)")
-    here = address_text(conn.sock.getsockname())
-    if offer.peer != here:
-        raise refuse(f"not a direct connection (the server sees {offer.peer}, this end is {here})")
     attachment = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         attachment.settimeout(timeout)

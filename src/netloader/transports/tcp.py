@@ -22,8 +22,11 @@ class TcpTransport(Transport):
     ) -> None:
         for chunk in chunks:
             views = source.views(chunk)
-            with conn.within(timeouts.for_chunk(chunk.length), f"sending chunk {chunk.number}"):
-                conn.send_data(chunk.number, views)
+            try:
+                with conn.within(timeouts.for_chunk(chunk.length), f"sending chunk {chunk.number}"):
+                    conn.send_data(chunk.number, views)
+            finally:
+                source.release(chunk)
         conn.send(p.End())
 
     def receive_chunks(
