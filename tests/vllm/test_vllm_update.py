@@ -2,12 +2,13 @@
 own weight-update routes (VLLM_SERVER_DEV_MODE=1) and the `netloader` weight-transfer
 backend. Two instances hold version 1, one loaded from a checkpoint server, the other from
 disk; version 2 (one decoder layer fine-tuned) is published by another server. Refused
-updates (a source without the secret, a flipped byte, another version) leave the first
-answering exactly as before; the good one switches both in place (same processes, same
-servers, requests during the update all answered by one version or the other), the first
-from the publisher and the second from the first (a relay; it found what changed by
-digesting the files it loaded), each moving that one layer's bytes, after which both
-answer exactly as a fresh vLLM started from version 2 on disk.
+updates (a source without the secret, a flipped byte, a publisher that dies halfway,
+another version) leave the first answering exactly as before; the good one switches both
+in place (same processes, same servers, requests during the update all answered by one
+version or the other), the first from the publisher and the second from the first (a
+relay; it found what changed by digesting the files it loaded), each moving that one
+layer's bytes, after which both answer exactly as a fresh vLLM started from version 2 on
+disk.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from netloader import Client, SourceUnavailable
+from netloader.cli.update import parse_instance, update_fleet
 from netloader.tensors import dtype_from_name
 from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import PROMPTS, VllmInstance, running
@@ -99,9 +101,11 @@ def test_refused_updates_leave_the_old_version_answering(
 ) -> None:
     live, _, version_1, _ = instances
     flipping = FaultyProxy(publishers["v2"].address, flip_at=100_000)
+    dying = FaultyProxy(publishers["v2"].address, cut_at=600_000, reset=True)
     cases = {
         "a source without the secret": (publishers["open"].address, "2", "prove it knows"),
         "a flipped byte": (flipping.address, "2", "digest mismatch"),
+        "a publisher that dies halfway": (dying.address, "2", "pull incomplete"),
         "another version": (publishers["v2"].address, "3", "version: expected '3', server has '2'"),
     }  # fmt: skip
     try:
@@ -111,6 +115,7 @@ def test_refused_updates_leave_the_old_version_answering(
             assert live.completions() == version_1, case
     finally:
         flipping.close()
+        dying.close()
     refused = [line for line in live.netloader_lines() if "keeps its weights" in line]
     assert len(refused) == len(cases), live.netloader_lines()
 
@@ -134,13 +139,17 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
 
     asking = threading.Thread(target=ask_while_updating, daemon=True)
     asking.start()
+    # What `netloader update URL=HOST:PORT URL ...` does (the refused cases run the command
+    # itself), in this process: the command's start, importing torch, can take minutes on
+    # two cores that the asking keeps busy.
+    chain = [parse_instance(f"{live.base_url}={relay}"), parse_instance(other.base_url)]
     try:
-        code, said = update([f"{live.base_url}={relay}", other.base_url], publishers["v2"].address)
+        outcomes = list(update_fleet(chain, "2", [publishers["v2"].address], timeout=300))
     finally:
         stop.set()
         asking.join(timeout=120)
-    assert code == 0, said
-    assert f"{other.base_url} switched to version 2 in" in said and f"(from {relay} first)" in said
+    assert [o.failure for o in outcomes] == [None, None], outcomes
+    assert [o.first for o in outcomes] == [None, relay]
     for instance, pid in zip((live, other), pids, strict=True):
         assert instance.completions() == version_2, instance.name
         assert instance.proc is not None and instance.proc.pid == pid  # no restart
