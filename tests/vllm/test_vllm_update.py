@@ -73,10 +73,13 @@ def instances(
 ) -> Iterator[Fleet]:
     """(two live instances, their version-1 answers, a fresh version-2 instance's): the
     first loaded from the version-1 checkpoint server, the second from disk."""
-    config = {"MODEL": "tiny", "SOURCE": [{"device_id": 0, "sources": [publishers["v1"].address]}]}
+    # Two cores that the asking keeps busy: the relaying instance's server runs at normal
+    # priority (SENDER_NICE 0, not 10), and connecting to a busy peer may take a while.
+    patient = {"MODEL": "tiny", "SENDER_NICE": 0, "CONNECT_TIMEOUT": 30, "STALL_TIMEOUT": 60}
+    config = {**patient, "SOURCE": [{"device_id": 0, "sources": [publishers["v1"].address]}]}
     env = {"VLLM_SERVER_DEV_MODE": "1", "NETLOADER_SECRET": SECRET}
     live = start("upd_live", tiny_model, config, env=env, extra_args=BACKEND)
-    other = start("upd_other", tiny_model, {"MODEL": "tiny"}, env=env, extra_args=BACKEND)
+    other = start("upd_other", tiny_model, patient, env=env, extra_args=BACKEND)
     fresh = start("upd_fresh_v2", v2_model, None, load_format="auto", served_model_name="tiny")
     with running(live, other, fresh):
         version_2 = fresh.completions()
@@ -134,7 +137,7 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     stop = threading.Event()
 
     def ask_while_updating() -> None:
-        while not stop.is_set():
+        while not stop.wait(0.1):  # a pause between requests leaves the relay some CPU
             answers.append(live.complete(probe))
 
     asking = threading.Thread(target=ask_while_updating, daemon=True)
