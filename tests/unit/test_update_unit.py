@@ -115,8 +115,7 @@ def test_part_of_a_model_serves_its_whole_chunks_checked_and_refuses_the_rest() 
         {name: model[name].clone() for name in taken | {"b.big"}}, manifest, lacking="only b"
     )
     assert part.manifest(0) is manifest
-    held = part.chunks_held
-    assert held == manifest.chunks_holding({"a.norm", "b.norm", "b.big"})
+    held = manifest.chunks_holding({"a.norm", "b.norm", "b.big"})
     for number in held:
         part.wait_for(manifest.chunks[number], 0)  # checked: served
     (c_chunk,) = manifest.chunks_holding({"c.norm"})

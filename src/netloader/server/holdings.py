@@ -269,19 +269,11 @@ class PartOfModel(LoadedTensors):
         self._held = {i for i, t in enumerate(manifest.tensors) if t.name in tensors}
         self._lacking = lacking
         self._checked: set[int] = set()  # chunk numbers (a set's add is atomic)
-        self._whole = manifest
-
-    @property
-    def chunks_held(self) -> list[int]:
-        """The numbers of the chunks this serves."""
-        return [
-            c.number for c in self._whole.chunks if all(p.tensor in self._held for p in c.pieces)
-        ]
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
-        manifest = self._whole
         if chunk.number in self._checked:
             return
+        manifest = self.manifest()  # given: never waits
         lacking = [p.tensor for p in chunk.pieces if p.tensor not in self._held]
         if lacking:
             name = manifest.tensors[lacking[0]].name
