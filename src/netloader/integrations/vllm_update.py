@@ -212,7 +212,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             len(offered.tensors),
             pulled,
             offered.total_bytes,
-            ", ".join(info.sources),
+            ", ".join(map(str, sources)),
             compared,
             len(staging) - len(names),
             time.perf_counter() - started,

@@ -113,6 +113,12 @@ class HostBytes:
         """`chunk`'s pieces in host memory (see the class), and the slot holding its ringed
         pieces, if any, to `release` once they are sent. `slot_bytes`: the largest chunk
         (the slots' size, fixed at the first use)."""
+        made = [self._made.get(p.tensor) for p in chunk.pieces]
+        if all(host is not None for host in made) and not chunk.strided:  # the common case
+            return [
+                host.view[p.offset : p.offset + p.length]  # type: ignore[union-attr]
+                for p, host in zip(chunk.pieces, made, strict=True)
+            ], None
         tensors = [tensor_of(p.tensor) for p in chunk.pieces]
         ringed = [self.ringed(t) for t in tensors]
         slot = self._ring(slot_bytes).acquire(RING_WAIT) if any(ringed) else None
