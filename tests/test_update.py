@@ -15,7 +15,15 @@ import pytest
 import torch
 
 import netloader
-from netloader import IntegrityError, ManifestMismatch, Timeouts, TransferError, UsageError, metrics
+from netloader import (
+    Identity,
+    IntegrityError,
+    ManifestMismatch,
+    Timeouts,
+    TransferError,
+    UsageError,
+    metrics,
+)
 from netloader.testing.models import differing, transformer_like, write_checkpoint
 from support.servers import MakeProxy, StartCliServer, run_cli
 
@@ -90,8 +98,25 @@ def test_an_updated_instance_serves_the_new_version_to_the_next(
         netloader.update(first, [str(publisher.address)], "m", version=2, server=serving)
         assert serving.manifest().identity.version == "2"
         report = netloader.update(second, [str(serving.address)], "m", version=2)
+        # It goes on serving version 1 to a client that asks for it (the changed tensor
+        # was copied before the switch), and version 2 to any other.
+        for asked, expected in ((Identity("m", version="1"), v1), ("m", version_2(v1))):
+            fresh = {name: torch.empty_like(t) for name, t in v1.items()}
+            netloader.load(fresh, [str(serving.address)], asked)
+            assert not differing(fresh, expected), asked
+        third = copy_of(v1)
+        netloader.update(third, [str(serving.address)], "m", version=1)  # nothing moves
+        assert not differing(third, v1)
     assert report.sources == (str(serving.address),) and report.bytes == v1[CHANGED].nbytes
     assert not differing(second, version_2(v1))
+    # Told not to keep it, it serves only version 2.
+    with netloader.serve(copy_of(v1), "m", chunk_bytes=CHUNK, version=1) as serving:
+        netloader.update(
+            serving.holdings.tensors, [str(publisher.address)], "m", version=2, server=serving,
+            keep_previous=False,
+        )  # fmt: skip
+        with pytest.raises(ManifestMismatch, match="version: expected '1', server has '2'"):
+            netloader.load(copy_of(v1), [str(serving.address)], Identity("m", version="1"))
 
 
 def test_a_flipped_byte_is_rejected_and_the_model_keeps_its_version(
@@ -142,13 +167,15 @@ def test_a_publisher_killed_mid_update_leaves_the_model_as_it_was(
     assert not differing(live, v1)
 
 
-def test_a_rank_that_switched_relays_the_delta_it_took_and_refuses_the_rest(
+def test_a_rank_that_switched_relays_the_delta_it_took_and_keeps_serving_what_it_had(
     publisher: netloader.Server, v1: dict[str, torch.Tensor]
 ) -> None:
-    """What an engine's rank does after a live update (`ranks.Member.switched`): its
-    server, which served what it loaded, serves the tensors it took of the new version
-    under that version's whole manifest; an instance still on version 1 updates from it
-    alone, and a client wanting anything else is told what it holds."""
+    """What an engine's rank does around a live update (`ranks.Member`): before the switch
+    it keeps the version its server offers safe from the switch; after it, the server
+    serves the tensors it took of the new version under that version's whole manifest (an
+    instance still on version 1 updates from it alone, a client wanting version 2 whole
+    is told what it holds) and version 1, checked, to a client asking for it or for any
+    complete model."""
     from netloader.ranks import Member
 
     version_2_manifest = publisher.manifest(timeout=30)
@@ -156,12 +183,39 @@ def test_a_rank_that_switched_relays_the_delta_it_took_and_refuses_the_rest(
     rank = Member(0)
     with netloader.serve(copy_of(v1), "m", chunk_bytes=CHUNK, version=1) as serving:
         rank.attach(serving)
-        rank.switched(taken, version_2_manifest, "1")
-        assert rank.checkpoint is version_2_manifest and rank.serving is taken
+        serving.manifest(timeout=30)  # serving: its digests are computed
+        model = serving.holdings.tensors  # what it serves is the model's own tensors
+        kept = rank.keep_serving({model[CHANGED].untyped_storage().data_ptr()})
+        assert kept is not None
+        model[CHANGED].copy_(taken[CHANGED])  # the switch, in place
+        rank.switched(taken, version_2_manifest, "1", kept=kept)
+        assert rank.checkpoint is version_2_manifest and rank.serving is kept.tensors
         assert serving.manifest().identity.version == "2"
         behind = copy_of(v1)
         report = netloader.update(behind, [str(serving.address)], "m", version=2)
         assert report.sources == (str(serving.address),) and report.bytes == v1[CHANGED].nbytes
         assert not differing(behind, version_2(v1))
         with pytest.raises(TransferError, match="holds only what changed from version 1"):
+            netloader.load(copy_of(v1), [str(serving.address)], Identity("m", version="2"))
+        for asked in (Identity("m", version="1"), "m"):
+            fresh = {name: torch.empty_like(t) for name, t in v1.items()}
+            netloader.load(fresh, [str(serving.address)], asked)
+            assert not differing(fresh, v1), asked
+
+
+def test_a_rank_told_not_to_keep_what_it_had_leaves_the_registry_and_serves_the_delta(
+    publisher: netloader.Server, v1: dict[str, torch.Tensor]
+) -> None:
+    from netloader.ranks import Member
+
+    taken = {CHANGED: version_2(v1)[CHANGED]}
+    rank, withdrawn = Member(0), []
+    with netloader.serve(copy_of(v1), "m", chunk_bytes=CHUNK, version=1) as serving:
+        serving.at_close(lambda: withdrawn.append("registry record"))
+        rank.attach(serving)
+        rank.switched(taken, publisher.manifest(timeout=30), "1", kept=None)
+        assert withdrawn == ["registry record"] and rank.serving is None
+        with pytest.raises(TransferError, match="holds only what changed from version 1"):
             netloader.load(copy_of(v1), [str(serving.address)], "m")
+        with pytest.raises(TransferError, match="expected '1', server has '2'"):
+            netloader.load(copy_of(v1), [str(serving.address)], Identity("m", version="1"))

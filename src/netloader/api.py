@@ -118,6 +118,7 @@ def update(
     version: int | str | None = None,
     paused: Callable[[], AbstractContextManager[Any]] | None = None,
     server: Server | None = None,
+    keep_previous: bool = True,
     max_staging_bytes: int | None = None,
     secret: bytes | str | None = None,
     transport: str = "auto",
@@ -136,7 +137,9 @@ def update(
     version:   take only this version (default: whatever the sources serve).
     paused:    a context manager factory that keeps the model's readers out while the new
                bytes are copied in (e.g. an engine's pause and resume); none by default.
-    server:    a Server serving `model`: it serves the new version once switched.
+    server:    a Server serving `model`: it serves the new version once switched, and
+               (`keep_previous`) goes on serving the version it served to clients that
+               ask for it (the tensors the switch changes are copied first).
     max_staging_bytes: cap on the staging memory (the changed tensors, whole).
     secret, transport, timeouts, tls: as for `load`.
 
@@ -153,7 +156,7 @@ def update(
         max_staging_bytes=max_staging_bytes,
     )
     with paused() if paused is not None else contextlib.nullcontext():
-        return staged.commit(server)
+        return staged.commit(server, keep_previous=keep_previous)
 
 
 def load(

@@ -7,7 +7,7 @@ This is the layer the vLLM integration (and any engine's) stands on."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_
 from netloader.errors import NetloaderError, SourceUnavailable, UsageError
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server import LoadedTensors, PartOfModel, Relay, Server, ServerOptions
+from netloader.server.holdings import keep_through_switch
 from netloader.settings import resolve_secret
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ class Member:
     live updates; between these it keeps:
 
     server:     its one server (listening before a wave load, serving after it);
-    serving:    the tensors that server offers (a draft serves its target's equal ones);
+    serving:    the tensors of the complete version that server offers (a draft serves
+                its target's equal ones): what it loaded, kept after live updates (see
+                `keep_serving`) unless told not to;
     checkpoint: the manifest of the checkpoint version the model holds, when known: a live
                 update compares its digests with the new version's, and labels the
                 server's identity with its version;
@@ -57,31 +60,55 @@ class Member:
         self.server = server
         return server
 
+    def keep_serving(self, written: Collection[int]) -> PartOfModel | None:
+        """Before a live update's switch, which writes the storages at `written`: the
+        complete version this member's server offers (what it loaded, or kept at an
+        earlier switch), safe from the switch (`keep_through_switch`: its tensors that are
+        the engine's own parameters there are cloned). None if it offers none."""
+        if self.server is None:
+            return None
+        return keep_through_switch(self.server.previous or self.server.holdings, written)
+
     def switched(
-        self, tensors: Mapping[str, torch.Tensor], manifest: Manifest, previous: str
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        manifest: Manifest,
+        previous: str,
+        *,
+        kept: PartOfModel | None = None,
     ) -> None:
         """A live update switched the model from version `previous` to the one `manifest`
         describes, taking `tensors` of it (in host memory, verified): from now on the model
         holds that version, and its server relays those tensors (`PartOfModel`) to the
-        instances still on `previous`, instead of what it loaded (which the switch changed)."""
+        instances still on `previous`, and offers `kept` (from `keep_serving`, taken
+        before the switch) to clients that ask for its version or for any complete one.
+        Without `kept`, it leaves every registry and wave that lists it as a server of
+        the version it loaded: it no longer offers it whole."""
         self.checkpoint, self.on_disk = manifest, None
         if self.server is None:
             return
-        self.serving = tensors
         lacking = (
             f"this instance switched to version {manifest.identity.version} and holds only "
             f"what changed from version {previous or '(unversioned)'}"
         )
-        self.server.serve_instead(PartOfModel(tensors, manifest, lacking=lacking))
+        self.server.serve_instead(PartOfModel(tensors, manifest, lacking=lacking), previous=kept)
+        self.serving = None if kept is None else kept.tensors
+        if kept is None:
+            self.server.withdraw()
+        delta = sum(t.nbytes for t in tensors.values())
         log.info(
             "netloader: rank %d serves on %s what changed from version %s to %s: %d tensors, "
-            "%d bytes kept until its next switch",
+            "%d bytes kept until its next switch; %s",
             self.rank,
             self.server.address,
             previous or "(unversioned)",
             manifest.identity.version,
             len(tensors),
-            sum(t.nbytes for t in tensors.values()),
+            delta,
+            "and no longer the version it loaded"
+            if kept is None
+            else f"and, to those asking for it, version "
+            f"{kept.manifest().identity.version or '(unversioned)'} whole",
         )
 
 

@@ -8,7 +8,7 @@ in place (same processes, same servers, requests during the update all answered 
 version or the other), the first from the publisher and the second from the first (a
 relay; it found what changed by digesting the files it loaded), each moving that one
 layer's bytes, after which both answer exactly as a fresh vLLM started from version 2 on
-disk.
+disk, and the first still serves version 1, whole, to a client that asks for it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from netloader import Client, SourceUnavailable
+from netloader import Client, Manifest, SourceUnavailable
 from netloader.cli.update import parse_instance, update_fleet
 from netloader.tensors import dtype_from_name
 from netloader.testing.processes import ServerProcess
@@ -132,6 +132,8 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     assert live.proc is not None and other.proc is not None
     pids = live.proc.pid, other.proc.pid
     relay = serve_line(live).group(4)
+    loaded = Client([relay], secret=SECRET.encode()).manifest()  # version 1, vLLM's layout
+    assert loaded.identity.version == "1"
     probe = next(p for p in PROMPTS if version_1[p] != version_2[p])
     answers: list[str] = []
     stop = threading.Event()
@@ -174,12 +176,18 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     assert f"chunks that differ from the checkpoint it loaded from {tiny_model}" in digested
     relayed = [int(m.group(1)) for line in live.netloader_lines() if (m := SENT.search(line))]
     assert sum(relayed) == pulls[1], live.netloader_lines()  # all of it, none from the publisher
-    # What the first serves now: version 2's manifest, and only the chunks it took.
+    # What the first serves now: to those updating, version 2's manifest and only the
+    # chunks it took; to any other, version 1 as it loaded it, whole and verified (the
+    # parameters the switch overwrote in place were copied before it).
     client = Client([relay], secret=SECRET.encode())
-    assert client.manifest().identity.version == "2"
+    delta = client.manifest(version="2")
+    assert delta.identity.version == "2"
     with pytest.raises(SourceUnavailable, match="holds only what changed from version 1"):
-        client.load_into(
-            {t.name: torch.empty(t.shape, dtype=dtype_from_name(t.dtype))
-             for t in client.manifest().tensors},
-            client.manifest().identity,
-        )  # fmt: skip
+        client.load_into(empty_like(delta), delta.identity)
+    assert client.manifest() == loaded
+    report = client.load_into(empty_like(loaded), loaded.identity)
+    assert report.bytes == loaded.total_bytes and report.verified
+
+
+def empty_like(manifest: Manifest) -> dict[str, torch.Tensor]:
+    return {t.name: torch.empty(t.shape, dtype=dtype_from_name(t.dtype)) for t in manifest.tensors}

@@ -114,15 +114,17 @@ class Client:
             raise UsageError(f"TLS cannot cover the {self.transport.name} transport")
 
     # ---- public -------------------------------------------------------------------------
-    def manifest(self, part: p.Part = p.Part.WEIGHTS) -> Manifest:
+    def manifest(self, part: p.Part = p.Part.WEIGHTS, *, version: str = "") -> Manifest:
         """The manifest of `part` (the weights, or the model directory's other files) of
-        the first source that answers with a valid one."""
+        the first source that answers with a valid one. `version`: ask for that version
+        of the weights (a source that keeps an earlier version beside its current one
+        offers it; any other answers with what it serves, for the caller to check)."""
         errors: list[str] = []
         for source in self.sources:
             conn: Connection | None = None
             try:
                 conn = self._open(source)
-                return self._fetch_manifest(conn, part=part)
+                return self._fetch_manifest(conn, part=part, version=version)
             except (TransferError, ProtocolError) as exc:
                 errors.append(str(_as_transfer_error(exc, source)))
             finally:
@@ -235,7 +237,9 @@ class Client:
             batch: list[Chunk] = []  # in flight; handed back to the queue if the source fails
             try:
                 conn = self._open(source)
-                offered = self._fetch_manifest(conn, len(pull.expected.tensors), pull.part)
+                offered = self._fetch_manifest(
+                    conn, len(pull.expected.tensors), pull.part, pull.expected.identity.version
+                )
                 sink = pull.adopt(offered, source)
                 while batch := pull.take(source):
                     started = time.perf_counter()
@@ -323,13 +327,17 @@ class Client:
             conn.send_bytes(auth)
 
     def _fetch_manifest(
-        self, conn: Connection, tensors: int | None = None, part: p.Part = p.Part.WEIGHTS
+        self,
+        conn: Connection,
+        tensors: int | None = None,
+        part: p.Part = p.Part.WEIGHTS,
+        version: str = "",
     ) -> Manifest:
-        """The server's manifest of `part`; `tensors`: how many it should list (bounds its
-        size)."""
+        """The server's manifest of `part` (asking for `version` of the weights, if any);
+        `tensors`: how many it should list (bounds its size)."""
         if tensors is not None:
             conn.session.expect_manifest(tensors)
-        conn.send(p.GetManifest(part))
+        conn.send(p.GetManifest(part, version))
         manifest = conn.expect(p.ManifestMessage).manifest
         if len(manifest.digests) != manifest.chunk_total:
             raise ProtocolError(f"{conn.peer} sent a manifest without digests")

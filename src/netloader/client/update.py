@@ -25,6 +25,7 @@ from netloader.client.puller import Client
 from netloader.errors import ManifestMismatch, NetloaderError, UsageError
 from netloader.manifest import Identity, Manifest, build_manifest, expected_manifest
 from netloader.server import LoadedTensors, Server
+from netloader.server.holdings import keep_through_switch
 from netloader.tensors import flat_bytes
 
 log = logging.getLogger(__name__)
@@ -78,15 +79,21 @@ class StagedUpdate:
     def staged_bytes(self) -> int:
         return sum(t.nbytes for t in self._staging.values())
 
-    def commit(self, server: Server | None = None) -> UpdateReport:
+    def commit(self, server: Server | None = None, *, keep_previous: bool = True) -> UpdateReport:
         """Copy the staged chunks into the live tensors (pause their readers around this)
-        and, with `server` (serving the live tensors), serve the new version from then on.
+        and, with `server` (serving the live tensors), serve the new version from then on,
+        and, with `keep_previous`, the version it served until now to clients that ask for
+        it (the tensors that change are copied first: up to the staged bytes again).
         Returns the report, with the switch's duration."""
         if self._done:
             raise UsageError("this update was committed or discarded already")
         self._done = True
         started = time.perf_counter()
         flats = {name: flat_bytes(self._live[name]) for name in self._staging}
+        kept = None
+        if server is not None and keep_previous:
+            written = {flat.untyped_storage().data_ptr() for flat in flats.values()}
+            kept = keep_through_switch(server.previous or server.holdings, written)
         staged = {name: flat_bytes(t) for name, t in self._staging.items()}
         try:
             with torch.no_grad():
@@ -114,7 +121,8 @@ class StagedUpdate:
                     chunk_bytes=self.manifest.chunk_bytes,
                     column_tiles=self.manifest.column_tiles,
                     manifest=self.manifest,
-                )
+                ),
+                previous=kept,
             )
         seconds = time.perf_counter() - started
         self.report = replace(self.report, switch_seconds=seconds)
@@ -160,7 +168,7 @@ def stage_update(
     """
     started = time.perf_counter()
     try:
-        offered = client.manifest()
+        offered = client.manifest(version=identity.version)
         differences = expected_manifest(identity, live).differences(offered)
         if differences:
             raise ManifestMismatch.from_differences(differences, source=str(client.sources[0]))

@@ -62,12 +62,18 @@ class NetloaderUpdateInfo:
     in_order: take the sources one at a time, in order (a chain: the instance that
               switched last first, the publisher last), instead of all at once.
     abort:    drop what was staged instead (a caller that gave up on an update ends it
-              with this, then `finish_weight_update`, which then switches nothing)."""
+              with this, then `finish_weight_update`, which then switches nothing).
+    keep_previous: go on serving the complete version this instance's servers offer (the
+              one it loaded) to the instances that ask for it, after the switch: the
+              parameters the switch overwrites that those servers share are copied first
+              (on the CPU, the norms; where post-processing keeps the weights as they
+              are, the changed layers'). False: stop offering it."""
 
     version: str = ""
     sources: list[str] = field(default_factory=list)
     in_order: bool = False
     abort: bool = False
+    keep_previous: bool = True
 
     def __post_init__(self) -> None:
         self.version = str(self.version)  # a JSON number is a version too
@@ -81,6 +87,7 @@ class _Staged:
     manifest: Manifest
     tensors: dict[str, torch.Tensor]  # what was pulled: whole chunks' tensors
     loads: list[str]  # those the switch loads (whole decoder layers)
+    keep_previous: bool
 
 
 def _engine_base() -> type:
@@ -166,7 +173,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         if info.in_order:
             sources = self._serving(sources, info.version)
         client = client_for(self.netloader, sources, stripe=1 if info.in_order else None)
-        offered = client.manifest()
+        offered = client.manifest(version=info.version)
         try:
             self._check(offered, info.version)
         except ManifestMismatch as exc:
@@ -217,7 +224,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             len(staging) - len(names),
             time.perf_counter() - started,
         )
-        return _Staged(info.version, offered, staging, names)
+        return _Staged(info.version, offered, staging, names, info.keep_previous)
 
     def _serving(self, sources: list[Endpoint], version: str) -> list[Endpoint]:
         """Of sources taken in order (a chain of instances that switched, then the
@@ -228,7 +235,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         serving = []
         for source in sources:
             try:
-                self._check(client_for(self.netloader, [source]).manifest(), version)
+                self._check(client_for(self.netloader, [source]).manifest(version=version), version)
             except NetloaderError as exc:
                 log.warning("netloader: skipping update source %s: %s", source, exc)
                 continue
@@ -293,11 +300,13 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             return  # refused or aborted: nothing to switch
         rank = ps.get_world_group().rank
         started = time.perf_counter()
-        previous = member(rank).checkpoint
+        rank_member = member(rank)
+        previous = rank_member.checkpoint
         # Until the switch is known to be complete, nothing says what the model holds.
-        member(rank).checkpoint = member(rank).on_disk = None
-        failure = None
+        rank_member.checkpoint = rank_member.on_disk = None
+        failure, kept = None, None
         try:
+            kept = rank_member.keep_serving(_written_by(self.model, staged.loads))
             if staged.tensors:
                 self._switch(staged)
         except Exception as exc:
@@ -305,6 +314,10 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
             failure = f"rank {rank}: {type(exc).__name__}: {exc}"
         failed, ranks = _ranks_failed(failure is not None)
         if failed:
+            if kept is not None and rank_member.server is not None:
+                # What it loaded, checked chunk by chunk: what the failed switch wrote is
+                # refused rather than served.
+                rank_member.server.serve_instead(kept)
             metrics.UPDATES_FINISHED.labels("error").inc()
             log.error(
                 "netloader: rank %d: the switch to version %s failed (%s): this instance's "
@@ -321,8 +334,11 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
                 + ": the weights may mix versions; restart this instance",
             )
             return
-        member(rank).switched(
-            staged.tensors, staged.manifest, previous.identity.version if previous else ""
+        rank_member.switched(
+            staged.tensors,
+            staged.manifest,
+            previous.identity.version if previous else "",
+            kept=kept if staged.keep_previous else None,
         )
         seconds = time.perf_counter() - started
         metrics.UPDATE_PHASE_SECONDS.labels("switch").observe(seconds)
@@ -350,6 +366,29 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
 
     def shutdown(self) -> None:
         self.staged = None
+
+
+def _written_by(model: torch.nn.Module, loads: list[str]) -> set[int]:
+    """The storages (`untyped_storage().data_ptr()`) of the live parameters and buffers
+    that a layerwise reload of the checkpoint tensors `loads` may write: those of every
+    decoder layer one of them belongs to (a layer is reloaded as a unit), and, if one of
+    them is outside the layers (embeddings, final norm, head), of everything outside."""
+    layers = {_layer_of(name) for name in loads}
+    return {
+        tensor.untyped_storage().data_ptr()
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if _layer_of(name) in layers
+    }
+
+
+def _layer_of(name: str) -> str | None:
+    """The decoder layer a tensor belongs to (its name up to the first number, as vLLM's
+    `layerwise_groups` groups them: "model.layers.3"), or None outside the layers."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
 
 
 def _raise_on_the_last_rank(rank: int, ranks: int, message: str) -> None:

@@ -10,7 +10,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from netloader.errors import ProtocolError
-from netloader.manifest import Manifest
+from netloader.manifest import MAX_NAME_LENGTH, Manifest
 from netloader.protocol.body import Message, typed_field
 from netloader.protocol.frames import MsgType, encode_data_header, encode_json
 
@@ -27,18 +27,26 @@ class Part(Enum):
 
 @dataclass(frozen=True)
 class GetManifest(Message):
-    """Client: the manifest of `part`; FETCHes that follow name its chunks."""
+    """Client: the manifest of `part`; FETCHes that follow name its chunks. `version`: the
+    version of the weights it wants ("": any; a server that keeps an earlier version
+    beside its current one offers that one to a client asking for it)."""
 
     TYPE: ClassVar[MsgType] = MsgType.GET_MANIFEST
     part: Part = Part.WEIGHTS
+    version: str = ""
 
     def body(self) -> dict[str, Any]:
-        return {"part": self.part.value}
+        return {"part": self.part.value, **({"version": self.version} if self.version else {})}
 
     @classmethod
     def decode(cls, body: dict[str, Any]) -> GetManifest:
+        version = body.get("version", "")
+        if not isinstance(version, str) or len(version) > MAX_NAME_LENGTH:
+            raise ProtocolError(
+                f"GET_MANIFEST: the version must be a string of 0-{MAX_NAME_LENGTH} chars"
+            )
         try:
-            return cls(Part(body.get("part", Part.WEIGHTS.value)))
+            return cls(Part(body.get("part", Part.WEIGHTS.value)), version)
         except ValueError:
             raise ProtocolError(
                 f"GET_MANIFEST names an unknown part {body.get('part')!r}"

@@ -93,7 +93,8 @@ class Conversation:
     """What a server says to one connected client.
 
     conn:      the accepted connection (its session a ServerSession).
-    holdings:  the weights to offer (fixed for this conversation: see Server.serve_instead).
+    weights:   the weights to offer a client that asks for a version ("": any), fixed for
+               this conversation (see Server.serve_instead and `choose_weights`).
     files:     the model directory's other files, if offered.
     compile_cache: makes the compile cache's holdings when a client asks, if offered.
     timeouts:  handshake (for TLS and the handshake), stall (afterwards).
@@ -107,7 +108,7 @@ class Conversation:
     def __init__(
         self,
         conn: Connection,
-        holdings: Holdings,
+        weights: Callable[[str], Holdings],
         *,
         files: Holdings | None = None,
         compile_cache: Callable[[], Holdings] | None = None,
@@ -121,11 +122,11 @@ class Conversation:
     ) -> None:
         self.conn = conn
         self.pacer = pacer
-        # What each part's holdings are when a client asks for it.
-        self.parts: dict[p.Part, Callable[[], Holdings] | None] = {
-            p.Part.WEIGHTS: lambda: holdings,
-            p.Part.FILES: None if files is None else lambda: files,
-            p.Part.COMPILE_CACHE: compile_cache,
+        # What each part's holdings are when a client asks for it (and a version of it).
+        self.parts: dict[p.Part, Callable[[str], Holdings] | None] = {
+            p.Part.WEIGHTS: weights,
+            p.Part.FILES: None if files is None else lambda _: files,
+            p.Part.COMPILE_CACHE: None if compile_cache is None else lambda _: compile_cache(),
         }
         self.timeouts = timeouts
         self.transfers = transfers
@@ -187,7 +188,7 @@ class Conversation:
         # The weights unless the client asked for another part: FETCHes name its chunks.
         weights = self.parts[p.Part.WEIGHTS]
         assert weights is not None
-        holdings = weights()
+        holdings = weights("")
         manifest = holdings.manifest(answer_within)
         session.expect_fetches(manifest.chunk_total)
         while True:
@@ -200,7 +201,7 @@ class Conversation:
                 offered = self.parts[message.part]
                 if offered is None:
                     raise SourceUnavailable(f"this server offers no {message.part.value}")
-                holdings = offered()
+                holdings = offered(message.version)
                 manifest = holdings.manifest(answer_within)
                 session.expect_fetches(manifest.chunk_total)
                 conn.send(p.ManifestMessage(manifest))

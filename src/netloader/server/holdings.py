@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import NamedTuple, Protocol
 
 import torch
@@ -38,6 +38,11 @@ RING_WAIT = 30.0  # seconds a sender may wait for a free slot before the transfe
 
 
 class Holdings(Protocol):
+    @property
+    def complete(self) -> bool:
+        """Whether it offers every chunk of its manifest (what a client loading a whole
+        model needs; a PartOfModel of some tensors does not)."""
+
     def prepare(self) -> None:
         """Begin any background work (called once the server is listening)."""
 
@@ -193,6 +198,15 @@ class LoadedTensors:
         if manifest is not None:
             self._ready.set()
 
+    @property
+    def complete(self) -> bool:
+        return True
+
+    @property
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        """The tensors it serves, by name."""
+        return self._tensors
+
     def prepare(self) -> None:
         """Start computing the digests in the background (once). A Server calls this once
         it is listening, so a failed start leaves no thread behind."""
@@ -255,12 +269,13 @@ class LoadedTensors:
 
 
 class PartOfModel(LoadedTensors):
-    """Some of the tensors of a model whose whole `manifest` (digests included) is known:
-    each chunk made of them only is served once it is checked against its digest (the
-    tensors were verified when they arrived; this catches any write since); a chunk with
-    bytes of any other tensor is refused, saying `lacking`, and the client takes it from
-    its next source. So an instance that took only what a new version changed relays
-    exactly that delta to the instances that hold the version it had."""
+    """Some (or all) of the tensors of a model whose whole `manifest` (digests included) is
+    known: each chunk made of them only is served once it is checked against its digest
+    (the tensors were verified before; this catches any write since); a chunk with bytes
+    of any other tensor is refused, saying `lacking`, and the client takes it from its next
+    source. So an instance that took only what a new version changed relays exactly that
+    delta to the instances that hold the version it had, and keeps offering the version it
+    had, checked, to those that ask for it."""
 
     def __init__(
         self, tensors: Mapping[str, torch.Tensor], manifest: Manifest, *, lacking: str
@@ -275,6 +290,10 @@ class PartOfModel(LoadedTensors):
         self._held = {i for i, t in enumerate(manifest.tensors) if t.name in tensors}
         self._lacking = lacking
         self._checked: set[int] = set()  # chunk numbers (a set's add is atomic)
+
+    @property
+    def complete(self) -> bool:
+        return len(self._held) == len(self.manifest().tensors)
 
     def wait_for(self, chunk: Chunk, timeout: float) -> None:
         if chunk.number in self._checked:
@@ -293,6 +312,26 @@ class PartOfModel(LoadedTensors):
                 f"{manifest.describe_chunk(chunk)} changed since it was verified: not served"
             )
         self._checked.add(chunk.number)
+
+
+def keep_through_switch(offered: Holdings, written: Collection[int]) -> PartOfModel | None:
+    """What it takes to go on serving `offered` (a complete version of a model, with its
+    manifest) while a live update writes the storages at `written` (their
+    `untyped_storage().data_ptr()`) in place: its tensors in those storages cloned now, the
+    others served as they are, every chunk checked against its digest before it is first
+    served (a write not foreseen is refused, not served). None if `offered` is not a
+    complete model in memory that is serving."""
+    if not isinstance(offered, LoadedTensors) or not offered.complete:
+        return None
+    try:
+        manifest = offered.manifest(0)
+    except SourceUnavailable:  # not serving (unavailable, or still digesting)
+        return None
+    kept = {
+        name: tensor.clone() if tensor.untyped_storage().data_ptr() in written else tensor
+        for name, tensor in offered.tensors.items()
+    }
+    return PartOfModel(kept, manifest, lacking="it holds every tensor")  # never said
 
 
 class Arrivals:
@@ -333,6 +372,10 @@ class Arrivals:
             return self._manifest
 
     # ---- Holdings -----------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return True  # every chunk, as it arrives
+
     def prepare(self) -> None:
         return None
 

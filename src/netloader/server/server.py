@@ -4,6 +4,7 @@ process. `Relay` is a server for a model that is still arriving."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -74,6 +75,7 @@ class Server:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.holdings = holdings
+        self.previous: Holdings | None = None  # a complete earlier version (serve_instead)
         self.files = files
         self.compile_cache = compile_cache
         self.timeouts = timeouts
@@ -115,13 +117,31 @@ class Server:
         """The served manifest, once its digests are computed (or, at a relay, adopted)."""
         return self.holdings.manifest(timeout if timeout is not None else 1e9)
 
-    def serve_instead(self, holdings: Holdings, files: Holdings | None = None) -> None:
+    def serve_instead(
+        self,
+        holdings: Holdings,
+        files: Holdings | None = None,
+        *,
+        previous: Holdings | None = None,
+    ) -> None:
         """Offer `holdings` (and `files`, when given) to connections from now on;
-        connections already open keep what they were offered."""
+        connections already open keep what they were offered. `previous`: a complete
+        earlier version of the weights (its manifest given) to go on offering beside them
+        (see `choose_weights`); None: only `holdings`."""
         holdings.prepare()
         if files is not None:
             self.offer_files(files)
-        self.holdings = holdings
+        self.holdings, self.previous = holdings, previous
+
+    def drop_previous(self) -> Holdings | None:
+        """Stop offering the earlier version kept by `serve_instead(previous=)` to new
+        connections; returns it (None if there was none)."""
+        dropped, self.previous = self.previous, None
+        return dropped
+
+    def weights_for(self, version: str) -> Holdings:
+        """The weights a client asking for `version` ("": any) is offered now."""
+        return choose_weights(version, self.holdings, self.previous)
 
     def offer_files(self, files: Holdings) -> None:
         """Offer `files` as the model directory's other files from now on."""
@@ -153,7 +173,7 @@ class Server:
         new FETCHes with 'unavailable: draining' (clients go to their other sources), let
         the transfers in progress finish for up to `deadline` seconds, then close. Returns
         whether they all finished in time."""
-        self._withdraw()
+        self.withdraw()
         self._draining.set()
         log.info("netloader: draining %s (up to %.0f s)", self.address, deadline)
         until = time.monotonic() + deadline
@@ -165,7 +185,9 @@ class Server:
         self.close()
         return finished
 
-    def _withdraw(self) -> None:
+    def withdraw(self) -> None:
+        """Run the close callbacks now (`at_close`: e.g. leave the registry and any wave
+        that lists this server), once; it goes on serving those who know its address."""
         callbacks, self._at_close = self._at_close, []
         for callback in callbacks:
             try:
@@ -175,7 +197,7 @@ class Server:
 
     def close(self) -> None:
         """Stop accepting, end every connection, and wait (briefly) for their threads."""
-        self._withdraw()
+        self.withdraw()
         self._closing.set()
         self._accept_thread.join(timeout=5)
         self._listener.close()
@@ -222,7 +244,8 @@ class Server:
                 continue
             conversation = Conversation(
                 conn,
-                self.holdings,  # one connection, one set of holdings (see serve_instead)
+                # One connection, one choice of holdings (see serve_instead).
+                functools.partial(choose_weights, current=self.holdings, previous=self.previous),
                 files=self.files,
                 compile_cache=self.compile_cache,
                 timeouts=self.timeouts,
@@ -319,6 +342,19 @@ class Relay(Server):
                 column_tiles=1 if pulled is None else pulled.column_tiles,
             )
         )
+
+
+def choose_weights(version: str, current: Holdings, previous: Holdings | None) -> Holdings:
+    """The weights to offer a client that asks for `version` ("": any), of a server
+    offering `current` and keeping a complete `previous` version (its manifest given):
+    `previous` to a client that asks for its version, and to one that asks for none while
+    `current` is not complete (a delta serves only clients updating to it, which say
+    which version they take); otherwise `current`, which the client checks as always."""
+    if previous is None:
+        return current
+    if version:
+        return previous if previous.manifest(0).identity.version == version else current
+    return current if current.complete else previous
 
 
 class _Slots(threading.BoundedSemaphore):
