@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import netloader
 from netloader import (
@@ -88,7 +89,7 @@ def test_an_update_moves_only_the_changed_layer_and_switches_in_place(
 
 
 def test_an_updated_instance_serves_the_new_version_to_the_next(
-    publisher: netloader.Server, v1: dict[str, torch.Tensor]
+    publisher: netloader.Server, v1: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
     first, second = copy_of(v1), copy_of(v1)
     with netloader.serve(first, "m", chunk_bytes=CHUNK, version=1) as serving:
@@ -107,6 +108,15 @@ def test_an_updated_instance_serves_the_new_version_to_the_next(
         third = copy_of(v1)
         netloader.update(third, [str(serving.address)], "m", version=1)  # nothing moves
         assert not differing(third, v1)
+        # The command line asks for it too.
+        address = str(serving.address)
+        inspected = run_cli("inspect", address, "--version", "1")
+        assert "version 1" in inspected.stdout, inspected.stderr
+        pulled = run_cli("pull", address, "--version", "1", "--out", str(tmp_path / "v1"))
+        assert pulled.returncode == 0, pulled.stderr
+        assert not differing(load_file(tmp_path / "v1" / "model.safetensors"), v1)
+        refused = run_cli("pull", address, "--version", "3", "--out", str(tmp_path / "v3"))
+        assert refused.returncode == 1 and "serves version '2', not '3'" in refused.stderr
     assert report.sources == (str(serving.address),) and report.bytes == v1[CHANGED].nbytes
     assert not differing(second, version_2(v1))
     # Told not to keep it, it serves only version 2.

@@ -30,6 +30,13 @@ from netloader.settings import Timeouts, new_secret
 @click.command()
 @click.argument("sources", nargs=-1, required=True, type=EndpointParam())
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option(
+    "--version",
+    "version",
+    default="",
+    help="Ask for this version of the weights (a server that switched in a live update "
+    "keeps the one it had).",
+)
 @click.option("--connect-timeout", type=float, default=Timeouts.connect, show_default=True)
 @secret_option
 @tls_ca_option
@@ -37,13 +44,14 @@ from netloader.settings import Timeouts, new_secret
 def inspect(
     sources: tuple[Endpoint, ...],
     as_json: bool,
+    version: str,
     connect_timeout: float,
     secret_file: Path | None,
     tls_ca: Path | None,
 ) -> None:
     """Print a server's manifest: model, layout, and every tensor."""
     config = config_from(CONNECT_TIMEOUT=connect_timeout, SECRET_FILE=secret_file, TLS_CA=tls_ca)
-    manifest = client_for(config, sources).manifest()
+    manifest = client_for(config, sources).manifest(version=version)
     if as_json:
         click.echo(json.dumps(manifest.to_json(), indent=1))
         return

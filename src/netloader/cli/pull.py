@@ -68,6 +68,13 @@ log = logging.getLogger(__name__)
 )
 @click.option("--model", "model_name", help="Refuse unless the server serves this model name.")
 @click.option(
+    "--version",
+    "version",
+    default="",
+    help="Pull this version of the weights (a server that switched to a newer one in a live "
+    "update keeps serving the one it had to those asking for it); refuse any other.",
+)
+@click.option(
     "--no-weights",
     is_flag=True,
     help="Fetch only the model directory's other files (config, tokenizer), e.g. for an "
@@ -122,6 +129,7 @@ def pull(
     sources: tuple[Endpoint, ...],
     out_dir: Path,
     model_name: str | None,
+    version: str,
     no_weights: bool,
     compile_cache: Path | None,
     transport: str,
@@ -222,7 +230,7 @@ def pull(
             raise click.UsageError(
                 "give SOURCES, or --wave with a seed in it, or --registry with live servers"
             )
-        manifest = _manifest(config, all_sources, model_name)
+        manifest = _manifest(config, all_sources, model_name, version)
         phases.end("manifest")
         client = client_for(config, all_sources, stripe=stripe)
         files = _pull_files(client, manifest.identity.model, identity=manifest.identity)
@@ -279,14 +287,22 @@ def _from_registry(
     return list(dict.fromkeys([*found, *sources]))
 
 
-def _manifest(config: NetloaderConfig, sources: list[Endpoint], model_name: str | None) -> Manifest:
-    """The manifest of the first source that serves `model_name` (any model when None). A
-    source serving another model (a stale or planted registry record) is passed over."""
+def _manifest(
+    config: NetloaderConfig, sources: list[Endpoint], model_name: str | None, version: str = ""
+) -> Manifest:
+    """The manifest of the first source that serves `model_name` (any model when None) in
+    `version` (any when ""). A source serving another model or version (a stale or planted
+    registry record) is passed over."""
     reasons: list[str] = []
     for source in sources:
         try:
-            manifest = client_for(config, [source]).manifest()
+            manifest = client_for(config, [source]).manifest(version=version)
             _check_model(manifest, model_name)
+            if version and manifest.identity.version != version:
+                raise NetloaderError(
+                    f"{source} serves version {manifest.identity.version or '(unversioned)'!r}, "
+                    f"not {version!r}"
+                )
         except NetloaderError as exc:
             reasons.append(str(exc))
             continue
