@@ -306,7 +306,10 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         rank_member.checkpoint = rank_member.on_disk = None
         failure, kept = None, None
         try:
-            kept = rank_member.keep_serving(_written_by(self.model, staged.loads))
+            # Kept whatever happens (a failed switch serves it checked); copied only to be
+            # served on after the switch.
+            written = _written_by(self.model, staged.loads) if staged.keep_previous else set()
+            kept = rank_member.keep_serving(written)
             if staged.tensors:
                 self._switch(staged)
         except Exception as exc:
