@@ -59,6 +59,7 @@ from netloader.ranks import (
     join_wave,
     load_rank,
     member,
+    register_instance,
     register_server,
     relay_rank,
     serve_rank,
@@ -219,6 +220,8 @@ def _loader_class() -> type:
                         model, self.capture, self.config, self.slot, self.relay, files, cache,
                         self.shared,
                     )  # fmt: skip
+                if self.slot.rank == 0 and not self.slot.draft:  # INSTANCE_URL: for updates
+                    register_instance(self.config, self.capture.identity)
                 self.capture = self.relay = None
                 self.shared = []
             return model
