@@ -336,8 +336,10 @@ def _load_from_peers(
             return _counted("peer", why, "wave")
         sources = find_sources(config, identity, slot.rank, draft=slot.draft, checkpoints=True)
         if not sources:
-            where = "SOURCE" if config.registry is None else "neither REGISTRY nor SOURCE"
-            return _counted("disk", f"{where} has no sources for {slot}", "no_sources")
+            where = (
+                "SOURCE has no" if config.registry is None else "neither REGISTRY nor SOURCE has"
+            )
+            return _counted("disk", f"{where} sources for {slot}", "no_sources")
         found = sort_sources(config, sources)
         reasons = list(found.unreachable)
         if found.peers:
