@@ -84,7 +84,8 @@ def wait_for(check: Callable[[], bool], within: float, what: str) -> None:
 
 
 def addresses(url: str) -> set[str]:
-    return {r["address"] for r in peers(url)}
+    """The addresses of the live servers (instance records, with a url, left out)."""
+    return {r["address"] for r in peers(url) if "url" not in r}
 
 
 def assert_same_checkpoint(out: Path, ckpt: Path) -> None:
@@ -219,7 +220,7 @@ def instances(url: str, model: str = "m") -> list[dict[str, Any]]:
     return [r for r in peers(url, model) if "url" in r]
 
 
-def test_an_instance_record_shows_the_version_its_rank_0_holds_until_it_closes(
+def test_an_instance_record_shows_the_version_its_rank_0_holds_until_it_is_closed(
     registry: RedisServer,
 ) -> None:
     url = "http://127.0.0.1:8000"
@@ -246,8 +247,10 @@ def test_an_instance_record_shows_the_version_its_rank_0_holds_until_it_closes(
         assert f"m  instance {url}  tp2xpp1  version 1  netloader {server.address}" in text
 
         rank0.checkpoint = build_manifest(Identity("m", version="2"), tensors)  # a switch
+        server.withdraw()  # as a switch with keep_previous false: the instance stays
         wait_for(lambda: [r["version"] for r in listed()] == ["2"], DEFAULT_TTL, "renewed")
-        server.close()  # withdraws the instance with its rank 0's server
+        assert addresses(registry.url) == set()  # its server left the registry
+        heartbeat.close()  # as on SIGTERM (at_drain)
         assert listed() == [] and heartbeat.stopped
     finally:
         server.close()

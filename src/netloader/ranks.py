@@ -24,6 +24,7 @@ from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_
 from netloader.errors import NetloaderError, SourceUnavailable, UsageError
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server import LoadedTensors, PartOfModel, Relay, Server, ServerOptions
+from netloader.server.drain import at_drain
 from netloader.server.holdings import keep_through_switch
 from netloader.settings import resolve_secret
 
@@ -203,9 +204,11 @@ def register_instance(
     model's `identity` (its name and layout). The record names rank 0's server and the
     version rank 0 holds (`member(0).checkpoint`), both read again at every renewal (every
     third of the TTL), so that it shows a live update's switch within that time. Withdrawn
-    when rank 0's server closes or drains; without a server, it expires within the TTL.
-    One per process: called again (the model loaded again), it keeps the live one. None
-    without REGISTRY and INSTANCE_URL, or when the registry cannot be used (logged)."""
+    when the process drains on SIGTERM (`drain_on_sigterm`, as a vLLM worker does) or the
+    returned heartbeat is closed; not when rank 0's server leaves the registry (a switch
+    with `keep_previous` false: the instance lives on). One per process: called again
+    (the model loaded again), it keeps the live one. None without REGISTRY and
+    INSTANCE_URL, or when the registry cannot be used (logged)."""
     if config.registry is None or config.instance_url is None:
         return None
     if _instances and not _instances[0].stopped:
@@ -228,8 +231,7 @@ def register_instance(
         identity.model, config.instance_url, tp_size=identity.tp_size, pp_size=identity.pp_size
     )
     heartbeat = reg.Heartbeat(registry, record, update=reg.with_holding(version, address))
-    if rank0.server is not None:
-        rank0.server.at_close(heartbeat.close)
+    at_drain(heartbeat.close)
     _instances[:] = [heartbeat]
     return heartbeat
 
