@@ -1,12 +1,15 @@
 """Registry discovery against a real Redis server that each test starts on a free loopback
 port: real `netloader serve` seeds registering themselves, real `netloader pull` clients
 finding them with only --registry and --model, a seed killed with SIGKILL, the registry
-stopped mid-wave and restarted, and planted records. Skipped where `redis-server` or the
-`redis` library is missing (scripts/setup.sh installs both where it can)."""
+stopped mid-wave and restarted, and planted records; an instance record (INSTANCE_URL) kept
+with the version its rank 0 holds, and what `netloader update --registry` makes of the
+records it finds. Skipped where `redis-server` or the `redis` library is missing
+(scripts/setup.sh installs both where it can)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import socket
@@ -17,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from netloader.discovery.registry import DEFAULT_TTL
+from netloader import NetloaderConfig
+from netloader.discovery.registry import DEFAULT_TTL, Registry, instance_record
+from netloader.manifest import Identity, build_manifest
+from netloader.ranks import member, register_instance, serve_rank
 from netloader.settings import new_secret
 from netloader.testing.models import blocks, same_bytes, write_checkpoint
 from netloader.testing.processes import ServerProcess
@@ -77,7 +84,8 @@ def wait_for(check: Callable[[], bool], within: float, what: str) -> None:
 
 
 def addresses(url: str) -> set[str]:
-    return {r["address"] for r in peers(url)}
+    """The addresses of the live servers (instance records, with a url, left out)."""
+    return {r["address"] for r in peers(url) if "url" not in r}
 
 
 def assert_same_checkpoint(out: Path, ckpt: Path) -> None:
@@ -206,3 +214,95 @@ def test_planted_records_get_no_further_than_a_planted_wave_file(
     assert listed is not None and set(listed[1].split(", ")) == {*planted, genuine.address}
     assert f"from {genuine.address} over same-host, verified" in result.stdout
     assert_same_checkpoint(out, ckpt)
+
+
+def instances(url: str, model: str = "m") -> list[dict[str, Any]]:
+    return [r for r in peers(url, model) if "url" in r]
+
+
+def test_an_instance_record_shows_the_version_its_rank_0_holds_until_it_is_closed(
+    registry: RedisServer,
+) -> None:
+    url = "http://127.0.0.1:8000"
+    config = NetloaderConfig.load({"REGISTRY": registry.url, "INSTANCE_URL": url})
+    identity = Identity("m", tp_size=2)
+    tensors = {"w": torch.ones(4)}
+    rank0 = member(0)
+    server = serve_rank(tensors, identity, config, 0)
+    assert server is not None
+    try:
+        rank0.attach(server)
+        rank0.checkpoint = build_manifest(Identity("m", version="1"), tensors)
+        heartbeat = register_instance(config, identity)
+        assert heartbeat is not None and register_instance(config, identity) is heartbeat
+
+        def listed() -> list[dict[str, Any]]:
+            return instances(registry.url)
+
+        wait_for(lambda: [r["version"] for r in listed()] == ["1"], DEFAULT_TTL, "published")
+        (record,) = listed()
+        assert record["url"] == url and record["address"] == str(server.address)
+        assert (record["tp_size"], record["pp_size"], record["model"]) == (2, 1, "m")
+        text = run_cli("peers", "--registry", registry.url).stdout
+        assert f"m  instance {url}  tp2xpp1  version 1  netloader {server.address}" in text
+
+        rank0.checkpoint = build_manifest(Identity("m", version="2"), tensors)  # a switch
+        server.withdraw()  # as a switch with keep_previous false: the instance stays
+        wait_for(lambda: [r["version"] for r in listed()] == ["2"], DEFAULT_TTL, "renewed")
+        assert addresses(registry.url) == set()  # its server left the registry
+        heartbeat.close()  # as on SIGTERM (at_drain)
+        assert listed() == [] and heartbeat.stopped
+    finally:
+        server.close()
+        rank0.server = rank0.checkpoint = None
+
+
+def test_junk_instance_records_are_skipped(registry: RedisServer) -> None:
+    good = instance_record("m", "http://127.0.0.1:8001", address="127.0.0.1:7001")
+    other = instance_record("m:x", "http://127.0.0.1:8002")  # shares the key prefix of "m"
+    db = registry.client()
+    for record in (good, other):
+        db.set(record.key, record.to_json(), ex=60)
+    db.set("netloader-instance:m:http://127.0.0.1:8003", b"\xff not a record", ex=60)
+    bad_url = {**json.loads(good.to_json()), "url": "http://127.0.0.1"}
+    db.set("netloader-instance:m:http://127.0.0.1", json.dumps(bad_url), ex=60)
+    db.set("netloader-instance:m:big", json.dumps({**bad_url, "model": "m" * 5000}), ex=60)
+    db.close()
+    found = Registry(registry.url, timeout=2)
+    try:
+        assert found.instances("m") == [good]
+        assert found.instances() == [good, other]
+    finally:
+        found.close()
+    assert instances(registry.url) == [json.loads(good.to_json())]
+
+
+def test_update_from_the_registry_skips_instances_at_the_version_and_says_what_happened(
+    registry: RedisServer,
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on: an instance that is gone
+        probe.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    dead = dataclasses.replace(instance_record("m", gone), version="1")
+    done = instance_record("m", "http://127.0.0.1:8001", address="127.0.0.1:7001")
+    done = dataclasses.replace(done, version="2")
+    db = registry.client()
+    for record in (dead, done):
+        db.set(record.key, record.to_json(), ex=60)
+    db.close()
+    update = ["update", "--registry", registry.url, "--version", "2", "--source", "127.0.0.1:9"]
+    result = run_cli(*update, "--model", "m", "--timeout", "5")
+    assert result.returncode == 1
+    assert f"{done.url} holds version 2 already: skipped" in result.stdout
+    assert f"updating 1 instances of m, in order: {dead.url}\n" in result.stdout
+    assert f"{dead.url} keeps its version: {dead.url}/start_weight_update" in result.stderr
+    assert "1 of 1 instances did not switch" in result.stderr
+
+    result = run_cli(*update, "--model", "other")
+    assert result.returncode == 1
+    assert "no live instances of other in" in result.stderr and "INSTANCE_URL" in result.stderr
+
+    registry.stop()
+    result = run_cli(*update, "--model", "m")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"netloader: error: registry {registry.url} unreachable")

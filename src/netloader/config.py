@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from netloader import transports
-from netloader.discovery.registry import check_registry_url
+from netloader.discovery.registry import check_instance_url, check_registry_url
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import ConfigError
 from netloader.settings import MIN_SEND_RATE, Limits, Timeouts, resolve_secret
@@ -65,6 +65,7 @@ class NetloaderConfig:
     tls_ca: str | None = None
     wave_dir: str | None = None
     registry: str | None = None
+    instance_url: str | None = None
     join_wave: bool = False
     wave_fanout: int = 1
     drain_timeout: float = Timeouts.drain
@@ -99,6 +100,8 @@ class NetloaderConfig:
             config = config._with_file(config.config_file)
         if config.join_wave and (config.registry is None or config.wave_dir is not None):
             raise ConfigError("JOIN_WAVE", "needs REGISTRY, and no WAVE_DIR")
+        if config.instance_url is not None and config.registry is None:
+            raise ConfigError("INSTANCE_URL", "needs REGISTRY, where the instance is published")
         return config
 
     @classmethod
@@ -349,6 +352,13 @@ def _registry(key: str, value: Any) -> str:
         raise ConfigError(key, str(exc)) from None
 
 
+def _instance_url(key: str, value: Any) -> str:
+    try:
+        return check_instance_url(_str(key, value))
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 # JSON field -> (dataclass attribute, parser)
 _PARSERS: dict[str, tuple[str, Any]] = {
     "SOURCE": ("source", _source),
@@ -369,6 +379,7 @@ _PARSERS: dict[str, tuple[str, Any]] = {
     "TLS_CA": ("tls_ca", _str),
     "WAVE_DIR": ("wave_dir", _str),
     "REGISTRY": ("registry", _registry),
+    "INSTANCE_URL": ("instance_url", _instance_url),
     "JOIN_WAVE": ("join_wave", _bool),
     "WAVE_FANOUT": ("wave_fanout", _fanout),
     "DRAIN_TIMEOUT": ("drain_timeout", _seconds),

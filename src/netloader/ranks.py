@@ -24,6 +24,7 @@ from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_
 from netloader.errors import NetloaderError, SourceUnavailable, UsageError
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
 from netloader.server import LoadedTensors, PartOfModel, Relay, Server, ServerOptions
+from netloader.server.drain import at_drain
 from netloader.server.holdings import keep_through_switch
 from netloader.settings import resolve_secret
 
@@ -168,7 +169,7 @@ def serve_rank(
 
 def register_server(
     config: NetloaderConfig, rank: int, server: Server, identity: Identity
-) -> reg.Heartbeat | None:
+) -> reg.Heartbeat[reg.Record] | None:
     """Keep `server` in REGISTRY as a live server of `identity` for `rank`: published once
     it is serving (its digests are computed), renewed with its transfers in progress
     every third of the TTL, withdrawn when it closes. None without a REGISTRY, or when
@@ -189,6 +190,49 @@ def register_server(
         ready=lambda: _serving(server),
     )
     server.at_close(heartbeat.close)
+    return heartbeat
+
+
+_instances: list[reg.Heartbeat[reg.InstanceRecord]] = []  # this process's (one at most)
+
+
+def register_instance(
+    config: NetloaderConfig, identity: Identity
+) -> reg.Heartbeat[reg.InstanceRecord] | None:
+    """Keep this engine instance in REGISTRY as INSTANCE_URL (its HTTP API, for `netloader
+    update --registry`), called by the process of global rank 0's target model with that
+    model's `identity` (its name and layout). The record names rank 0's server and the
+    version rank 0 holds (`member(0).checkpoint`), both read again at every renewal (every
+    third of the TTL), so that it shows a live update's switch within that time. Withdrawn
+    when the process drains on SIGTERM (`drain_on_sigterm`, as a vLLM worker does) or the
+    returned heartbeat is closed; not when rank 0's server leaves the registry (a switch
+    with `keep_previous` false: the instance lives on). One per process: called again
+    (the model loaded again), it keeps the live one. None without REGISTRY and
+    INSTANCE_URL, or when the registry cannot be used (logged)."""
+    if config.registry is None or config.instance_url is None:
+        return None
+    if _instances and not _instances[0].stopped:
+        return _instances[0]
+    try:
+        registry = reg.Registry(config.registry, timeout=config.connect_timeout)
+    except ImportError as exc:
+        log.error("netloader: cannot use REGISTRY (INSTANCE_URL not published): %s", exc)
+        return None
+    rank0 = member(0)
+
+    def version() -> str:
+        held = rank0.checkpoint
+        return "" if held is None else held.identity.version
+
+    def address() -> str:
+        return "" if rank0.server is None else str(rank0.server.address)
+
+    record = reg.instance_record(
+        identity.model, config.instance_url, tp_size=identity.tp_size, pp_size=identity.pp_size
+    )
+    heartbeat = reg.Heartbeat(registry, record, update=reg.with_holding(version, address))
+    at_drain(heartbeat.close)
+    _instances[:] = [heartbeat]
     return heartbeat
 
 

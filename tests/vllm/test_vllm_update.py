@@ -8,29 +8,36 @@ in place (same processes, same servers, requests during the update all answered 
 version or the other), the first from the publisher and the second from the first (a
 relay; it found what changed by digesting the files it loaded), each moving that one
 layer's bytes, after which both answer exactly as a fresh vLLM started from version 2 on
-disk, and the first still serves version 1, whole, to a client that asks for it.
+disk, and the first still serves version 1, whole, to a client that asks for it. The
+instances run with REGISTRY and INSTANCE_URL: the good update finds them in the registry,
+in the order that lets the first relay to the second, and their records then show
+version 2.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
 from netloader import Client, Manifest, SourceUnavailable
-from netloader.cli.update import parse_instance, update_fleet
+from netloader.cli.update import registry_fleet, update_fleet
+from netloader.discovery.registry import InstanceRecord, Registry
 from netloader.tensors import dtype_from_name
 from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import PROMPTS, VllmInstance, running
 from support.proxy import FaultyProxy
+from support.redis_server import RedisServer, needs_redis
 from support.servers import run_cli
 from support.vllm_checks import Starter, serve_directory, serve_line
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.vllm, needs_redis, pytest.mark.timeout(900)]
 
 SECRET = "the live update e2e secret"
 BACKEND = ("--weight-transfer-config", '{"backend": "netloader"}')
@@ -68,20 +75,55 @@ Fleet = tuple[VllmInstance, VllmInstance, dict[str, str], dict[str, str]]
 
 
 @pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis registry, stopped until `instances` starts it again (same port)."""
+    server = RedisServer(tmp_path_factory.mktemp("upd_redis"))
+    server.stop()
+    yield server
+    server.stop()
+
+
+def instance_records(registry: RedisServer) -> list[InstanceRecord]:
+    found = Registry(registry.url, timeout=5)
+    try:
+        return found.instances("tiny")
+    finally:
+        found.close()
+
+
+def wait_for(check: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
 def instances(
-    start: Starter, tiny_model: Path, v2_model: Path, publishers: dict[str, ServerProcess]
+    start: Starter,
+    tiny_model: Path,
+    v2_model: Path,
+    publishers: dict[str, ServerProcess],
+    registry: RedisServer,
 ) -> Iterator[Fleet]:
     """(two live instances, their version-1 answers, a fresh version-2 instance's): the
-    first loaded from the version-1 checkpoint server, the second from disk."""
+    first loaded from the version-1 checkpoint server, the second from disk. Both have
+    REGISTRY and INSTANCE_URL, but the registry comes up only once they have loaded: an
+    instance that found the other's server there would load from it (a vLLM peer), and
+    such an instance is refused live updates. Their heartbeats publish them once it is up."""
     # Two cores that the asking keeps busy: the relaying instance's server runs at normal
     # priority (SENDER_NICE 0, not 10), and connecting to a busy peer may take a while.
     patient = {"MODEL": "tiny", "SENDER_NICE": 0, "CONNECT_TIMEOUT": 30, "STALL_TIMEOUT": 60}
+    patient["REGISTRY"] = registry.url
     config = {**patient, "SOURCE": [{"device_id": 0, "sources": [publishers["v1"].address]}]}
     env = {"VLLM_SERVER_DEV_MODE": "1", "NETLOADER_SECRET": SECRET}
     live = start("upd_live", tiny_model, config, env=env, extra_args=BACKEND)
     other = start("upd_other", tiny_model, patient, env=env, extra_args=BACKEND)
+    for instance in (live, other):  # its URL is known once made (NETLOADER_CONFIG merges)
+        instance.env["NETLOADER_CONFIG"] = json.dumps({"INSTANCE_URL": instance.base_url})
     fresh = start("upd_fresh_v2", v2_model, None, load_format="auto", served_model_name="tiny")
     with running(live, other, fresh):
+        registry.start()
         version_2 = fresh.completions()
         fresh.stop()
         version_1 = live.completions()
@@ -124,16 +166,31 @@ def test_refused_updates_leave_the_old_version_answering(
 
 
 def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_version(
-    instances: Fleet, publishers: dict[str, ServerProcess], tiny_model: Path
+    instances: Fleet,
+    publishers: dict[str, ServerProcess],
+    tiny_model: Path,
+    registry: RedisServer,
 ) -> None:
-    """The first instance from the publisher, the second from the first: `URL=HOST:PORT`
-    names an instance's netloader server, which relays what it took once it switched."""
+    """The first instance from the publisher, the second from the first: the instances'
+    registry records name their netloader servers, which relay what they took once they
+    switched."""
     live, other, version_1, version_2 = instances
     assert live.proc is not None and other.proc is not None
     pids = live.proc.pid, other.proc.pid
     relay = serve_line(live).group(4)
     loaded = Client([relay], secret=SECRET.encode()).manifest()  # version 1, vLLM's layout
     assert loaded.identity.version == "1"
+    # The instance records, published once the registry came up: the first holds the
+    # checkpoint server's version 1, the second (loaded from disk) a version not known.
+    held = {live.base_url: "1", other.base_url: ""}
+    wait_for(
+        lambda: {r.url: r.version for r in instance_records(registry)} == held,
+        60,
+        "both instances published",
+    )
+    records = {r.url: r for r in instance_records(registry)}
+    assert records[live.base_url].address == relay
+    assert records[other.base_url].address == serve_line(other).group(4)
     probe = next(p for p in PROMPTS if version_1[p] != version_2[p])
     answers: list[str] = []
     stop = threading.Event()
@@ -144,10 +201,13 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
 
     asking = threading.Thread(target=ask_while_updating, daemon=True)
     asking.start()
-    # What `netloader update URL=HOST:PORT URL ...` does (the refused cases run the command
-    # itself), in this process: the command's start, importing torch, can take minutes on
-    # two cores that the asking keeps busy.
-    chain = [parse_instance(f"{live.base_url}={relay}"), parse_instance(other.base_url)]
+    # What `netloader update --registry URL --model tiny ...` does (the refused cases run
+    # the command itself), in this process: the command's start, importing torch, can take
+    # minutes on two cores that the asking keeps busy. The instance that knows its version
+    # comes first (see fleet_from_records), so the second pulls from the first.
+    chain, current = registry_fleet(registry.url, "tiny", "2")
+    assert current == []
+    assert chain == [(live.base_url, relay), (other.base_url, records[other.base_url].address)]
     try:
         outcomes = list(update_fleet(chain, "2", [publishers["v2"].address], timeout=300))
     finally:
@@ -160,6 +220,14 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
         assert instance.proc is not None and instance.proc.pid == pid  # no restart
         assert instance.proc.poll() is None
         assert instance._get("/weight_info") == {"weight_version": "2"}
+    # Their records show version 2 from their next renewals on; `update --registry` skips them.
+    switched = {live.base_url: "2", other.base_url: "2"}
+    wait_for(
+        lambda: {r.url: r.version for r in instance_records(registry)} == switched,
+        60,
+        "both records at version 2",
+    )
+    assert registry_fleet(registry.url, "tiny", "2")[0] == []
     assert answers and set(answers) <= {version_1[probe], version_2[probe]}, answers
     # Only the changed decoder layer moved (whole: it is post-processed as a unit), to the
     # first from the publisher, to the second from the first.

@@ -80,11 +80,15 @@ def _registry_url(ctx: click.Context, param: click.Parameter, value: str | None)
         raise click.BadParameter(str(exc)) from None
 
 
-registry_option = click.option(
-    "--registry",
-    callback=_registry_url,
-    metavar="redis://[:password@]host:port/db",
-    help="Redis registry of live servers: serve registers there, pull finds sources there.",
+def registry_url_option(help: str) -> Callable[[Any], Any]:
+    """`--registry URL`, checked (its password masked in errors), with `help`."""
+    return click.option(
+        "--registry", callback=_registry_url, metavar="redis://[:password@]host:port/db", help=help
+    )
+
+
+registry_option = registry_url_option(
+    "Redis registry of live servers: serve registers there, pull finds sources there."
 )
 
 

@@ -66,8 +66,10 @@ def inspect(
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     help="List the seeds and live members of this wave directory instead.",
 )
-@click.option("--model", "model_name", help="Only servers of this model.")
-@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@click.option("--model", "model_name", help="Only servers and instances of this model.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the records as JSON (an instance's has a url)."
+)
 @click.option("--connect-timeout", type=float, default=Timeouts.connect, show_default=True)
 @fail_cleanly
 def peers(
@@ -78,7 +80,8 @@ def peers(
     connect_timeout: float,
 ) -> None:
     """List live servers: model, layout, rank, address, version, transfers in progress,
-    and since when (from a registry), or a wave directory's seeds and live members."""
+    and since when, and live vLLM instances: model, URL, layout, the version they hold,
+    rank 0's server (from a registry); or a wave directory's seeds and live members."""
     if (registry is None) == (wave_dir is None):
         raise click.UsageError("give one of --registry and --wave")
     if wave_dir is not None:
@@ -93,12 +96,14 @@ def peers(
     assert registry is not None
     with contextlib.closing(reg.Registry(registry, timeout=connect_timeout)) as found:
         records = found.records()
+        instances = found.instances(model_name)
     chosen = sorted(
         (r for r in records if model_name is None or r.model == model_name),
         key=lambda r: (r.model, r.tp_size, r.pp_size, r.rank, r.transfers, r.since, r.address),
     )
     if as_json:
-        click.echo(json.dumps([json.loads(r.to_json()) for r in chosen], indent=1))
+        listed = [r.to_json() for r in chosen] + [i.to_json() for i in instances]
+        click.echo(json.dumps([json.loads(text) for text in listed], indent=1))
         return
     if not chosen:
         click.echo(f"netloader: no live servers in {found.label}")
@@ -109,6 +114,11 @@ def peers(
             f"{r.model}  {layout}  rank {r.rank}  {r.address}  "
             + (f"version {r.version}  " if r.version else "")
             + f"transfers {r.transfers}  since {since}"
+        )
+    for i in instances:
+        click.echo(
+            f"{i.model}  instance {i.url}  tp{i.tp_size}xpp{i.pp_size}  "
+            f"version {i.version or '(not known)'}  netloader {i.address or '(none)'}"
         )
 
 

@@ -12,6 +12,11 @@ An instance given as `URL=HOST:PORT` names its netloader server (LISTEN_PORT + r
 it has switched, that server relays what changed, and the instances after it pull from
 the ones that switched before them (the last first), then from the sources: a chain, so
 the publisher sends the delta once, not once per instance.
+
+With `--registry URL --model NAME`, the instances are the live ones that the registry
+lists for NAME (each vLLM instance with REGISTRY and INSTANCE_URL keeps its record there:
+its URL, rank 0's netloader server, the version it holds): those at the version already
+are skipped, the rest chained through their servers (`registry_fleet`).
 """
 
 from __future__ import annotations
@@ -21,15 +26,19 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from netloader.cli.common import fail_cleanly
+from netloader.cli.common import fail_cleanly, registry_url_option
+from netloader.discovery import registry as reg
 from netloader.endpoint import parse_endpoint
 from netloader.errors import NetloaderError
+from netloader.settings import Timeouts
+
+Instance = tuple[str, str | None]  # its URL, and its netloader server (rank 0's) or None
 
 
 class UpdateFailed(NetloaderError):
@@ -76,7 +85,7 @@ class Switched:
 
 
 def update_fleet(
-    instances: Sequence[tuple[str, str | None]],
+    instances: Sequence[Instance],
     version: str,
     sources: Sequence[str],
     timeout: float,
@@ -108,7 +117,36 @@ def end_unswitched(url: str, timeout: float) -> None:
         _post(url, "/finish_weight_update", None, timeout)
 
 
-def parse_instance(text: str) -> tuple[str, str | None]:
+def fleet_from_records(
+    records: Iterable[reg.InstanceRecord], version: str
+) -> tuple[list[Instance], list[reg.InstanceRecord]]:
+    """Of the instances that `records` describe (registry records, one per URL): those to
+    switch to `version`, in the order to switch them (see `update_fleet`), and those that
+    hold it already. The order puts first the instances likeliest to switch and then relay
+    to all the ones after them: those that name a netloader server (the others relay
+    nothing), of those first the ones at pp 1 (at pp > 1 rank 0's server holds only its own
+    stage's layers), then the ones that know the version they hold (loaded from a
+    checkpoint server or updated since; an instance that loaded from disk digests its files
+    first, and one that loaded from a vLLM peer is refused), then by URL."""
+    chosen = {r.url: r for r in sorted(records, key=lambda r: r.since)}.values()
+    current = sorted((r for r in chosen if r.version == version), key=lambda r: r.url)
+    rest = sorted(
+        (r for r in chosen if r.version != version),
+        key=lambda r: (not r.address, r.pp_size > 1, not r.version, r.url),
+    )
+    return [(r.url, r.address or None) for r in rest], current
+
+
+def registry_fleet(
+    registry: str, model: str, version: str, timeout: float = Timeouts.connect
+) -> tuple[list[Instance], list[reg.InstanceRecord]]:
+    """`fleet_from_records` of the live instances of `model` in `registry` (a Redis URL).
+    Raises RegistryError when the registry cannot be read within `timeout`."""
+    with contextlib.closing(reg.Registry(registry, timeout=timeout)) as found:
+        return fleet_from_records(found.instances(model), version)
+
+
+def parse_instance(text: str) -> Instance:
     """`URL` or `URL=HOST:PORT` (its netloader server, which relays once it switched)."""
     url, _, relay = text.partition("=")
     if not url.startswith(("http://", "https://")):
@@ -138,7 +176,12 @@ def _post(url: str, path: str, body: dict[str, Any] | None, timeout: float) -> N
 
 
 @click.command()
-@click.argument("instances", nargs=-1, required=True)
+@click.argument("instances", nargs=-1)
+@registry_url_option(
+    "Update the live instances of --model that this Redis registry lists (instances with "
+    "INSTANCE_URL) instead of INSTANCES."
+)
+@click.option("--model", "model_name", help="With --registry: whose instances to update.")
 @click.option("--version", "version", required=True, help="The version to switch to.")
 @click.option(
     "--source",
@@ -152,15 +195,29 @@ def _post(url: str, path: str, body: dict[str, Any] | None, timeout: float) -> N
 )
 @fail_cleanly
 def update(
-    instances: tuple[str, ...], version: str, sources: tuple[str, ...], timeout: float
+    instances: tuple[str, ...],
+    registry: str | None,
+    model_name: str | None,
+    version: str,
+    sources: tuple[str, ...],
+    timeout: float,
 ) -> None:
     """Switch running vLLM INSTANCES (http://host:port, or http://host:port=HOST:PORT with
-    the address of its netloader server, which then relays to the instances after it) to
-    VERSION of their weights, in place, one after the other: each pulls what changed,
-    verified, then switches between requests. One that fails keeps its version and says
-    why; the rest go on."""
+    the address of its netloader server, which then relays to the instances after it), or
+    those that --registry lists for --model, to VERSION of their weights, in place, one
+    after the other: each pulls what changed, verified, then switches between requests.
+    One that fails keeps its version and says why; the rest go on."""
+    if instances and registry is not None:
+        raise click.UsageError("give INSTANCES or --registry, not both")
+    if not instances and registry is None:
+        raise click.UsageError("give the INSTANCES to update, or --registry and --model")
+    if (registry is None) != (model_name is None):
+        raise click.UsageError("--registry and --model go together")
+    if registry is not None and model_name is not None:
+        fleet = _from_registry(registry, model_name, version)
+    else:
+        fleet = [parse_instance(text) for text in instances]
     failed = 0
-    fleet = [parse_instance(text) for text in instances]
     for outcome in update_fleet(fleet, version, sources, timeout):
         if outcome.failure is not None:
             failed += 1
@@ -172,4 +229,21 @@ def update(
             f"{outcome.seconds:.2f} s{via}"
         )
     if failed:
-        raise UpdateFailed(f"{failed} of {len(instances)} instances did not switch")
+        raise UpdateFailed(f"{failed} of {len(fleet)} instances did not switch")
+
+
+def _from_registry(registry: str, model: str, version: str) -> list[Instance]:
+    """The instances of `model` to update, as `registry_fleet` finds them, saying which
+    hold `version` already; UpdateFailed when the registry lists none."""
+    fleet, current = registry_fleet(registry, model, version)
+    if not fleet and not current:
+        raise UpdateFailed(
+            f"no live instances of {model} in {reg.mask_url(registry)} (a vLLM instance "
+            "is listed there when it runs with REGISTRY and INSTANCE_URL)"
+        )
+    for record in current:
+        click.echo(f"netloader: {record.url} holds version {version} already: skipped")
+    if fleet:
+        listed = ", ".join(url if relay is None else f"{url}={relay}" for url, relay in fleet)
+        click.echo(f"netloader: updating {len(fleet)} instances of {model}, in order: {listed}")
+    return fleet

@@ -8,8 +8,14 @@ and a wave member, while it relays, one under
 
     netloader-wave:{model}:{tp}x{pp}:rank{r}:{position}:{address}
 
-its position claimed with INCR on `netloader-wave:{model}:{tp}x{pp}:rank{r}`. A killed
-process stops renewing, so its records vanish within the TTL and are never handed out.
+its position claimed with INCR on `netloader-wave:{model}:{tp}x{pp}:rank{r}`. A vLLM
+instance with INSTANCE_URL keeps one record of the instance itself (its HTTP API, its
+layout, rank 0's server, the version it holds) under
+
+    netloader-instance:{model}:{url}
+
+for `netloader update --registry`. A killed process stops renewing, so its records vanish
+within the TTL and are never handed out.
 
 The registry is a phone book, not a judge: anyone who can write to it can plant a record.
 A record only says where to try; the client's identity check, the digests and the secret
@@ -28,7 +34,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from netloader.endpoint import parse_endpoint
 from netloader.errors import NetloaderError
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = 6.0  # seconds a record outlives its last renewal
 SERVER_PREFIX = "netloader"
 WAVE_PREFIX = "netloader-wave"
+INSTANCE_PREFIX = "netloader-instance"
 MAX_RECORD_BYTES = 4096  # a record is a few hundred bytes; anything larger is planted junk
 MAX_RECORDS = 10_000  # the most records one lookup reads
 SCAN_BATCH = 1000
@@ -55,20 +62,42 @@ class RegistryError(NetloaderError):
 def check_registry_url(url: str) -> str:
     """`url` if it is `redis://[:password@]host:port/db` (port and db optional); else
     ValueError saying what is wrong, with any password masked."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad registry URL {mask_url(url)!r}: {exc}") from None
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"registry URL {mask_url(url)!r} must start with redis:// or rediss://")
-    if not parts.hostname:
-        raise ValueError(f"registry URL {mask_url(url)!r} names no host")
+    parts = _split_url(url, "registry", ("redis", "rediss"))
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
         raise ValueError(f"registry URL {mask_url(url)!r}: the database must be a number")
-    del port
     return url
+
+
+def check_instance_url(url: str) -> str:
+    """`url` if it is `http(s)://host:port` (a trailing slash allowed): a vLLM instance's
+    HTTP API as published in the registry; else ValueError saying what is wrong. No
+    credentials, path, query or fragment: the registry is readable by the whole fleet."""
+    parts = _split_url(url, "instance", ("http", "https"))
+    if parts.port is None:
+        raise ValueError(f"instance URL {mask_url(url)!r} names no port: http(s)://host:port")
+    if "@" in parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            f"instance URL {mask_url(url)!r} must be http(s)://host:port alone (no "
+            "credentials, path, query or fragment)"
+        )
+    return url
+
+
+def _split_url(url: str, kind: str, schemes: tuple[str, str]) -> urllib.parse.SplitResult:
+    """`url`'s parts, if it parses (its port too), has one of `schemes` and names a host;
+    else ValueError about this `kind` of URL, with any password masked."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is no port)
+    except ValueError as exc:
+        raise ValueError(f"bad {kind} URL {mask_url(url)!r}: {exc}") from None
+    if parts.scheme not in schemes:
+        allowed = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise ValueError(f"{kind} URL {mask_url(url)!r} must start with {allowed}")
+    if not parts.hostname:
+        raise ValueError(f"{kind} URL {mask_url(url)!r} names no host")
+    return parts
 
 
 def mask_url(url: str) -> str:
@@ -76,7 +105,7 @@ def mask_url(url: str) -> str:
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
-        return "<unparsable registry URL>"
+        return "<unparsable URL>"
     if parts.password is None:
         return url
     user = parts.username or ""
@@ -136,6 +165,10 @@ class Record:
         return Group(self.model, self.tp_size, self.pp_size, self.rank)
 
     @property
+    def label(self) -> str:
+        return self.address
+
+    @property
     def key(self) -> str:
         if self.position is None:
             return self.group.server_key(self.address)
@@ -153,13 +186,8 @@ class Record:
     def from_json(cls, data: bytes | str | None) -> Record | None:
         """The record in `data`, or None for anything that is not a well-formed one (the
         registry is untrusted: junk is skipped, never an error)."""
-        if data is None or len(data) > MAX_RECORD_BYTES:
-            return None
-        try:
-            raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        if not isinstance(raw, dict):
+        raw = _bounded_json(data)
+        if raw is None:
             return None
         try:
             record = cls(
@@ -190,6 +218,81 @@ def _get(raw: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(name)
     return value
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One live vLLM instance as the registry tells it: its HTTP API (`url`, where a trainer
+    sends the weight-update requests), its layout, rank 0's netloader server (`address`,
+    "" when rank 0 does not serve), and the version of the weights it holds now ("": not
+    known, e.g. loaded from disk and not updated since)."""
+
+    model: str
+    url: str
+    tp_size: int = 1
+    pp_size: int = 1
+    address: str = ""
+    version: str = ""
+    since: float = 0.0  # when it started serving (Unix time)
+
+    @property
+    def key(self) -> str:
+        return instance_key(self.model, self.url)
+
+    @property
+    def label(self) -> str:
+        return self.url
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: bytes | str | None) -> InstanceRecord | None:
+        """The record in `data`, or None for anything that is not a well-formed one (junk
+        from an untrusted registry is skipped, never an error)."""
+        raw = _bounded_json(data)
+        if raw is None:
+            return None
+        try:
+            record = cls(
+                model=_get(raw, "model", str),
+                url=check_instance_url(_get(raw, "url", str)),
+                tp_size=_get(raw, "tp_size", int),
+                pp_size=_get(raw, "pp_size", int),
+                address=_get(raw, "address", str),
+                version=_get(raw, "version", str),
+                since=float(_get(raw, "since", (int, float))),
+            )
+            if record.address:
+                parse_endpoint(record.address)
+        except (TypeError, ValueError):
+            return None
+        if not record.model or min(record.tp_size, record.pp_size) < 1:
+            return None
+        return record if math.isfinite(record.since) else None
+
+
+def instance_key(model: str, url: str) -> str:
+    return f"{INSTANCE_PREFIX}:{model}:{url}"
+
+
+def instance_record(
+    model: str, url: str, *, tp_size: int = 1, pp_size: int = 1, address: str = ""
+) -> InstanceRecord:
+    """A record for a vLLM instance starting to serve now (its version filled in by the
+    heartbeat that keeps it)."""
+    return InstanceRecord(model, url, tp_size, pp_size, address, since=time.time())
+
+
+def _bounded_json(data: bytes | str | None) -> dict[str, Any] | None:
+    """The JSON object in `data`, or None if it is missing, too large or not one."""
+    if data is None or len(data) > MAX_RECORD_BYTES:
+        return None
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def servers_of(records: Iterable[Record], group: Group) -> list[str]:
@@ -260,12 +363,12 @@ class Registry:
         self._redis.close()
 
     # ---- servers ------------------------------------------------------------------------
-    def publish(self, record: Record) -> None:
+    def publish(self, record: Record | InstanceRecord) -> None:
         """Write `record`, to expire after the TTL unless published again; a wave member's
         record also keeps its wave's position counter alive."""
         self._bounded(lambda: self._publish(record))
 
-    def withdraw(self, record: Record) -> None:
+    def withdraw(self, record: Record | InstanceRecord) -> None:
         self._bounded(lambda: self._redis.delete(record.key))
 
     def servers(self, *groups: Group) -> list[str]:
@@ -283,6 +386,19 @@ class Registry:
     def records(self, pattern: str = f"{SERVER_PREFIX}:*") -> list[Record]:
         """The well-formed records whose keys match `pattern` (all servers by default)."""
         return self._bounded(lambda: self._records(pattern))
+
+    # ---- vLLM instances -----------------------------------------------------------------
+    def instances(self, model: str | None = None) -> list[InstanceRecord]:
+        """The well-formed records of live vLLM instances (of `model`, when given), by model
+        and URL."""
+        if model is None:
+            pattern = f"{INSTANCE_PREFIX}:*"
+        else:  # the pattern also matches models named "{model}:...": the filter drops them
+            pattern = f"{_glob_escape(instance_key(model, ''))}*"
+        found = self._bounded(lambda: self._values(pattern))
+        records = (InstanceRecord.from_json(v) for v in found)
+        chosen = [r for r in records if r is not None and model in (None, r.model)]
+        return sorted(chosen, key=lambda r: (r.model, r.url))
 
     # ---- waves --------------------------------------------------------------------------
     def join(self, group: Group, address: str, fanout: int | None) -> tuple[Record, list[str]]:
@@ -310,14 +426,19 @@ class Registry:
     def _ttl_s(self) -> int:
         return max(math.ceil(self.ttl), 1)
 
-    def _publish(self, record: Record) -> None:
+    def _publish(self, record: Record | InstanceRecord) -> None:
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(record.key, record.to_json(), px=max(int(self.ttl * 1000), 1))
-        if record.position is not None:  # the counter lives while its wave has members
-            pipe.expire(record.group.counter_key, self._ttl_s)
+        if isinstance(record, Record) and record.position is not None:
+            pipe.expire(record.group.counter_key, self._ttl_s)  # lives while its wave does
         pipe.execute()
 
     def _records(self, pattern: str) -> list[Record]:
+        found = (Record.from_json(v) for v in self._values(pattern))
+        return [r for r in found if r is not None]
+
+    def _values(self, pattern: str) -> list[Any]:
+        """The values of the keys matching `pattern` (at most MAX_RECORDS of them)."""
         keys: list[Any] = []
         for key in self._redis.scan_iter(match=pattern, count=SCAN_BATCH):
             keys.append(key)
@@ -326,8 +447,7 @@ class Registry:
         values: list[Any] = []
         for start in range(0, len(keys), SCAN_BATCH):
             values.extend(self._redis.mget(keys[start : start + SCAN_BATCH]))
-        found = (Record.from_json(v) for v in values)
-        return [r for r in found if r is not None]
+        return values
 
     # ---- bounding -----------------------------------------------------------------------
     def _bounded(self, call: Callable[[], T]) -> T:
@@ -357,23 +477,27 @@ class Registry:
         return result[0]
 
 
-class Heartbeat:
+R = TypeVar("R", Record, InstanceRecord)
+
+
+class Heartbeat(Generic[R]):
     """Keeps a record alive in the registry from a background thread: publishes it once
     `ready()` says the server is serving, renews it (with `update`'s fresh fields, such as
-    transfers in progress) every third of the TTL, and withdraws it on `close()`. A registry
-    that goes away is logged once, and the record is published again when it is back."""
+    transfers in progress, or the version an instance holds) every third of the TTL, and
+    withdraws it on `close()`. A registry that goes away is logged once, and the record is
+    published again when it is back."""
 
     def __init__(
         self,
         registry: Registry,
-        record: Record,
+        record: R,
         *,
-        update: Callable[[Record], Record] = lambda r: r,
+        update: Callable[[R], R] = lambda r: r,
         ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.registry = registry
-        self.record = record
-        self._update = update
+        self.record: R = record
+        self._update: Callable[[R], R] = update
         self._ready = ready
         self._stop = threading.Event()
         self.published = threading.Event()  # set once the record is in the registry
@@ -393,7 +517,7 @@ class Heartbeat:
                 if not failing:
                     log.warning(
                         "netloader: cannot renew %s in %s (retrying): %s",
-                        record.address,
+                        record.label,
                         self.registry.label,
                         exc,
                     )
@@ -401,11 +525,15 @@ class Heartbeat:
             else:
                 if failing:
                     log.warning(
-                        "netloader: registered %s in %s again", record.address, self.registry.label
+                        "netloader: registered %s in %s again", record.label, self.registry.label
                     )
                 failing = False
                 self.published.set()
             self._stop.wait(self.registry.ttl / 3)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     def close(self) -> None:
         """Stop renewing and remove the record (a killed process's record expires instead)."""
@@ -444,3 +572,10 @@ def server_record(
 def with_transfers(transfers: Callable[[], int]) -> Callable[[Record], Record]:
     """An update for Heartbeat that refreshes the record's transfers in progress."""
     return lambda record: replace(record, transfers=transfers())
+
+
+def with_holding(
+    version: Callable[[], str], address: Callable[[], str]
+) -> Callable[[InstanceRecord], InstanceRecord]:
+    """An update for Heartbeat that refreshes an instance's version and server address."""
+    return lambda record: replace(record, version=version(), address=address())

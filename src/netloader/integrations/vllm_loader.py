@@ -59,6 +59,7 @@ from netloader.ranks import (
     join_wave,
     load_rank,
     member,
+    register_instance,
     register_server,
     relay_rank,
     serve_rank,
@@ -219,6 +220,8 @@ def _loader_class() -> type:
                         model, self.capture, self.config, self.slot, self.relay, files, cache,
                         self.shared,
                     )  # fmt: skip
+                if self.slot.rank == 0 and not self.slot.draft:  # INSTANCE_URL: for updates
+                    register_instance(self.config, self.capture.identity)
                 self.capture = self.relay = None
                 self.shared = []
             return model
@@ -333,8 +336,10 @@ def _load_from_peers(
             return _counted("peer", why, "wave")
         sources = find_sources(config, identity, slot.rank, draft=slot.draft, checkpoints=True)
         if not sources:
-            where = "SOURCE" if config.registry is None else "neither REGISTRY nor SOURCE"
-            return _counted("disk", f"{where} has no sources for {slot}", "no_sources")
+            where = (
+                "SOURCE has no" if config.registry is None else "neither REGISTRY nor SOURCE has"
+            )
+            return _counted("disk", f"{where} sources for {slot}", "no_sources")
         found = sort_sources(config, sources)
         reasons = list(found.unreachable)
         if found.peers:

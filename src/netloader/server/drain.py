@@ -22,6 +22,15 @@ _lock = threading.Lock()
 _installed = False
 _started = False
 _timeout = 0.0  # the latest caller's: a process loads (and serves) more than once
+_on_drain: list[Callable[[], None]] = []
+
+
+def at_drain(callback: Callable[[], None]) -> None:
+    """Call `callback` (in a thread of its own) when this process starts draining on
+    SIGTERM, beside its servers' drains: e.g. to leave a registry with something that is
+    not a server."""
+    with _lock:
+        _on_drain.append(callback)
 
 
 def drain_on_sigterm(servers: Callable[[], Iterable[Server]], timeout: float) -> bool:
@@ -50,6 +59,8 @@ def _handler(
         global _started
         if not _started:
             _started = True
+            for callback in _on_drain:
+                threading.Thread(target=callback, name="netloader-drain", daemon=False).start()
             for server in servers():
                 # Not a daemon: the interpreter waits for it before the process exits.
                 threading.Thread(
