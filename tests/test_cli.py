@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -278,3 +279,28 @@ def test_secret_makes_a_strong_private_secret(tmp_path: Path) -> None:
     assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600
     again = run_cli("secret", str(tmp_path / "key"))
     assert again.returncode == 1 and "File exists" in again.stderr
+
+
+def test_the_commands_that_move_no_tensors_start_without_torch() -> None:
+    """`netloader update`, `peers` and `secret` (what a trainer's box or an operator runs,
+    often on a machine busy with inference) do not import torch: its import alone can take
+    longer than the command. The others import it when they run."""
+    probe = (
+        "import sys\n"
+        "from netloader.cli import main\n"
+        "for name in ('update', 'peers', 'secret', 'inspect'):\n"
+        "    main.get_command(None, name)\n"
+        "main(['update', '--help'], standalone_mode=False)\n"
+        "main(['secret'], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "main.get_command(None, 'pull')\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--registry" in done.stdout

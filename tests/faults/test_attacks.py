@@ -17,6 +17,7 @@ import torch
 import netloader
 from netloader import AuthenticationError, Client, Identity, Server, Timeouts, TransferError
 from netloader import protocol as p
+from netloader.manifest import build_manifest
 from netloader.server import LoadedTensors
 from netloader.testing.models import same_bytes, transformer_like
 from netloader.testing.processes import process_usage
@@ -54,7 +55,7 @@ class RelayingAttacker:
             server.sendall(_read_frame(client))  # AUTH
             _read_frame(client)  # the client's (tagged) GET_MANIFEST: not passed on
             forged = {n: torch.zeros_like(t) for n, t in transformer_like().items()}
-            manifest = netloader.manifest.build_manifest(Identity("m"), forged, 1 << 20)
+            manifest = build_manifest(Identity("m"), forged, 1 << 20)
             client.sendall(p.ManifestMessage(manifest).encode())
             server.sendall(p.GetManifest().encode())  # untagged: the attacker has no key
             self.server_said.append(_read_frame(server))

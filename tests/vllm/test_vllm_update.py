@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from netloader import Client, Manifest, SourceUnavailable
-from netloader.cli.update import registry_fleet, update_fleet
+from netloader.cli.update import registry_fleet
 from netloader.discovery.registry import InstanceRecord, Registry
 from netloader.tensors import dtype_from_name
 from netloader.testing.processes import ServerProcess
@@ -201,20 +201,26 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
 
     asking = threading.Thread(target=ask_while_updating, daemon=True)
     asking.start()
-    # What `netloader update --registry URL --model tiny ...` does (the refused cases run
-    # the command itself), in this process: the command's start, importing torch, can take
-    # minutes on two cores that the asking keeps busy. The instance that knows its version
-    # comes first (see fleet_from_records), so the second pulls from the first.
+    # The fleet as `netloader update --registry URL --model tiny` finds it: the instance
+    # that knows its version comes first (see fleet_from_records), so the second pulls
+    # from the first.
     chain, current = registry_fleet(registry.url, "tiny", "2")
     assert current == []
     assert chain == [(live.base_url, relay), (other.base_url, records[other.base_url].address)]
+    source = publishers["v2"].address
     try:
-        outcomes = list(update_fleet(chain, "2", [publishers["v2"].address], timeout=300))
+        done = run_cli(
+            "update", "--registry", registry.url, "--model", "tiny", "--version", "2",
+            "--source", source, timeout=600,
+        )  # fmt: skip
     finally:
         stop.set()
         asking.join(timeout=120)
-    assert [o.failure for o in outcomes] == [None, None], outcomes
-    assert [o.first for o in outcomes] == [None, relay]
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said
+    assert re.search(rf"{live.base_url} switched to version 2 in [\d.]+ s\n", said), said
+    assert f"{other.base_url} switched to version 2 in" in said, said
+    assert f"(from {relay} first)" in said, said  # the relay
     for instance, pid in zip((live, other), pids, strict=True):
         assert instance.completions() == version_2, instance.name
         assert instance.proc is not None and instance.proc.pid == pid  # no restart

@@ -5,6 +5,7 @@ peers, make a secret, update running vLLM instances. One module per command grou
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -12,17 +13,36 @@ from typing import Any, NoReturn
 
 import click
 
-from netloader.cli.info import inspect, peers, secret
-from netloader.cli.pull import pull
-from netloader.cli.serve import serve
-from netloader.cli.update import update
+# command -> its module, imported only when the command runs (or --help lists them): the
+# commands that move no tensors (update, peers, secret) start without importing torch,
+# which on a busy machine can take longer than the command itself.
+COMMANDS = {
+    "serve": "serve",
+    "pull": "pull",
+    "inspect": "info",
+    "peers": "info",
+    "secret": "info",
+    "update": "update",
+}
 
 
 class _Commands(click.Group):
-    """The command group. Run as the program (its arguments taken from sys.argv), it ends
-    without the interpreter's teardown, which with torch loaded takes 0.3-0.5 s to free
-    what the process's end frees anyway; called with arguments (click's CliRunner, a
-    test), it behaves as any click group."""
+    """The command group, its commands imported on first use (`COMMANDS`). Run as the
+    program (its arguments taken from sys.argv), it ends without the interpreter's
+    teardown, which with torch loaded takes 0.3-0.5 s to free what the process's end frees
+    anyway; called with arguments (click's CliRunner, a test), it behaves as any click
+    group."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        command = getattr(importlib.import_module(f"netloader.cli.{module}"), cmd_name)
+        assert isinstance(command, click.Command)
+        return command
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         as_program = not args and kwargs.get("args") is None
@@ -58,8 +78,5 @@ def main(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
     )
 
-
-for command in (serve, pull, inspect, peers, secret, update):
-    main.add_command(command)
 
 __all__ = ["main"]

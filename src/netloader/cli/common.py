@@ -9,16 +9,18 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from netloader.config import NetloaderConfig
 from netloader.discovery import registry as reg
 from netloader.endpoint import Endpoint, parse_endpoint
 from netloader.errors import NetloaderError
-from netloader.server import Server
 from netloader.settings import Timeouts
+
+if TYPE_CHECKING:  # imported where used: `netloader update` and `peers` start without torch
+    from netloader.config import NetloaderConfig
+    from netloader.server import Server
 
 DRAIN_TIMEOUT = Timeouts.drain
 
@@ -117,6 +119,8 @@ def listen_options(listen_help: str) -> list[Callable[[Any], Any]]:
 def config_from(**fields: Any) -> NetloaderConfig:
     """The options of one command as a NetloaderConfig (rank 0), so the CLI sets up
     listeners, TLS, secrets and waves exactly as the configuration-driven API does."""
+    from netloader.config import NetloaderConfig
+
     if (fields.get("TLS_CERT") is None) != (fields.get("TLS_KEY") is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     listen: Endpoint | None = fields.pop("listen", None)

@@ -8,6 +8,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,9 +23,10 @@ from netloader.cli.common import (
 from netloader.discovery import registry as reg
 from netloader.discovery.wave import listing
 from netloader.endpoint import Endpoint
-from netloader.manifest import Manifest
-from netloader.ranks import client_for
 from netloader.settings import Timeouts, new_secret
+
+if TYPE_CHECKING:
+    from netloader.manifest import Manifest
 
 
 @click.command()
@@ -51,6 +53,8 @@ def inspect(
 ) -> None:
     """Print a server's manifest: model, layout, and every tensor."""
     config = config_from(CONNECT_TIMEOUT=connect_timeout, SECRET_FILE=secret_file, TLS_CA=tls_ca)
+    from netloader.ranks import client_for  # torch: only this command needs it
+
     manifest = client_for(config, sources).manifest(version=version)
     if as_json:
         click.echo(json.dumps(manifest.to_json(), indent=1))
