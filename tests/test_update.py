@@ -20,11 +20,16 @@ from netloader import (
     Identity,
     IntegrityError,
     ManifestMismatch,
+    NetloaderConfig,
+    SourceUnavailable,
     Timeouts,
     TransferError,
     UsageError,
     metrics,
 )
+from netloader.checkpoint import CHECKPOINT_WEIGHTS
+from netloader.manifest import build_manifest
+from netloader.protocol import Part
 from netloader.testing.models import differing, transformer_like, write_checkpoint
 from support.servers import MakeProxy, StartCliServer, run_cli
 
@@ -48,6 +53,12 @@ def v1() -> dict[str, torch.Tensor]:
 def publisher(v1: dict[str, torch.Tensor]) -> Iterator[netloader.Server]:
     with netloader.publish(version_2(v1), "m", version=2, chunk_bytes=CHUNK) as server:
         yield server
+
+
+def checkpoint_manifest(tensors: dict[str, torch.Tensor], version: str) -> netloader.Manifest:
+    """The manifest of these tensors served as a checkpoint of `version`."""
+    identity = Identity("m", attributes={"weights": CHECKPOINT_WEIGHTS}, version=version)
+    return build_manifest(identity, tensors, CHUNK)
 
 
 def _sample(name: str, **labels: str) -> float:
@@ -185,21 +196,29 @@ def test_a_rank_that_switched_relays_the_delta_it_took_and_keeps_serving_what_it
     serves the tensors it took of the new version under that version's whole manifest (an
     instance still on version 1 updates from it alone, a client wanting version 2 whole
     is told what it holds) and version 1, checked, to a client asking for it or for any
-    complete model."""
-    from netloader.ranks import Member
+    complete model. Throughout, an instance that loads version 1 from it learns which
+    checkpoint that is (`checkpoint_of_peer`), as it must to take live updates itself."""
+    from netloader.ranks import Member, checkpoint_of_peer
 
     version_2_manifest = publisher.manifest(timeout=30)
     taken = {CHANGED: version_2(v1)[CHANGED]}  # as a rank stages it
     rank = Member(0)
+    config = NetloaderConfig.load({})
     with netloader.serve(copy_of(v1), "m", chunk_bytes=CHUNK, version=1) as serving:
         rank.attach(serving)
         serving.manifest(timeout=30)  # serving: its digests are computed
+        rank.checkpoint = checkpoint_v1 = checkpoint_manifest(v1, "1")  # as if it loaded it
+        rank.offer_checkpoint()
+        peer_loaded = netloader.load(copy_of(v1), [str(serving.address)], "m")
+        assert peer_loaded.version == "1"
+        assert checkpoint_of_peer(config, peer_loaded) == checkpoint_v1
         model = serving.holdings.tensors  # what it serves is the model's own tensors
         kept = rank.keep_serving({model[CHANGED].untyped_storage().data_ptr()})
         assert kept is not None
         model[CHANGED].copy_(taken[CHANGED])  # the switch, in place
-        rank.switched(taken, version_2_manifest, "1", kept=kept)
+        rank.switched(taken, version_2_manifest, checkpoint_v1, kept=kept)
         assert rank.checkpoint is version_2_manifest and rank.serving is kept.tensors
+        assert checkpoint_of_peer(config, peer_loaded) == checkpoint_v1  # kept with it
         assert serving.manifest().identity.version == "2"
         behind = copy_of(v1)
         report = netloader.update(behind, [str(serving.address)], "m", version=2)
@@ -223,8 +242,12 @@ def test_a_rank_told_not_to_keep_what_it_had_leaves_the_registry_and_serves_the_
     with netloader.serve(copy_of(v1), "m", chunk_bytes=CHUNK, version=1) as serving:
         serving.at_close(lambda: withdrawn.append("registry record"))
         rank.attach(serving)
-        rank.switched(taken, publisher.manifest(timeout=30), "1", kept=None)
+        rank.checkpoint = checkpoint_v1 = checkpoint_manifest(v1, "1")
+        rank.offer_checkpoint()
+        rank.switched(taken, publisher.manifest(timeout=30), checkpoint_v1, kept=None)
         assert withdrawn == ["registry record"] and rank.serving is None
+        with pytest.raises(SourceUnavailable, match="this server offers no checkpoint"):
+            netloader.Client([str(serving.address)]).manifest(Part.CHECKPOINT, version="1")
         with pytest.raises(TransferError, match="holds only what changed from version 1"):
             netloader.load(copy_of(v1), [str(serving.address)], "m")
         with pytest.raises(TransferError, match="expected '1', server has '2'"):

@@ -23,6 +23,7 @@ from netloader.discovery.wave import Wave
 from netloader.endpoint import Endpoint, advertised_host, parse_endpoint, write_address_file
 from netloader.errors import NetloaderError, SourceUnavailable, UsageError
 from netloader.manifest import DEFAULT_CHUNK_BYTES, Identity, Manifest
+from netloader.protocol import Part
 from netloader.server import LoadedTensors, PartOfModel, Relay, Server, ServerOptions
 from netloader.server.drain import at_drain
 from netloader.server.holdings import keep_through_switch
@@ -61,6 +62,14 @@ class Member:
         self.server = server
         return server
 
+    def offer_checkpoint(self) -> None:
+        """Let its server tell the instances that load from it which checkpoint version the
+        model holds (the CHECKPOINT part), when known: they then hold it too, and can take
+        live updates (`checkpoint_of_peer`)."""
+        if self.server is not None:
+            held = self.checkpoint
+            self.server.offer_checkpoints({} if held is None else {held.identity.version: held})
+
     def keep_serving(self, written: Collection[int]) -> PartOfModel | None:
         """Before a live update's switch, which writes the storages at `written`: the
         complete version this member's server offers (what it loaded, or kept at an
@@ -74,20 +83,22 @@ class Member:
         self,
         tensors: Mapping[str, torch.Tensor],
         manifest: Manifest,
-        previous: str,
+        held: Manifest | None,
         *,
         kept: PartOfModel | None = None,
     ) -> None:
-        """A live update switched the model from version `previous` to the one `manifest`
-        describes, taking `tensors` of it (in host memory, verified): from now on the model
-        holds that version, and its server relays those tensors (`PartOfModel`) to the
-        instances still on `previous`, and offers `kept` (from `keep_serving`, taken
-        before the switch) to clients that ask for its version or for any complete one.
-        Without `kept`, it leaves every registry and wave that lists it as a server of
-        the version it loaded: it no longer offers it whole."""
+        """A live update switched the model from the checkpoint version `held` describes
+        (None: not known as a manifest) to the one `manifest` describes, taking `tensors`
+        of it (in host memory, verified): from now on the model holds that version, and its
+        server relays those tensors (`PartOfModel`) to the instances still on the previous
+        one, and offers `kept` (from `keep_serving`, taken before the switch) to clients
+        that ask for its version or for any complete one, with `held` as its checkpoint.
+        Without `kept`, it leaves every registry and wave that lists it as a server of the
+        version it loaded: it no longer offers it whole."""
         self.checkpoint, self.on_disk = manifest, None
         if self.server is None:
             return
+        previous = "" if held is None else held.identity.version
         lacking = (
             f"this instance switched to version {manifest.identity.version} and holds only "
             f"what changed from version {previous or '(unversioned)'}"
@@ -96,6 +107,10 @@ class Member:
         self.serving = None if kept is None else kept.tensors
         if kept is None:
             self.server.withdraw()
+        version = None if kept is None else kept.manifest().identity.version
+        self.server.offer_checkpoints(
+            {version: held} if held is not None and version == previous else {}
+        )
         delta = sum(t.nbytes for t in tensors.values())
         log.info(
             "netloader: rank %d serves on %s what changed from version %s to %s: %d tensors, "
@@ -234,6 +249,46 @@ def register_instance(
     at_drain(heartbeat.close)
     _instances[:] = [heartbeat]
     return heartbeat
+
+
+def checkpoint_of_peer(config: NetloaderConfig, report: LoadReport) -> Manifest | None:
+    """The manifest of the checkpoint version an engine's weights that `report` says were
+    loaded from a peer of the same layout came from, as that peer tells it (the CHECKPOINT
+    part; the peer is as trusted as the bytes it sent, which were verified): what this
+    instance then holds too, for its live updates to compare with. None (logged) if the
+    peer does not know or cannot say."""
+    if not report.sources:
+        return None
+    source = report.sources[0]
+    try:
+        held = client_for(config, [parse_endpoint(source)]).manifest(
+            Part.CHECKPOINT, version=report.version
+        )
+    except (NetloaderError, ValueError) as exc:
+        log.info(
+            "netloader: %s did not say which checkpoint it loaded (%s): live updates of "
+            "this instance will be refused",
+            source,
+            exc,
+        )
+        return None
+    if held.identity.version != report.version or (
+        held.identity.attributes.get("weights") != CHECKPOINT_WEIGHTS
+    ):
+        log.warning(
+            "netloader: %s named checkpoint version %r for weights of version %r: ignored",
+            source,
+            held.identity.version,
+            report.version,
+        )
+        return None
+    log.info(
+        "netloader: %s says these weights are checkpoint version %s: live updates compare "
+        "with its manifest",
+        source,
+        held.identity.version or "(unversioned)",
+    )
+    return held
 
 
 def find_sources(

@@ -88,3 +88,9 @@ def test_only_a_complete_serving_version_is_kept() -> None:
     one = next(iter(tensors))
     delta = PartOfModel({one: tensors[one]}, _holdings("1", tensors).manifest(0), lacking="x")
     assert keep_through_switch(delta, set()) is None
+
+
+def test_the_checkpoint_part_is_asked_for_by_version() -> None:
+    asked = p.GetManifest(p.Part.CHECKPOINT, "1")
+    assert asked.body() == {"part": "checkpoint", "version": "1"}
+    assert p.GetManifest.decode(asked.body()) == asked

@@ -1,16 +1,17 @@
 """Live updates of running vLLM instances with real vLLM: `netloader update` drives vLLM's
 own weight-update routes (VLLM_SERVER_DEV_MODE=1) and the `netloader` weight-transfer
-backend. Two instances hold version 1, one loaded from a checkpoint server, the other from
-disk; version 2 (one decoder layer fine-tuned) is published by another server. Refused
-updates (a source without the secret, a flipped byte, a publisher that dies halfway,
-another version) leave the first answering exactly as before; the good one switches both
-in place (same processes, same servers, requests during the update all answered by one
-version or the other), the first from the publisher and the second from the first (a
-relay; it found what changed by digesting the files it loaded), each moving that one
-layer's bytes, after which both answer exactly as a fresh vLLM started from version 2 on
-disk, and the first still serves version 1, whole, to a client that asks for it. The
-instances run with REGISTRY and INSTANCE_URL: the good update finds them in the registry,
-in the order that lets the first relay to the second, and their records then show
+backend. Three instances hold version 1: one loaded from a checkpoint server, one from
+the first (a vLLM peer, which told it which checkpoint that is), one from disk; version 2
+(one decoder layer fine-tuned) is published by another server. Refused updates (a source
+without the secret, a flipped byte, a publisher that dies halfway, another version) leave
+the first answering exactly as before; the good one switches all three in place (same
+processes, same servers, requests during the update all answered by one version or the
+other), each from the one that switched before it (a relay; the one from disk found what
+changed by digesting the files it loaded), each moving that one layer's bytes, after which
+all answer exactly as a fresh vLLM started from version 2 on disk, and the first still
+serves version 1, whole, with its checkpoint's manifest, to a client that asks for it.
+The instances run with REGISTRY and INSTANCE_URL: the good update finds them in the
+registry, in an order that lets each relay to the next, and their records then show
 version 2.
 """
 
@@ -29,6 +30,7 @@ import torch
 from netloader import Client, Manifest, SourceUnavailable
 from netloader.cli.update import registry_fleet
 from netloader.discovery.registry import InstanceRecord, Registry
+from netloader.protocol import Part
 from netloader.tensors import dtype_from_name
 from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import PROMPTS, VllmInstance, running
@@ -71,7 +73,7 @@ def publishers(
             server.stop()
 
 
-Fleet = tuple[VllmInstance, VllmInstance, dict[str, str], dict[str, str]]
+Fleet = tuple[VllmInstance, VllmInstance, VllmInstance, dict[str, str], dict[str, str]]
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +108,12 @@ def instances(
     publishers: dict[str, ServerProcess],
     registry: RedisServer,
 ) -> Iterator[Fleet]:
-    """(two live instances, their version-1 answers, a fresh version-2 instance's): the
-    first loaded from the version-1 checkpoint server, the second from disk. Both have
-    REGISTRY and INSTANCE_URL, but the registry comes up only once they have loaded: an
-    instance that found the other's server there would load from it (a vLLM peer), and
-    such an instance is refused live updates. Their heartbeats publish them once it is up."""
+    """(three live instances, their version-1 answers, a fresh version-2 instance's): the
+    first loaded from the version-1 checkpoint server, the second from disk, the third
+    from the first (a vLLM peer). All have REGISTRY and INSTANCE_URL, but the registry
+    comes up only once they have loaded, so that each loads where this says (the second
+    would otherwise find the first there, and load from it too). Their heartbeats publish
+    them once it is up."""
     # Two cores that the asking keeps busy: the relaying instance's server runs at normal
     # priority (SENDER_NICE 0, not 10), and connecting to a busy peer may take a while.
     patient = {"MODEL": "tiny", "SENDER_NICE": 0, "CONNECT_TIMEOUT": 30, "STALL_TIMEOUT": 60}
@@ -123,13 +126,17 @@ def instances(
         instance.env["NETLOADER_CONFIG"] = json.dumps({"INSTANCE_URL": instance.base_url})
     fresh = start("upd_fresh_v2", v2_model, None, load_format="auto", served_model_name="tiny")
     with running(live, other, fresh):
-        registry.start()
         version_2 = fresh.completions()
         fresh.stop()
-        version_1 = live.completions()
-        assert version_1 != version_2, "version 2 answers as version 1 does: perturb more"
-        assert other.completions() == version_1
-        yield live, other, version_1, version_2
+        first = {**patient, "SOURCE": [{"device_id": 0, "sources": [serve_line(live).group(4)]}]}
+        peer = start("upd_peer", tiny_model, first, env=env, extra_args=BACKEND)
+        peer.env["NETLOADER_CONFIG"] = json.dumps({"INSTANCE_URL": peer.base_url})
+        with running(peer):
+            registry.start()
+            version_1 = live.completions()
+            assert version_1 != version_2, "version 2 answers as version 1 does: perturb more"
+            assert other.completions() == version_1 == peer.completions()
+            yield live, other, peer, version_1, version_2
 
 
 def update(instances: Sequence[str], source: str, version: str = "2") -> tuple[int, str]:
@@ -144,7 +151,7 @@ def staged_lines(instance: VllmInstance) -> list[str]:
 def test_refused_updates_leave_the_old_version_answering(
     instances: Fleet, publishers: dict[str, ServerProcess]
 ) -> None:
-    live, _, version_1, _ = instances
+    live, _, _, version_1, _ = instances
     flipping = FaultyProxy(publishers["v2"].address, flip_at=100_000)
     dying = FaultyProxy(publishers["v2"].address, cut_at=600_000, reset=True)
     cases = {
@@ -171,88 +178,98 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     tiny_model: Path,
     registry: RedisServer,
 ) -> None:
-    """The first instance from the publisher, the second from the first: the instances'
-    registry records name their netloader servers, which relay what they took once they
-    switched."""
-    live, other, version_1, version_2 = instances
-    assert live.proc is not None and other.proc is not None
-    pids = live.proc.pid, other.proc.pid
-    relay = serve_line(live).group(4)
+    """Each instance from the one that switched before it (the first from the publisher):
+    the instances' registry records name their netloader servers, which relay what they
+    took once they switched. The one that loaded from a vLLM peer knows its version from
+    that peer, as the one that loaded from the checkpoint server does."""
+    live, other, peer, version_1, version_2 = instances
+    fleet = (live, peer, other)
+    pids = {i.name: i.proc.pid for i in fleet if i.proc is not None}
+    relays = {i.base_url: serve_line(i).group(4) for i in fleet}
+    relay = relays[live.base_url]
     loaded = Client([relay], secret=SECRET.encode()).manifest()  # version 1, vLLM's layout
     assert loaded.identity.version == "1"
-    # The instance records, published once the registry came up: the first holds the
-    # checkpoint server's version 1, the second (loaded from disk) a version not known.
-    held = {live.base_url: "1", other.base_url: ""}
+    checkpoint_v1 = Client([publishers["v1"].address], secret=SECRET.encode()).manifest()
+    told = [line for line in peer.netloader_lines() if "says these weights are" in line]
+    assert told and f"{relay} says these weights are checkpoint version 1" in told[0], told
+    # The instance records, published once the registry came up: the first two hold the
+    # checkpoint server's version 1, the third (loaded from disk) a version not known.
+    held = {live.base_url: "1", peer.base_url: "1", other.base_url: ""}
     wait_for(
         lambda: {r.url: r.version for r in instance_records(registry)} == held,
         60,
-        "both instances published",
+        "the instances published",
     )
     records = {r.url: r for r in instance_records(registry)}
-    assert records[live.base_url].address == relay
-    assert records[other.base_url].address == serve_line(other).group(4)
+    assert {url: r.address for url, r in records.items()} == relays
     probe = next(p for p in PROMPTS if version_1[p] != version_2[p])
     answers: list[str] = []
     stop = threading.Event()
 
     def ask_while_updating() -> None:
-        while not stop.wait(0.1):  # a pause between requests leaves the relay some CPU
+        while not stop.wait(0.1):  # a pause between requests leaves the relays some CPU
             answers.append(live.complete(probe))
 
+    # The fleet as `netloader update --registry URL --model tiny` finds it: those that know
+    # their version first (see fleet_from_records), each after pulling from the one before.
+    chain, current = registry_fleet(registry.url, "tiny", "2")
+    assert current == [] and chain[2] == (other.base_url, relays[other.base_url])
+    assert {url for url, _ in chain[:2]} == {live.base_url, peer.base_url}
+    before = {i.base_url: len(i.netloader_lines()) for i in fleet}
     asking = threading.Thread(target=ask_while_updating, daemon=True)
     asking.start()
-    # The fleet as `netloader update --registry URL --model tiny` finds it: the instance
-    # that knows its version comes first (see fleet_from_records), so the second pulls
-    # from the first.
-    chain, current = registry_fleet(registry.url, "tiny", "2")
-    assert current == []
-    assert chain == [(live.base_url, relay), (other.base_url, records[other.base_url].address)]
-    source = publishers["v2"].address
     try:
         done = run_cli(
             "update", "--registry", registry.url, "--model", "tiny", "--version", "2",
-            "--source", source, timeout=600,
+            "--source", publishers["v2"].address, timeout=600,
         )  # fmt: skip
     finally:
         stop.set()
         asking.join(timeout=120)
     said = done.stdout + done.stderr
     assert done.returncode == 0, said
-    assert re.search(rf"{live.base_url} switched to version 2 in [\d.]+ s\n", said), said
-    assert f"{other.base_url} switched to version 2 in" in said, said
-    assert f"(from {relay} first)" in said, said  # the relay
-    for instance, pid in zip((live, other), pids, strict=True):
+    (first, _), (second, _), (third, _) = chain
+    assert re.search(rf"{first} switched to version 2 in [\d.]+ s\n", said), said
+    assert f"{second} switched to version 2 in" in said, said
+    assert f"(from {relays[first]} first)" in said, said
+    assert f"{third} switched to version 2 in" in said, said
+    assert f"(from {relays[second]} first)" in said, said
+    for instance in fleet:
         assert instance.completions() == version_2, instance.name
-        assert instance.proc is not None and instance.proc.pid == pid  # no restart
-        assert instance.proc.poll() is None
+        assert instance.proc is not None and instance.proc.pid == pids[instance.name]
+        assert instance.proc.poll() is None  # no restart
         assert instance._get("/weight_info") == {"weight_version": "2"}
     # Their records show version 2 from their next renewals on; `update --registry` skips them.
-    switched = {live.base_url: "2", other.base_url: "2"}
     wait_for(
-        lambda: {r.url: r.version for r in instance_records(registry)} == switched,
+        lambda: {r.version for r in instance_records(registry)} == {"2"},
         60,
-        "both records at version 2",
+        "every record at version 2",
     )
     assert registry_fleet(registry.url, "tiny", "2")[0] == []
     assert answers and set(answers) <= {version_1[probe], version_2[probe]}, answers
-    # Only the changed decoder layer moved (whole: it is post-processed as a unit), to the
-    # first from the publisher, to the second from the first.
-    pulls = []
-    for instance in (live, other):
+    # Only the changed decoder layer moved (whole: it is post-processed as a unit), to each
+    # from the one before it: all of it (none from the publisher after the first).
+    by_url = {i.base_url: i for i in fleet}
+    pulls = {}
+    for instance in fleet:
         staged = [m for line in staged_lines(instance) if (m := STAGED.search(line))]
         assert len(staged) == 1, instance.netloader_lines()
         tensors, total_tensors, pulled, total = map(int, staged[0].groups())
         assert 0 < tensors < total_tensors and 0 < pulled < total // 2, staged[0].group(0)
-        pulls.append(pulled)
-    assert pulls[0] == pulls[1]
-    assert "chunks that differ from the version it holds (1)" in staged_lines(live)[0]
+        pulls[instance.base_url] = pulled
+    assert len(set(pulls.values())) == 1, pulls
+    for instance in (live, peer):
+        assert "chunks that differ from the version it holds (1)" in staged_lines(instance)[0]
     digested = staged_lines(other)[0]
     assert f"chunks that differ from the checkpoint it loaded from {tiny_model}" in digested
-    relayed = [int(m.group(1)) for line in live.netloader_lines() if (m := SENT.search(line))]
-    assert sum(relayed) == pulls[1], live.netloader_lines()  # all of it, none from the publisher
+    for upstream, downstream in ((first, second), (second, third)):
+        lines = by_url[upstream].netloader_lines()[before[upstream] :]
+        relayed = [int(m.group(1)) for line in lines if (m := SENT.search(line))]
+        assert sum(relayed) == pulls[downstream], lines
     # What the first serves now: to those updating, version 2's manifest and only the
     # chunks it took; to any other, version 1 as it loaded it, whole and verified (the
-    # parameters the switch overwrote in place were copied before it).
+    # parameters the switch overwrote in place were copied before it), and the manifest
+    # of that checkpoint, for an instance that loads it to know what it holds.
     client = Client([relay], secret=SECRET.encode())
     delta = client.manifest(version="2")
     assert delta.identity.version == "2"
@@ -261,6 +278,7 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     assert client.manifest() == loaded
     report = client.load_into(empty_like(loaded), loaded.identity)
     assert report.bytes == loaded.total_bytes and report.verified
+    assert client.manifest(Part.CHECKPOINT, version="1") == checkpoint_v1
 
 
 def empty_like(manifest: Manifest) -> dict[str, torch.Tensor]:

@@ -52,6 +52,7 @@ class LoadReport:
     failures: tuple[str, ...] = field(default=())  # sources that failed before another finished
     bytes_by_source: tuple[tuple[str, int], ...] = field(default=())
     part: str = p.Part.WEIGHTS.value
+    version: str = ""  # the version of the weights that arrived (the sources' manifest's)
 
     @property
     def gbps(self) -> float:
@@ -226,6 +227,7 @@ class Client:
             failures=tuple(pull.plan.failures),
             bytes_by_source=tuple(pull.plan.delivered.items()),
             part=part.value,
+            version=pull.sink.manifest.identity.version,
         )
         log.info("netloader: loaded %s", report.summary())
         return report

@@ -53,6 +53,7 @@ from netloader.integrations.weight_capture import (
 from netloader.manifest import Identity, config_fingerprint
 from netloader.ranks import (
     Member,
+    checkpoint_of_peer,
     client_for,
     find_sources,
     join_registry_wave,
@@ -346,6 +347,8 @@ def _load_from_peers(
             try:
                 report = client_for(config, found.peers).load_into(params, identity)
                 log.debug("netloader: %s loaded weights from peers: %s", slot, report.summary())
+                if not slot.draft:  # the checkpoint version the peer holds: so does this one
+                    slot.member.checkpoint = checkpoint_of_peer(config, report)
                 return _counted("peer", None)
             except NetloaderError as exc:
                 reasons.append(str(exc))
@@ -504,6 +507,7 @@ def _serve(
         server.offer_compile_cache(compile_cache)
     if unavailable is None:  # a target's draft, loaded next, may serve from these
         slot.member.serving = captured.tensors
+        slot.member.offer_checkpoint()  # those that load from it know what they hold
     log.info(
         "netloader: %s serves %d tensors (%d bytes) on %s; %d bytes kept beyond the "
         "running model (INT8_CACHE=%s); checked in %.2f s",

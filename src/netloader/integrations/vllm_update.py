@@ -340,7 +340,7 @@ class NetloaderEngine(_engine_base()):  # type: ignore[misc]
         rank_member.switched(
             staged.tensors,
             staged.manifest,
-            previous.identity.version if previous else "",
+            previous,
             kept=kept if staged.keep_previous else None,
         )
         seconds = time.perf_counter() - started

@@ -17,12 +17,17 @@ from netloader.protocol.frames import MsgType, encode_data_header, encode_json
 
 class Part(Enum):
     """What a server offers, each with its own manifest and chunks: the weights, the
-    model directory's other files (config, tokenizer: what a node needs beside them), and
-    an engine's compile cache (code the client will run: see SHARE_COMPILE_CACHE)."""
+    model directory's other files (config, tokenizer: what a node needs beside them), an
+    engine's compile cache (code the client will run: see SHARE_COMPILE_CACHE), and the
+    manifest of the checkpoint its weights came from."""
 
     WEIGHTS = "weights"
     FILES = "files"
     COMPILE_CACHE = "compile-cache"
+    # The manifest of the checkpoint (version) an engine's weights were loaded from, when
+    # the server knows it: what an instance that loads those weights holds then, for its
+    # live updates to compare with. Only a manifest: its chunks are not served.
+    CHECKPOINT = "checkpoint"
 
 
 @dataclass(frozen=True)

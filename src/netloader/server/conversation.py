@@ -8,7 +8,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -22,7 +22,7 @@ from netloader.errors import (
     VersionMismatch,
 )
 from netloader.manifest import Chunk, Manifest
-from netloader.server.holdings import Holdings
+from netloader.server.holdings import Holdings, PartOfModel
 from netloader.server.pacing import Pacer
 from netloader.settings import Timeouts
 from netloader.staging import Slot
@@ -89,6 +89,22 @@ class HeldChunks:
         return [self.holdings.tensor(p.tensor) for p in chunk.pieces]
 
 
+def _checkpoint_of(checkpoints: Mapping[str, Manifest]) -> Callable[[str], Holdings]:
+    """The CHECKPOINT part: the manifest of the checkpoint the asked version came from,
+    offered without its bytes."""
+
+    def holding(version: str) -> Holdings:
+        manifest = checkpoints.get(version)
+        if manifest is None:
+            known = ", ".join(repr(v) for v in checkpoints) or "none"
+            raise SourceUnavailable(
+                f"this server knows no checkpoint of version {version!r} (it knows {known})"
+            )
+        return PartOfModel({}, manifest, lacking="only the checkpoint's manifest is offered")
+
+    return holding
+
+
 class Conversation:
     """What a server says to one connected client.
 
@@ -97,6 +113,8 @@ class Conversation:
                this conversation (see Server.serve_instead and `choose_weights`).
     files:     the model directory's other files, if offered.
     compile_cache: makes the compile cache's holdings when a client asks, if offered.
+    checkpoints: the manifests of the checkpoints the weights' versions came from, by
+               version (Server.offer_checkpoints).
     timeouts:  handshake (for TLS and the handshake), stall (afterwards).
     transfers: the server's semaphore of transfers in progress.
     tls:       a server context, to require TLS before anything else.
@@ -112,6 +130,7 @@ class Conversation:
         *,
         files: Holdings | None = None,
         compile_cache: Callable[[], Holdings] | None = None,
+        checkpoints: Mapping[str, Manifest] | None = None,
         timeouts: Timeouts,
         transfers: threading.BoundedSemaphore,
         max_transfers: int,
@@ -127,6 +146,7 @@ class Conversation:
             p.Part.WEIGHTS: weights,
             p.Part.FILES: None if files is None else lambda _: files,
             p.Part.COMPILE_CACHE: None if compile_cache is None else lambda _: compile_cache(),
+            p.Part.CHECKPOINT: None if not checkpoints else _checkpoint_of(checkpoints),
         }
         self.timeouts = timeouts
         self.transfers = transfers

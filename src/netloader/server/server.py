@@ -76,6 +76,7 @@ class Server:
     ) -> None:
         self.holdings = holdings
         self.previous: Holdings | None = None  # a complete earlier version (serve_instead)
+        self.checkpoints: dict[str, Manifest] = {}  # version -> its checkpoint's manifest
         self.files = files
         self.compile_cache = compile_cache
         self.timeouts = timeouts
@@ -147,6 +148,13 @@ class Server:
         """Offer `files` as the model directory's other files from now on."""
         files.prepare()
         self.files = files
+
+    def offer_checkpoints(self, manifests: Mapping[str, Manifest]) -> None:
+        """Offer, as the CHECKPOINT part, the manifest of the checkpoint each version of the
+        weights it serves was loaded from (version -> manifest), to whoever asks for that
+        version: an engine instance loading the weights from this one then knows what it
+        holds (its live updates compare with it). Replaces what was offered before."""
+        self.checkpoints = dict(manifests)
 
     def offer_compile_cache(self, compile_cache: Callable[[], Holdings]) -> None:
         """Offer what `compile_cache()` returns, when asked, as the compile cache."""
@@ -248,6 +256,7 @@ class Server:
                 functools.partial(choose_weights, current=self.holdings, previous=self.previous),
                 files=self.files,
                 compile_cache=self.compile_cache,
+                checkpoints=self.checkpoints,
                 timeouts=self.timeouts,
                 transfers=self._transfers,
                 max_transfers=self.limits.max_transfers,
