@@ -121,7 +121,8 @@ def test_tp2_switches_both_ranks_to_a_new_version_or_neither(
 ) -> None:
     """A live update whose rank 1 pulls through a proxy that flips a byte: rank 1 cannot
     stage it, so neither rank switches and the instance answers exactly as before. The
-    same update with both ranks on the good source then switches both."""
+    same update with both ranks on the good source then switches both (told, with
+    `--drop-previous`, to stop serving version 1)."""
     log = vllm_logs / "tp2_v2.log"
     with serve_directory(v2_model, log, "--version", "2") as v2:
         proxy = FaultyProxy(v2.address, flip_at=300_000)
@@ -139,10 +140,16 @@ def test_tp2_switches_both_ranks_to_a_new_version_or_neither(
         assert any("rank 1: " in line and "digest mismatch" in line for line in said), said
         assert any("1 other rank(s) could not stage it" in line for line in said), said
         assert ckpt_tp2.completions(PROMPTS[:3]) == reference_tp2
-        done = run_cli("update", ckpt_tp2.base_url, "--version", "2", "--source", v2.address)
+        done = run_cli(
+            "update", ckpt_tp2.base_url, "--version", "2", "--source", v2.address,
+            "--drop-previous",
+        )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
     switched = [line for line in ckpt_tp2.netloader_lines() if "switched to version 2" in line]
     assert len(switched) == 2, ckpt_tp2.netloader_lines()
+    # Told to, each rank's server stopped serving the version it loaded.
+    dropped = [line for line in ckpt_tp2.netloader_lines() if "no longer the version it" in line]
+    assert sorted(line.split(" serves on ")[0][-6:] for line in dropped) == ["rank 0", "rank 1"]
     assert ckpt_tp2.completions(PROMPTS[:3]) != reference_tp2
 
 

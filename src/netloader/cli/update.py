@@ -46,14 +46,24 @@ class UpdateFailed(NetloaderError):
 
 
 def update_instance(
-    url: str, version: str, sources: list[str], timeout: float, *, in_order: bool = False
+    url: str,
+    version: str,
+    sources: list[str],
+    timeout: float,
+    *,
+    in_order: bool = False,
+    keep_previous: bool = True,
 ) -> float:
     """Switch the vLLM instance at `url` to `version` from `sources` (all at once, or one
-    at a time `in_order`); the seconds it took. Raises UpdateFailed with the instance's
-    reason: before the switch, the update is ended and the instance keeps its version; if
-    the switch itself fails, it is left paused."""
+    at a time `in_order`); the seconds it took. `keep_previous`: its servers go on serving
+    the version it loaded (see the backend's `keep_previous`). Raises UpdateFailed with
+    the instance's reason: before the switch, the update is ended and the instance keeps
+    its version; if the switch itself fails, it is left paused."""
     started = time.perf_counter()
-    info = {"update_info": {"version": version, "sources": sources, "in_order": in_order}}
+    asked: dict[str, Any] = {"version": version, "sources": sources, "in_order": in_order}
+    if not keep_previous:
+        asked["keep_previous"] = False
+    info = {"update_info": asked}
     _post(url, "/start_weight_update", None, timeout)
     try:
         _post(url, "/update_weights", info, timeout)  # staged on every rank, or refused
@@ -89,6 +99,8 @@ def update_fleet(
     version: str,
     sources: Sequence[str],
     timeout: float,
+    *,
+    keep_previous: bool = True,
 ) -> Iterator[Switched]:
     """Switch `instances` ((url, its netloader server or None), see `parse_instance`) to
     `version`, one after the other, yielding each outcome as it comes: each pulls from
@@ -97,7 +109,12 @@ def update_fleet(
     for url, relay in instances:
         try:
             seconds = update_instance(
-                url, version, [*relays, *sources], timeout, in_order=bool(relays)
+                url,
+                version,
+                [*relays, *sources],
+                timeout,
+                in_order=bool(relays),
+                keep_previous=keep_previous,
             )
         except UpdateFailed as exc:
             yield Switched(url, failure=str(exc))
@@ -191,6 +208,12 @@ def _post(url: str, path: str, body: dict[str, Any] | None, timeout: float) -> N
     help="host:port of a checkpoint-format server of that version (repeatable).",
 )
 @click.option(
+    "--drop-previous",
+    is_flag=True,
+    help="The instances' servers stop serving the version they loaded once they switch "
+    "(by default they keep serving it, whole, to instances that ask for it).",
+)
+@click.option(
     "--timeout", type=float, default=600.0, show_default=True, help="Seconds per request."
 )
 @fail_cleanly
@@ -200,6 +223,7 @@ def update(
     model_name: str | None,
     version: str,
     sources: tuple[str, ...],
+    drop_previous: bool,
     timeout: float,
 ) -> None:
     """Switch running vLLM INSTANCES (http://host:port, or http://host:port=HOST:PORT with
@@ -218,7 +242,7 @@ def update(
     else:
         fleet = [parse_instance(text) for text in instances]
     failed = 0
-    for outcome in update_fleet(fleet, version, sources, timeout):
+    for outcome in update_fleet(fleet, version, sources, timeout, keep_previous=not drop_previous):
         if outcome.failure is not None:
             failed += 1
             click.echo(f"netloader: {outcome.url} keeps its version: {outcome.failure}", err=True)
