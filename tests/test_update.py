@@ -230,6 +230,17 @@ def test_a_rank_that_switched_relays_the_delta_it_took_and_keeps_serving_what_it
             fresh = {name: torch.empty_like(t) for name, t in v1.items()}
             netloader.load(fresh, [str(serving.address)], asked)
             assert not differing(fresh, v1), asked
+        # A second switch (to version 3) keeps version 1, and its checkpoint, served.
+        version_3 = {**version_2(v1), CHANGED: taken[CHANGED] + 0.25}
+        again = rank.keep_serving({model[CHANGED].untyped_storage().data_ptr()})
+        assert again is not None
+        model[CHANGED].copy_(version_3[CHANGED])
+        three = checkpoint_manifest(version_3, "3")
+        rank.switched({CHANGED: version_3[CHANGED]}, three, version_2_manifest, kept=again)
+        assert checkpoint_of_peer(config, peer_loaded) == checkpoint_v1
+        fresh = {name: torch.empty_like(t) for name, t in v1.items()}
+        netloader.load(fresh, [str(serving.address)], "m")
+        assert not differing(fresh, v1)
 
 
 def test_a_rank_told_not_to_keep_what_it_had_leaves_the_registry_and_serves_the_delta(

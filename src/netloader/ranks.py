@@ -107,11 +107,13 @@ class Member:
         self.serving = None if kept is None else kept.tensors
         if kept is None:
             self.server.withdraw()
-        version = None if kept is None else kept.manifest().identity.version
-        self.server.offer_checkpoints(
-            {version: held} if held is not None and version == previous else {}
-        )
-        delta = sum(t.nbytes for t in tensors.values())
+            self.server.offer_checkpoints({})
+        else:  # the kept version's checkpoint: offered since it loaded, or the one it left
+            version = kept.manifest().identity.version
+            known = self.server.checkpoints.get(version)
+            if known is None and held is not None and held.identity.version == version:
+                known = held
+            self.server.offer_checkpoints({} if known is None else {version: known})
         log.info(
             "netloader: rank %d serves on %s what changed from version %s to %s: %d tensors, "
             "%d bytes kept until its next switch; %s",
@@ -120,11 +122,10 @@ class Member:
             previous or "(unversioned)",
             manifest.identity.version,
             len(tensors),
-            delta,
+            sum(t.nbytes for t in tensors.values()),
             "and no longer the version it loaded"
             if kept is None
-            else f"and, to those asking for it, version "
-            f"{kept.manifest().identity.version or '(unversioned)'} whole",
+            else f"and, to those asking for it, version {version or '(unversioned)'} whole",
         )
 
 

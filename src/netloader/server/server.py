@@ -134,16 +134,6 @@ class Server:
             self.offer_files(files)
         self.holdings, self.previous = holdings, previous
 
-    def drop_previous(self) -> Holdings | None:
-        """Stop offering the earlier version kept by `serve_instead(previous=)` to new
-        connections; returns it (None if there was none)."""
-        dropped, self.previous = self.previous, None
-        return dropped
-
-    def weights_for(self, version: str) -> Holdings:
-        """The weights a client asking for `version` ("": any) is offered now."""
-        return choose_weights(version, self.holdings, self.previous)
-
     def offer_files(self, files: Holdings) -> None:
         """Offer `files` as the model directory's other files from now on."""
         files.prepare()
