@@ -104,6 +104,23 @@ def test_fallback_source_completes_after_death_at_any_phase(
     assert all(same_bytes(dest[n], t) for n, t in expected.items())
 
 
+def test_a_source_that_dropped_the_connection_once_is_tried_again(
+    start_server: StartServer, proxy: MakeProxy, layout: Frames, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reset mid-tensor from the only source (a server that gave up on a slow client, a
+    middlebox): the pull connects again, resumes, and completes."""
+    server = start_server("transformer_like", "--model", "m", "--chunk-bytes", str(MIB))
+    flaky = proxy(server.address, cut_at=_phase_offset(layout, "mid-tensor"), reset=True, once=True)
+    expected = transformer_like()
+    dest = empty_like_set(expected)
+    with caplog.at_level("INFO", logger="netloader"):
+        report = Client([flaky.address]).load_into(dest, Identity("m"))
+    assert all(same_bytes(dest[n], t) for n, t in expected.items())
+    assert report.verified and report.sources == (flaky.address,)
+    assert len(report.failures) == 1 and flaky.address in report.failures[0], report.failures
+    assert f"trying {flaky.address} again" in caplog.text
+
+
 def test_server_killed_mid_transfer(start_server: StartServer, proxy: MakeProxy) -> None:
     server = start_server("blocks", "--model", "m")
     slow = proxy(server.address, rate=40 * MIB)  # 64 MiB takes ~1.6 s through it

@@ -33,6 +33,7 @@ class FaultyProxy:
         rate: float | None = None,
         cut_at: int | None = None,
         reset: bool = False,
+        once: bool = False,
         record: bool = False,
     ) -> None:
         self.upstream = host_port(upstream)
@@ -41,6 +42,7 @@ class FaultyProxy:
         self.rate = rate  # bytes per second, server->client
         self.cut_at = cut_at  # end both connections once this many bytes went downstream
         self.reset = reset  # ... with a TCP reset instead of a clean close
+        self.once = once  # ... and let the connections after that through untouched
         self.recorded = bytearray() if record else None
         self.cut = False
         self.forwarded = 0
@@ -57,7 +59,11 @@ class FaultyProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.upstream)
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:  # the server is gone: so is this connection
+                client.close()
+                continue
             self._sockets += [client, server]
             threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
@@ -73,6 +79,8 @@ class FaultyProxy:
                 dst.sendall(data)
                 if downstream and self.cut:
                     self._hang_up(src, dst)
+                    if self.once:
+                        self.cut_at, self.cut = None, False
                     return
                 if downstream and self.frozen:
                     self.closed.wait()  # hold both sockets open, silent, like a frozen peer

@@ -95,3 +95,30 @@ def test_taking_is_linear_in_the_number_of_chunks() -> None:
     plan.load(chunks(100_000, 4096))
     batch = plan.take(A)  # quadratic, this took minutes (pytest's timeout would end it)
     assert len(batch) == 100_000
+
+
+def test_a_source_that_dropped_its_connection_is_tried_again_once_nothing_else_is_left() -> None:
+    plan = Scheduler([A, B])
+    plan.next_source(), plan.next_source()
+    plan.load(chunks(8))
+    a_batch, b_batch = plan.take(A), plan.take(B)
+    plan.failed(A, a_batch, a_batch, "connection lost", retry=True)
+    assert plan.next_source() is None  # B still stands: A waits
+    plan.failed(B, b_batch, b_batch, "digest mismatch")  # not to be tried again
+    assert plan.next_source() == A and plan.tries[A] == 2
+    batch = plan.take(A)
+    assert len(batch) == 8  # alone now: everything
+    plan.failed(A, batch, batch, "connection lost", retry=True)
+    assert plan.next_source() is None  # once only
+    lost, mismatch = f"{A}: connection lost", f"{B}: digest mismatch"
+    assert plan.failures == [lost, mismatch, lost]
+
+
+def test_a_source_tried_again_finishes_the_pull() -> None:
+    plan = Scheduler([A])
+    assert plan.next_source() == A
+    plan.failed(A, [], [], "connection lost", retry=True)  # before the manifest came
+    assert plan.next_source() == A
+    plan.load(chunks(3))
+    plan.done(A, plan.take(A), 0.1)
+    assert plan.finished and plan.next_source() is None

@@ -228,7 +228,10 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
         stop.set()
         asking.join(timeout=120)
     said = done.stdout + done.stderr
-    assert done.returncode == 0, said
+    assert done.returncode == 0, "\n".join(
+        [said, "publisher:", publishers["v2"].log_tail()]
+        + [f"{i.name}:\n" + "\n".join(i.netloader_lines()[before[i.base_url] :]) for i in fleet]
+    )
     (first, _), (second, _), (third, _) = chain
     assert re.search(rf"{first} switched to version 2 in [\d.]+ s\n", said), said
     assert f"{second} switched to version 2 in" in said, said

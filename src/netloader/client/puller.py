@@ -38,6 +38,8 @@ from netloader.transports.tls import start_tls
 
 log = logging.getLogger(__name__)
 
+RETRY_PAUSE = 0.5  # seconds (jittered) before connecting again to a source that dropped
+
 
 @dataclass(frozen=True)
 class LoadReport:
@@ -237,6 +239,9 @@ class Client:
         while source is not None:
             conn: Connection | None = None
             batch: list[Chunk] = []  # in flight; handed back to the queue if the source fails
+            if pull.tried_before(source):
+                log.info("netloader: trying %s again, as no other source is left", source)
+                time.sleep(RETRY_PAUSE * random.uniform(0.5, 1.5))
             try:
                 conn = self._open(source)
                 offered = self._fetch_manifest(

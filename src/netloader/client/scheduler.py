@@ -11,6 +11,7 @@ Life of a pull, for the caller:
     while batch := scheduler.take(source):    # fetch it, then report how it went:
         scheduler.done(source, batch, seconds)     # or
         scheduler.failed(source, batch, undelivered, reason)  # and stop using source
+                                                   # (retry=True: it dropped the connection)
     scheduler.leave(source)                   # nothing to take now
     scheduler.rejoin(source)                  # if work came back (has_work) while waiting
 """
@@ -28,6 +29,9 @@ from netloader.manifest import Chunk
 # trip is noise.
 FIRST_BATCH_BYTES = 8 << 20
 BATCH_SECONDS = 0.25
+# A source that dropped the connection (a reset, a server that gave up on a slow client)
+# is tried this many more times, once no other source is left, before the pull fails.
+RETRIES = 1
 
 
 class Scheduler:
@@ -41,6 +45,9 @@ class Scheduler:
         self.first_batch_bytes = first_batch_bytes
         self.batch_seconds = batch_seconds
         self.untried = deque(sources)
+        self.again: deque[Endpoint] = deque()  # dropped a connection: may be tried again
+        self.tries: dict[Endpoint, int] = {}  # how often each source was handed out
+        self.dropped: set[Endpoint] = set()  # failed at least once
         self.active: set[Endpoint] = set()  # sources a worker is on (connecting or fetching)
         self.pending: deque[Chunk] = deque()  # chunks nobody is fetching
         self.pending_bytes = 0
@@ -60,11 +67,18 @@ class Scheduler:
         return bool(self.pending)
 
     def next_source(self) -> Endpoint | None:
-        """The next untried source (now active), or None when finished or none is left."""
-        if self.finished or not self.untried:
+        """The next untried source (now active); once every source failed, one that only
+        dropped its connection, again (see RETRIES); None when finished or none is left."""
+        if self.finished:
             return None
-        source = self.untried.popleft()
+        if self.untried:
+            source = self.untried.popleft()
+        elif self.again and self.dropped >= set(self.tries):
+            source = self.again.popleft()
+        else:
+            return None
         self.active.add(source)
+        self.tries[source] = self.tries.get(source, 0) + 1
         return source
 
     def load(self, chunks: Iterable[Chunk]) -> None:
@@ -115,10 +129,16 @@ class Scheduler:
         batch: Sequence[Chunk],
         undelivered: Sequence[Chunk],
         reason: str,
+        *,
+        retry: bool = False,
     ) -> None:
         """`source` is out; `undelivered` (the part of its `batch`, possibly empty, that
-        did not arrive verified) goes back to the front of the queue."""
+        did not arrive verified) goes back to the front of the queue. `retry`: it only
+        dropped the connection, so it may be tried again (see next_source)."""
         self.active.discard(source)
+        self.dropped.add(source)
+        if retry and self.tries.get(source, 0) <= RETRIES:
+            self.again.append(source)
         if batch:
             self.in_flight -= 1
             arrived = sum(c.length for c in batch) - sum(c.length for c in undelivered)

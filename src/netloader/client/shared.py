@@ -13,7 +13,7 @@ from netloader import metrics
 from netloader.client.scheduler import Scheduler
 from netloader.client.sink import VerifyingSink
 from netloader.endpoint import Endpoint
-from netloader.errors import ManifestMismatch, SourceUnavailable, TransferError
+from netloader.errors import ManifestMismatch, PeerClosed, SourceUnavailable, TransferError
 from netloader.manifest import Chunk, Manifest
 from netloader.protocol import Part
 
@@ -61,6 +61,11 @@ class SharedPull:
     def next_source(self) -> Endpoint | None:
         with self.changed:
             return self.plan.next_source()
+
+    def tried_before(self, source: Endpoint) -> bool:
+        """Whether `source` is being tried again (it dropped its connection before)."""
+        with self.changed:
+            return self.plan.tries.get(source, 0) > 1
 
     def finished(self) -> bool:
         with self.changed:
@@ -110,7 +115,8 @@ class SharedPull:
         with self.changed:
             sink = self.sink
             undelivered = [c for c in batch if sink is None or not sink.is_done(c)]
-            self.plan.failed(source, batch, undelivered, str(exc))
+            retry = isinstance(exc, PeerClosed)
+            self.plan.failed(source, batch, undelivered, str(exc), retry=retry)
             self.last_error = exc
             self.changed.notify_all()
 

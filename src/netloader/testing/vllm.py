@@ -9,6 +9,7 @@ file: `netloader.testing.processes.read_address_file`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -26,6 +27,10 @@ from typing import Any
 from netloader.files import is_weight_file
 
 PROMPTS = ["The cat", "A small robot repairs", "The captain", "Our team builds", "The baker"]
+
+# vLLM's automatic binding pins every CPU worker (its inference, and netloader's threads in
+# it) to the same core; instances started here take the cores in turn instead.
+_NEXT_CORE = itertools.count()
 
 
 def free_port() -> int:
@@ -111,6 +116,11 @@ class VllmInstance:
             # Automatic binding wants one NUMA node per CPU worker; bind one core each.
             self.env.setdefault(
                 "VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tensor_parallel))
+            )
+        else:  # one core, as vLLM's own binding would give it, but not always the same one
+            cores = sorted(os.sched_getaffinity(0))
+            self.env.setdefault(
+                "VLLM_CPU_OMP_THREADS_BIND", str(cores[next(_NEXT_CORE) % len(cores)])
             )
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
