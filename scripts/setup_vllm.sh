@@ -6,7 +6,8 @@
 # The venv (about 2.5 GB) lives outside the clone, so fresh clones on one machine share it:
 #   ${NETLOADER_VLLM_VENV:-$HOME/.cache/netloader/venv-vllm-0.32.0}
 # A stamp file marks a complete install (an interrupted one is redone); a second stamp
-# records which clone the editable install points at (reinstalled when it differs).
+# records which clone (and pyproject.toml) the editable install is of (reinstalled when
+# either differs).
 # Each step it runs says one line on stderr with its time; pip's output is shown only when
 # a step fails (scripts/steps.sh). Once installed, it prints the python path alone.
 set -euo pipefail
@@ -71,8 +72,10 @@ if ! grep -qx "Version: ${redis_pin#redis==}" <<<"$redis_shown"; then
   step "$redis_pin" vpip install "$redis_pin"
 fi
 
-if [ ! -f "$repo_stamp" ] || [ "$(cat "$repo_stamp")" != "$root" ]; then
+# The clone and its pyproject.toml (entry points: vLLM finds the plugins by them).
+installed="$root $(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -f "$repo_stamp" ] || [ "$(cat "$repo_stamp")" != "$installed" ]; then
   step "netloader from $root, editable" vpip install --no-deps -e "$root"
-  echo "$root" >"$repo_stamp"
+  echo "$installed" >"$repo_stamp"
 fi
 echo "$venv/bin/python"

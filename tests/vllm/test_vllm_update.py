@@ -12,7 +12,8 @@ all answer exactly as a fresh vLLM started from version 2 on disk, and the first
 serves version 1, whole, with its checkpoint's manifest, to a client that asks for it.
 The instances run with REGISTRY and INSTANCE_URL: the good update finds them in the
 registry, in an order that lets each relay to the next, and their records then show
-version 2.
+version 2. The one loaded from disk runs without VLLM_SERVER_DEV_MODE, with the
+netloader_routes endpoint plugin: it takes updates as one request signed with the secret.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import re
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -28,9 +31,10 @@ import pytest
 import torch
 
 from netloader import Client, Manifest, SourceUnavailable
-from netloader.cli.update import registry_fleet
+from netloader.cli.update import PLUGIN_PATH, registry_fleet
 from netloader.discovery.registry import InstanceRecord, Registry
 from netloader.protocol import Part
+from netloader.signing import sign
 from netloader.tensors import dtype_from_name
 from netloader.testing.processes import ServerProcess
 from netloader.testing.vllm import PROMPTS, VllmInstance, running
@@ -51,13 +55,19 @@ DELIVERED = re.compile(r"netloader: loaded \d+ tensors, \d+ bytes in .* from (.+
 
 
 @pytest.fixture(scope="module")
+def secret(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file holding SECRET."""
+    path = tmp_path_factory.mktemp("secret") / "key"
+    path.write_text(SECRET)
+    return path
+
+
+@pytest.fixture(scope="module")
 def publishers(
-    tiny_model: Path, v2_model: Path, vllm_logs: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model: Path, v2_model: Path, vllm_logs: Path, secret: Path
 ) -> Iterator[dict[str, ServerProcess]]:
     """Checkpoint servers: version 1 (what the instance loads) and version 2, with the
     secret; and version 2 without it."""
-    secret = tmp_path_factory.mktemp("secret") / "key"
-    secret.write_text(SECRET)
     chunks = ("--chunk-kib", "64")
     keyed = ("--secret-file", str(secret))
     started = {
@@ -110,7 +120,8 @@ def instances(
     registry: RedisServer,
 ) -> Iterator[Fleet]:
     """(three live instances, their version-1 answers, a fresh version-2 instance's): the
-    first loaded from the version-1 checkpoint server, the second from disk, the third
+    first loaded from the version-1 checkpoint server, the second from disk (and taking
+    updates through the netloader_routes plugin, not the development routes), the third
     from the first (a vLLM peer). All have REGISTRY and INSTANCE_URL, but the registry
     comes up only once they have loaded, so that each loads where this says (the second
     would otherwise find the first there, and load from it too). Their heartbeats publish
@@ -122,7 +133,9 @@ def instances(
     config = {**patient, "SOURCE": [{"device_id": 0, "sources": [publishers["v1"].address]}]}
     env = {"VLLM_SERVER_DEV_MODE": "1", "NETLOADER_SECRET": SECRET}
     live = start("upd_live", tiny_model, config, env=env, extra_args=BACKEND)
-    other = start("upd_other", tiny_model, patient, env=env, extra_args=BACKEND)
+    # Updated through the netloader_routes plugin, without vLLM's development routes.
+    routed = {"VLLM_PLUGINS": "netloader,netloader_routes", "NETLOADER_SECRET": SECRET}
+    other = start("upd_other", tiny_model, patient, env=routed, extra_args=BACKEND)
     for instance in (live, other):  # its URL is known once made (NETLOADER_CONFIG merges)
         instance.env["NETLOADER_CONFIG"] = json.dumps({"INSTANCE_URL": instance.base_url})
     fresh = start("upd_fresh_v2", v2_model, None, load_format="auto", served_model_name="tiny")
@@ -147,6 +160,48 @@ def update(instances: Sequence[str], source: str, version: str = "2") -> tuple[i
 
 def staged_lines(instance: VllmInstance) -> list[str]:
     return [line for line in instance.netloader_lines() if "staged version" in line]
+
+
+def post(
+    instance: VllmInstance, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, str]:
+    """The HTTP status and body of a POST to `instance`."""
+    request = urllib.request.Request(
+        instance.base_url + path, data=body, headers={"Content-Type": "application/json", **headers}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_the_update_route_takes_only_requests_signed_with_the_secret(instances: Fleet) -> None:
+    """The instance with the netloader_routes plugin has no development routes, and its
+    update route refuses unsigned, wrongly signed and replayed requests (it keeps its
+    version, untouched)."""
+    _, other, _, version_1, _ = instances
+    assert post(other, "/start_weight_update", b"{}", {})[0] == 404
+    assert post(other, "/collective_rpc", b"{}", {})[0] == 404
+    body = json.dumps({"version": "2", "sources": ["127.0.0.1:1"]}).encode()
+    wrong = sign(b"not the secret of this fleet at all", "POST", PLUGIN_PATH, body)
+    refused = {
+        "unsigned": ({}, "not signed"),
+        "signed with another secret": (wrong, "another secret"),
+        "malformed": (sign(SECRET.encode(), "POST", PLUGIN_PATH, b"[]"), "JSON object"),
+    }
+    for case, (headers, reason) in refused.items():
+        sent = body if case != "malformed" else b"[]"
+        status, said = post(other, PLUGIN_PATH, sent, headers)
+        assert status in (400, 401) and reason in said, (case, status, said)
+    # Signed right, but the source is not there: refused by the ranks; a replay of it
+    # is refused at the door.
+    signed = sign(SECRET.encode(), "POST", PLUGIN_PATH, body)
+    status, said = post(other, PLUGIN_PATH, body, signed)
+    assert status == 409 and "keeps serving" in said and "cannot connect" in said, said
+    status, said = post(other, PLUGIN_PATH, body, signed)
+    assert status == 401 and "replay" in said, said
+    assert other.completions() == version_1
 
 
 def test_refused_updates_leave_the_old_version_answering(
@@ -178,11 +233,13 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     publishers: dict[str, ServerProcess],
     tiny_model: Path,
     registry: RedisServer,
+    secret: Path,
 ) -> None:
     """Each instance from the one that switched before it (the first from the publisher):
     the instances' registry records name their netloader servers, which relay what they
     took once they switched. The one that loaded from a vLLM peer knows its version from
-    that peer, as the one that loaded from the checkpoint server does."""
+    that peer, as the one that loaded from the checkpoint server does. The one with the
+    netloader_routes plugin takes the update as one signed request."""
     live, other, peer, version_1, version_2 = instances
     fleet = (live, peer, other)
     pids = {i.name: i.proc.pid for i in fleet if i.proc is not None}
@@ -222,7 +279,7 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
     try:
         done = run_cli(
             "update", "--registry", registry.url, "--model", "tiny", "--version", "2",
-            "--source", publishers["v2"].address, timeout=600,
+            "--source", publishers["v2"].address, "--secret-file", str(secret), timeout=600,
         )  # fmt: skip
     finally:
         stop.set()
@@ -242,7 +299,8 @@ def test_an_update_switches_in_place_moving_one_layer_and_requests_see_one_versi
         assert instance.completions() == version_2, instance.name
         assert instance.proc is not None and instance.proc.pid == pids[instance.name]
         assert instance.proc.poll() is None  # no restart
-        assert instance._get("/weight_info") == {"weight_version": "2"}
+        if instance is not other:  # a development route (the records say it for all)
+            assert instance._get("/weight_info") == {"weight_version": "2"}
     # Their records show version 2 from their next renewals on; `update --registry` skips them.
     wait_for(
         lambda: {r.version for r in instance_records(registry)} == {"2"},

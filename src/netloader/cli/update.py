@@ -1,12 +1,15 @@
 """`netloader update`: switch running vLLM instances to a new version of their weights, in
-place, through vLLM's own weight-update routes and the `netloader` weight-transfer backend.
+place, with the `netloader` weight-transfer backend
+(`--weight-transfer-config '{"backend": "netloader"}'`).
 
-Each instance runs with `VLLM_SERVER_DEV_MODE=1` (vLLM mounts its weight-update routes only
-then) and `--weight-transfer-config '{"backend": "netloader"}'`. For each, one after the
-other: `/start_weight_update`, `/update_weights` (every rank stages what changed, verified;
-a failure on any rank refuses it on all, the instance untouched, and `end_unswitched` ends
+An instance that runs the `netloader_routes` endpoint plugin
+(`VLLM_PLUGINS=netloader,netloader_routes`) takes the update as one request signed with the
+netloader secret, `POST /netloader/update` (`integrations.vllm_routes`). Any other is driven
+through vLLM's own weight-update routes, which it mounts only with `VLLM_SERVER_DEV_MODE=1`:
+`/start_weight_update`, `/update_weights` (every rank stages what changed, verified; a
+failure on any rank refuses it on all, the instance untouched, and `end_unswitched` ends
 it), `/pause?mode=wait` (requests in flight finish, new ones wait), `/finish_weight_update`
-(the switch), `/resume`.
+(the switch), `/resume`. The plugin's route runs the same steps inside the instance.
 
 An instance given as `URL=HOST:PORT` names its netloader server (LISTEN_PORT + rank): once
 it has switched, that server relays what changed, and the instances after it pull from
@@ -28,17 +31,20 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
 
-from netloader.cli.common import fail_cleanly, registry_url_option
+from netloader import signing
+from netloader.cli.common import fail_cleanly, registry_url_option, secret_option
 from netloader.discovery import registry as reg
 from netloader.endpoint import parse_endpoint
 from netloader.errors import NetloaderError
-from netloader.settings import Timeouts
+from netloader.settings import Timeouts, resolve_secret
 
 Instance = tuple[str, str | None]  # its URL, and its netloader server (rank 0's) or None
+PLUGIN_PATH = "/netloader/update"  # integrations.vllm_routes.PATH (which imports vLLM's)
 
 
 class UpdateFailed(NetloaderError):
@@ -53,16 +59,21 @@ def update_instance(
     *,
     in_order: bool = False,
     keep_previous: bool = True,
+    secret: bytes | None = None,
 ) -> float:
     """Switch the vLLM instance at `url` to `version` from `sources` (all at once, or one
     at a time `in_order`); the seconds it took. `keep_previous`: its servers go on serving
-    the version it loaded (see the backend's `keep_previous`). Raises UpdateFailed with
-    the instance's reason: before the switch, the update is ended and the instance keeps
-    its version; if the switch itself fails, it is left paused."""
+    the version it loaded (see the backend's `keep_previous`). `secret`: signs the request
+    to the instance's `netloader_routes` plugin, where it runs one; without the plugin the
+    development routes are used. Raises UpdateFailed with the instance's reason: before
+    the switch, the update is ended and the instance keeps its version; if the switch
+    itself fails, it is left paused."""
     started = time.perf_counter()
     asked: dict[str, Any] = {"version": version, "sources": sources, "in_order": in_order}
     if not keep_previous:
         asked["keep_previous"] = False
+    if _update_by_plugin(url, asked, timeout, secret):
+        return time.perf_counter() - started
     info = {"update_info": asked}
     _post(url, "/start_weight_update", None, timeout)
     try:
@@ -101,6 +112,7 @@ def update_fleet(
     timeout: float,
     *,
     keep_previous: bool = True,
+    secret: bytes | None = None,
 ) -> Iterator[Switched]:
     """Switch `instances` ((url, its netloader server or None), see `parse_instance`) to
     `version`, one after the other, yielding each outcome as it comes: each pulls from
@@ -115,6 +127,7 @@ def update_fleet(
                 timeout,
                 in_order=bool(relays),
                 keep_previous=keep_previous,
+                secret=secret,
             )
         except UpdateFailed as exc:
             yield Switched(url, failure=str(exc))
@@ -122,6 +135,33 @@ def update_fleet(
         yield Switched(url, seconds, relays[0] if relays else None)
         if relay is not None:
             relays.insert(0, relay)
+
+
+def _update_by_plugin(
+    url: str, asked: dict[str, Any], timeout: float, secret: bytes | None
+) -> bool:
+    """Run the update through the instance's `POST /netloader/update`: True once it
+    switched, False if the instance has no such route. UpdateFailed otherwise, with the
+    instance's reason."""
+    body = json.dumps(asked).encode()
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers.update(signing.sign(secret, "POST", PLUGIN_PATH, body))
+    request = urllib.request.Request(url.rstrip("/") + PLUGIN_PATH, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            reply.read()
+        return True
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 405):
+            return False
+        detail = exc.read().decode(errors="replace")[:2000]
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(detail)["error"]
+        hint = " (--secret-file, or $NETLOADER_SECRET)" if exc.code == 401 else ""
+        raise UpdateFailed(f"{url}{PLUGIN_PATH}: HTTP {exc.code}: {detail}{hint}") from None
+    except (urllib.error.URLError, TimeoutError) as exc:
+        raise UpdateFailed(f"{url}{PLUGIN_PATH}: {exc}") from None
 
 
 def end_unswitched(url: str, timeout: float) -> None:
@@ -216,6 +256,7 @@ def _post(url: str, path: str, body: dict[str, Any] | None, timeout: float) -> N
 @click.option(
     "--timeout", type=float, default=600.0, show_default=True, help="Seconds per request."
 )
+@secret_option
 @fail_cleanly
 def update(
     instances: tuple[str, ...],
@@ -225,6 +266,7 @@ def update(
     sources: tuple[str, ...],
     drop_previous: bool,
     timeout: float,
+    secret_file: Path | None,
 ) -> None:
     """Switch running vLLM INSTANCES (http://host:port, or http://host:port=HOST:PORT with
     the address of its netloader server, which then relays to the instances after it), or
@@ -241,8 +283,12 @@ def update(
         fleet = _from_registry(registry, model_name, version)
     else:
         fleet = [parse_instance(text) for text in instances]
+    secret = resolve_secret(None, secret_file)
     failed = 0
-    for outcome in update_fleet(fleet, version, sources, timeout, keep_previous=not drop_previous):
+    outcomes = update_fleet(
+        fleet, version, sources, timeout, keep_previous=not drop_previous, secret=secret
+    )
+    for outcome in outcomes:
         if outcome.failure is not None:
             failed += 1
             click.echo(f"netloader: {outcome.url} keeps its version: {outcome.failure}", err=True)
