@@ -295,7 +295,7 @@ def test_update_from_the_registry_skips_instances_at_the_version_and_says_what_h
     assert result.returncode == 1
     assert f"{done.url} holds version 2 already: skipped" in result.stdout
     assert f"updating 1 instances of m, in order: {dead.url}\n" in result.stdout
-    assert f"{dead.url} keeps its version: {dead.url}/start_weight_update" in result.stderr
+    assert f"{dead.url} keeps its version: {dead.url}/netloader/update" in result.stderr
     assert "1 of 1 instances did not switch" in result.stderr
 
     result = run_cli(*update, "--model", "other")
