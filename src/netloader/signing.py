@@ -1,8 +1,9 @@
 """HTTP requests signed with the netloader secret (for `POST /netloader/update`): an
-HMAC-SHA256 over the time, the method, the path and the body, in two headers. The
-receiver refuses a request signed more than `MAX_SKEW` seconds away from its clock, or
-one it has seen already (a replay). Standard library only: `netloader update` signs
-without importing torch."""
+HMAC-SHA256 over the time, the method, the host it is sent to (its Host header, so that a
+request for one instance cannot be replayed to another of the fleet), the path and the
+body, in two headers. The receiver refuses a request signed more than `MAX_SKEW` seconds
+away from its clock, or one it has seen already (a replay). Standard library only:
+`netloader update` signs without importing torch."""
 
 from __future__ import annotations
 
@@ -17,24 +18,27 @@ SIGNATURE_HEADER = "X-Netloader-Signature"
 MAX_SKEW = 60.0  # seconds between the signer's clock and the receiver's
 
 
-def _mac(secret: bytes, when: str, method: str, path: str, body: bytes) -> str:
-    signed = b"\n".join([b"netloader-request-v1", when.encode(), method.encode(), path.encode()])
-    return hmac.new(secret, signed + b"\n" + body, hashlib.sha256).hexdigest()
+def _mac(secret: bytes, when: str, method: str, host: str, path: str, body: bytes) -> bytes:
+    fields = ["netloader-request-v1", when, method, host.lower(), path]
+    signed = "\n".join(fields).encode("utf-8", "surrogateescape") + b"\n" + body
+    return hmac.new(secret, signed, hashlib.sha256).hexdigest().encode()
 
 
 def sign(
-    secret: bytes, method: str, path: str, body: bytes, now: float | None = None
+    secret: bytes, method: str, host: str, path: str, body: bytes, now: float | None = None
 ) -> dict[str, str]:
     """The headers that sign a request.
 
     secret: the netloader secret (`settings.resolve_secret`).
     method: the HTTP method, e.g. "POST".
+    host:   the Host header the request carries: the URL's "host:port" as written.
     path:   the URL's path, e.g. "/netloader/update" (no query string).
     body:   the exact bytes sent as the body.
     now:    the signing time in Unix seconds (default: the clock's).
     """
     when = f"{time.time() if now is None else now:.3f}"
-    return {TIME_HEADER: when, SIGNATURE_HEADER: _mac(secret, when, method, path, body)}
+    mac = _mac(secret, when, method, host, path, body)
+    return {TIME_HEADER: when, SIGNATURE_HEADER: mac.decode()}
 
 
 class SignedRequests:
@@ -50,6 +54,7 @@ class SignedRequests:
     def refusal(
         self,
         method: str,
+        host: str,
         path: str,
         body: bytes,
         headers: Mapping[str, str],
@@ -57,6 +62,7 @@ class SignedRequests:
     ) -> str | None:
         """None if the request is signed with the secret, recent and new; else why not.
 
+        host:    the Host header it came with.
         headers: the request's headers (names as sent; looked up case-insensitively
                  where `headers` is, as Starlette's are, else as TIME_HEADER and
                  SIGNATURE_HEADER spell them).
@@ -78,8 +84,9 @@ class SignedRequests:
         now = time.time() if now is None else now
         if not abs(now - signed_at) <= self.max_skew:
             return f"the request was signed {now - signed_at:.0f} s away from this clock"
-        if not hmac.compare_digest(_mac(self.secret, when, method, path, body), signature):
-            return "the signature does not match: signed with another secret"
+        expected = _mac(self.secret, when, method, host, path, body)
+        if not hmac.compare_digest(expected, signature.encode("utf-8", "replace")):
+            return "the signature does not match: another secret, or signed for another host"
         with self._lock:
             for old in [s for s, t in self._seen.items() if abs(now - t) > self.max_skew]:
                 del self._seen[old]

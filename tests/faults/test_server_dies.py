@@ -121,6 +121,18 @@ def test_a_source_that_dropped_the_connection_once_is_tried_again(
     assert f"trying {flaky.address} again" in caplog.text
 
 
+def test_a_manifest_is_asked_for_again_from_a_source_that_dropped_the_connection(
+    start_server: StartServer, proxy: MakeProxy, layout: Frames
+) -> None:
+    server = start_server("transformer_like", "--model", "m", "--chunk-bytes", str(MIB))
+    cut = _phase_offset(layout, "during manifest")
+    flaky = proxy(server.address, cut_at=cut, reset=True, once=True)
+    assert Client([flaky.address]).manifest().identity.model == "m"
+    dead = proxy(server.address, cut_at=cut, reset=True)  # every connection: it fails
+    with pytest.raises(SourceUnavailable, match="no source answered"):
+        Client([dead.address]).manifest()
+
+
 def test_server_killed_mid_transfer(start_server: StartServer, proxy: MakeProxy) -> None:
     server = start_server("blocks", "--model", "m")
     slow = proxy(server.address, rate=40 * MIB)  # 64 MiB takes ~1.6 s through it

@@ -180,15 +180,22 @@ def test_the_update_route_takes_only_requests_signed_with_the_secret(instances: 
     """The instance with the netloader_routes plugin has no development routes, and its
     update route refuses unsigned, wrongly signed and replayed requests (it keeps its
     version, untouched)."""
-    _, other, _, version_1, _ = instances
+    live, other, _, version_1, _ = instances
     assert post(other, "/start_weight_update", b"{}", {})[0] == 404
     assert post(other, "/collective_rpc", b"{}", {})[0] == 404
     body = json.dumps({"version": "2", "sources": ["127.0.0.1:1"]}).encode()
-    wrong = sign(b"not the secret of this fleet at all", "POST", PLUGIN_PATH, body)
+    host, key = other.base_url.removeprefix("http://"), SECRET.encode()
     refused = {
         "unsigned": ({}, "not signed"),
-        "signed with another secret": (wrong, "another secret"),
-        "malformed": (sign(SECRET.encode(), "POST", PLUGIN_PATH, b"[]"), "JSON object"),
+        "signed with another secret": (
+            sign(b"not the secret of this fleet at all", "POST", host, PLUGIN_PATH, body),
+            "another secret",
+        ),
+        "signed for another instance": (
+            sign(key, "POST", live.base_url.removeprefix("http://"), PLUGIN_PATH, body),
+            "another host",
+        ),
+        "malformed": (sign(key, "POST", host, PLUGIN_PATH, b"[]"), "JSON object"),
     }
     for case, (headers, reason) in refused.items():
         sent = body if case != "malformed" else b"[]"
@@ -196,7 +203,7 @@ def test_the_update_route_takes_only_requests_signed_with_the_secret(instances: 
         assert status in (400, 401) and reason in said, (case, status, said)
     # Signed right, but the source is not there: refused by the ranks; a replay of it
     # is refused at the door.
-    signed = sign(SECRET.encode(), "POST", PLUGIN_PATH, body)
+    signed = sign(key, "POST", host, PLUGIN_PATH, body)
     status, said = post(other, PLUGIN_PATH, body, signed)
     assert status == 409 and "keeps serving" in said and "cannot connect" in said, said
     status, said = post(other, PLUGIN_PATH, body, signed)

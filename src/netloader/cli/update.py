@@ -25,9 +25,11 @@ are skipped, the rest chained through their servers (`registry_fleet`).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -142,11 +144,12 @@ def _update_by_plugin(
 ) -> bool:
     """Run the update through the instance's `POST /netloader/update`: True once it
     switched, False if the instance has no such route. UpdateFailed otherwise, with the
-    instance's reason."""
+    instance's reason (or, when no answer came, that the outcome is not known)."""
     body = json.dumps(asked).encode()
     headers = {"Content-Type": "application/json"}
     if secret is not None:
-        headers.update(signing.sign(secret, "POST", PLUGIN_PATH, body))
+        host = urllib.parse.urlsplit(url).netloc  # what urllib sends as the Host header
+        headers.update(signing.sign(secret, "POST", host, PLUGIN_PATH, body))
     request = urllib.request.Request(url.rstrip("/") + PLUGIN_PATH, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
@@ -156,12 +159,19 @@ def _update_by_plugin(
         if exc.code in (404, 405):
             return False
         detail = exc.read().decode(errors="replace")[:2000]
-        with contextlib.suppress(ValueError, AttributeError):
-            detail = json.loads(detail)["error"]
-        hint = " (--secret-file, or $NETLOADER_SECRET)" if exc.code == 401 else ""
+        with contextlib.suppress(ValueError):
+            said = json.loads(detail)
+            if isinstance(said, dict) and isinstance(said.get("error"), str):
+                detail = said["error"]
+        hint = " (--secret-file, or $NETLOADER_SECRET)" if "not signed" in detail else ""
         raise UpdateFailed(f"{url}{PLUGIN_PATH}: HTTP {exc.code}: {detail}{hint}") from None
-    except (urllib.error.URLError, TimeoutError) as exc:
-        raise UpdateFailed(f"{url}{PLUGIN_PATH}: {exc}") from None
+    except urllib.error.URLError as exc:  # no connection: nothing was asked
+        raise UpdateFailed(f"{url}{PLUGIN_PATH}: {exc.reason}") from None
+    except (OSError, http.client.HTTPException) as exc:  # asked, but no answer came
+        raise UpdateFailed(
+            f"{url}{PLUGIN_PATH}: no answer ({exc or type(exc).__name__}): the instance may "
+            "still switch; its log and `netloader peers` say which version it holds"
+        ) from None
 
 
 def end_unswitched(url: str, timeout: float) -> None:
@@ -254,7 +264,12 @@ def _post(url: str, path: str, body: dict[str, Any] | None, timeout: float) -> N
     "(by default they keep serving it, whole, to instances that ask for it).",
 )
 @click.option(
-    "--timeout", type=float, default=600.0, show_default=True, help="Seconds per request."
+    "--timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds per request (through the netloader_routes plugin, one request is the "
+    "whole update of one instance).",
 )
 @secret_option
 @fail_cleanly

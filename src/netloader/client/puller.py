@@ -123,17 +123,32 @@ class Client:
         of the weights (a source that keeps an earlier version beside its current one
         offers it; any other answers with what it serves, for the caller to check)."""
         errors: list[str] = []
+        dropped: list[Endpoint] = []  # asked once more at the end, as a pull does (RETRIES)
         for source in self.sources:
-            conn: Connection | None = None
             try:
-                conn = self._open(source)
-                return self._fetch_manifest(conn, part=part, version=version)
+                return self._manifest_of(source, part, version)
+            except (TransferError, ProtocolError) as exc:
+                error = _as_transfer_error(exc, source)
+                errors.append(str(error))
+                if isinstance(error, PeerClosed):
+                    dropped.append(source)
+        for source in dropped:
+            log.info("netloader: asking %s for its manifest again", source)
+            time.sleep(RETRY_PAUSE * random.uniform(0.5, 1.5))
+            try:
+                return self._manifest_of(source, part, version)
             except (TransferError, ProtocolError) as exc:
                 errors.append(str(_as_transfer_error(exc, source)))
-            finally:
-                if conn is not None:
-                    _bye(conn)
         raise SourceUnavailable("no source answered: " + "; ".join(errors or ["no sources given"]))
+
+    def _manifest_of(self, source: Endpoint, part: p.Part, version: str) -> Manifest:
+        conn: Connection | None = None
+        try:
+            conn = self._open(source)
+            return self._fetch_manifest(conn, part=part, version=version)
+        finally:
+            if conn is not None:
+                _bye(conn)
 
     def load_into(
         self,
@@ -236,12 +251,14 @@ class Client:
 
     # ---- one worker: a source at a time -------------------------------------------------
     def _work(self, pull: SharedPull, source: Endpoint | None) -> None:
+        again = False  # `source` dropped its connection before: pause first
         while source is not None:
             conn: Connection | None = None
             batch: list[Chunk] = []  # in flight; handed back to the queue if the source fails
-            if pull.tried_before(source):
+            if again:
                 log.info("netloader: trying %s again, as no other source is left", source)
                 time.sleep(RETRY_PAUSE * random.uniform(0.5, 1.5))
+                again = False
             try:
                 conn = self._open(source)
                 offered = self._fetch_manifest(
@@ -265,6 +282,7 @@ class Client:
                 pull.failed(source, batch, exc)
                 log.warning("netloader: source %s failed: %s", source, exc)
                 source = pull.next_source()
+                again = source is not None and pull.tried_before(source)
                 continue
             # Nothing left to take: stay available in case another source fails.
             if not pull.wait_for_work(source):

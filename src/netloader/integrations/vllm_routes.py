@@ -27,6 +27,7 @@ import logging
 import re
 import time
 from argparse import Namespace
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from netloader.config import NetloaderConfig
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PATH = "/netloader/update"
 MAX_BODY = 64 << 10  # bytes: a version and a list of sources
+REFUSALS_LOGGED_EVERY = 10.0  # seconds
 FIELDS = {"version", "sources", "in_order", "keep_previous"}
 _WORKER_ERROR = re.compile(r"Worker failed with error '(.*)', please check", re.S)
 
@@ -55,6 +57,7 @@ class NetloaderRoutes:
         self.engine: Any = None
         self.signed = SignedRequests(None)
         self.lock = asyncio.Lock()
+        self.logged_at, self.unlogged = -REFUSALS_LOGGED_EVERY, 0
 
     def attach_router(self, app: Any) -> None:
         # A plain Starlette route: the handler takes the request as it is, unvalidated.
@@ -65,18 +68,25 @@ class NetloaderRoutes:
         extra = getattr(args, "model_loader_extra_config", None)
         config = NetloaderConfig.load(extra if isinstance(extra, dict | str) else None)
         self.signed = SignedRequests(resolve_secret(None, config.secret_file))
+        if (servers := getattr(args, "api_server_count", None) or 1) > 1:
+            log.warning(
+                "netloader: %s with %d API server processes: each refuses the replays of "
+                "the requests it has seen, not of those another one has",
+                PATH,
+                servers,
+            )
 
     async def update(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
-        body = await request.body()
-        if len(body) > MAX_BODY:
+        body = await _read_bounded(request)
+        if body is None:
             return JSONResponse({"error": f"the request is over {MAX_BODY} bytes"}, 413)
-        refusal = self.signed.refusal("POST", PATH, body, request.headers)
+        host = request.headers.get("host", "")
+        refusal = self.signed.refusal("POST", host, PATH, body, request.headers)
         if refusal is not None:
             client = request.client
-            peer = f"{client.host}:{client.port}" if client is not None else "?"
-            log.warning("netloader: %s from %s refused: %s", PATH, peer, refusal)
+            self._refused(f"{client.host}:{client.port}" if client is not None else "?", refusal)
             return JSONResponse({"error": refusal}, 401)
         try:
             asked = _parse(body)
@@ -87,46 +97,88 @@ class NetloaderRoutes:
         if self.lock.locked():
             return JSONResponse({"switched": False, "error": "an update is in progress"}, 409)
         async with self.lock:
-            started = time.perf_counter()
-            try:
-                await self._stage_and_pause(asked)
-            except Refused as exc:
-                log.warning("netloader: %s: version %s refused: %s", PATH, asked["version"], exc)
-                return JSONResponse({"switched": False, "error": str(exc)}, 409)
-            try:
-                await self.engine.finish_weight_update(asked["version"])
-            except Exception as exc:
-                log.exception("netloader: the switch to version %s failed", asked["version"])
-                why = f"{_reason(exc)}; left paused, as its weights may mix versions: restart it"
-                return JSONResponse({"switched": None, "error": why}, 500)
-            await self.engine.resume_generation()
-            seconds = time.perf_counter() - started
-        log.info("netloader: %s: switched to version %s in %.2f s", PATH, asked["version"], seconds)
-        return JSONResponse({"switched": True, "version": asked["version"], "seconds": seconds})
+            return await self._update(asked)
+
+    async def _update(self, asked: dict[str, Any]) -> Any:
+        from starlette.responses import JSONResponse
+
+        version, engine, started = asked["version"], self.engine, time.perf_counter()
+        if await engine.is_paused():  # e.g. left so by a switch that failed: never resumed
+            why = "the instance is paused (a failed switch leaves it so): resume or restart it"
+            return JSONResponse({"switched": False, "error": why}, 409)
+        try:
+            await self._stage_and_pause(asked)
+        except Refused as exc:
+            log.warning("netloader: %s: version %s refused: %s", PATH, version, exc)
+            return JSONResponse({"switched": False, "error": str(exc)}, 409)
+        try:
+            await engine.finish_weight_update(version)
+        except Exception as exc:
+            log.exception("netloader: the switch to version %s failed", version)
+            why = f"{_reason(exc)}; left paused, as its weights may mix versions: restart it"
+            return JSONResponse({"switched": None, "error": why}, 500)
+        try:
+            await engine.resume_generation()
+        except Exception as exc:
+            log.exception("netloader: resuming after the switch to version %s failed", version)
+            why = f"switched to version {version}, but resuming failed: {_reason(exc)}"
+            return JSONResponse({"switched": True, "error": why}, 500)
+        seconds = time.perf_counter() - started
+        log.info("netloader: %s: switched to version %s in %.2f s", PATH, version, seconds)
+        return JSONResponse({"switched": True, "version": version, "seconds": seconds})
 
     async def _stage_and_pause(self, asked: dict[str, Any]) -> None:
-        """Start, stage on every rank, pause; on a failure end the update unswitched and
-        resume (Refused says why)."""
+        """Start, stage on every rank, pause. On a failure, end the update unswitched if
+        this request started it, and resume if it got as far as pausing; Refused says why.
+        (A session this request did not start, e.g. one a failed switch left open, is not
+        touched.)"""
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         engine = self.engine
+        undo: list[Callable[[], Awaitable[Any]]] = []
         try:
             await engine.start_weight_update()
-            await engine.update_weights(request=WeightTransferUpdateRequest(update_info=asked))
-            await engine.pause_generation(mode="wait")
-        except Exception as exc:
-            for step in (
+            undo += [
                 lambda: engine.update_weights(
                     request=WeightTransferUpdateRequest(update_info={"abort": True})
                 ),
                 lambda: engine.finish_weight_update(None),
-                engine.resume_generation,
-            ):
+            ]
+            await engine.update_weights(request=WeightTransferUpdateRequest(update_info=asked))
+            undo.append(engine.resume_generation)
+            await engine.pause_generation(mode="wait")
+        except BaseException as exc:  # a cancelled request (shutdown) is ended as well
+            for step in undo:
                 try:
                     await step()
                 except Exception as ended:  # the rank that refused has ended its session
                     log.debug("netloader: ending the refused update: %s", ended)
+            if not isinstance(exc, Exception):
+                raise
             raise Refused(_reason(exc)) from None
+
+    def _refused(self, peer: str, refusal: str) -> None:
+        """Log a refused request: at most one line per REFUSALS_LOGGED_EVERY seconds, so
+        that anyone who can reach the port cannot flood the log."""
+        now = time.monotonic()
+        self.unlogged += 1
+        if now - self.logged_at >= REFUSALS_LOGGED_EVERY:
+            more = f" ({self.unlogged - 1} more since the last line)" if self.unlogged > 1 else ""
+            log.warning("netloader: %s from %s refused: %s%s", PATH, peer, refusal, more)
+            self.logged_at, self.unlogged = now, 0
+
+
+async def _read_bounded(request: Any) -> bytes | None:
+    """The request's body, or None once it is over MAX_BODY (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        return None
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY:
+            return None
+    return bytes(body)
 
 
 def _parse(body: bytes) -> dict[str, Any]:
