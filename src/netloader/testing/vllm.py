@@ -117,11 +117,12 @@ class VllmInstance:
             self.env.setdefault(
                 "VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tensor_parallel))
             )
-        else:  # one core, as vLLM's own binding would give it, but not always the same one
+        else:  # one core, as vLLM's own binding would give it, but not always the same one;
+            # except where torch.compile runs: vLLM hashes its environment, the binding
+            # included, into the compile cache's key, and those instances share caches.
             cores = sorted(os.sched_getaffinity(0))
-            self.env.setdefault(
-                "VLLM_CPU_OMP_THREADS_BIND", str(cores[next(_NEXT_CORE) % len(cores)])
-            )
+            core = cores[next(_NEXT_CORE) % len(cores)] if enforce_eager else cores[0]
+            self.env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(core))
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.tmpdir: str | None = None
